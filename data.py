@@ -1,0 +1,314 @@
+"""The data path: load IMDB-style reviews, carve a validation split, tokenize once, batch.
+
+Every split comes out with exactly two columns, ``text`` (str) and ``label`` (0 = negative,
+1 = positive, a ``ClassLabel``), whatever the source looked like:
+
+* a Hugging Face Hub dataset name (default ``imdb``);
+* a local folder in the original ``aclImdb`` layout (``train/{neg,pos}/*.txt``, ``test/...``);
+* a local folder holding ``train.*`` and ``test.*`` files in Parquet, CSV or JSON Lines.
+
+Subset rule (applied identically by ``train.py`` and ``evaluate.py``, so both score the same
+test reviews): ``split.shuffle(seed=data_seed).select(range(n))``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from datasets import ClassLabel, Dataset, Features, Value, load_dataset
+from datasets.fingerprint import Hasher
+from torch.utils.data import DataLoader, get_worker_info
+
+DEFAULT_DATA = "imdb"
+DEFAULT_MAX_LENGTH = 128
+DEFAULT_DATA_SEED = 0
+TEXT, LABEL = "text", "label"
+LABEL_NAMES = ("negative", "positive")
+# Strings some datasets use for the two classes (compared lower-cased, stripped).
+LABEL_ALIASES = {"0": 0, "1": 1, "neg": 0, "pos": 1, "negative": 0, "positive": 1}
+# File endings accepted in a local data folder, and the `datasets` builder that reads each.
+FILE_BUILDERS = {".parquet": "parquet", ".csv": "csv", ".jsonl": "json", ".json": "json"}
+ACLIMDB_CLASSES = {"neg": 0, "pos": 1}
+# Tensor Cores and vectorised CPU kernels prefer sequence lengths that are multiples of 8.
+PAD_TO_MULTIPLE_OF = 8
+# Bump when tokenize() changes what it writes, so stale caches are not reused.
+TOKENIZE_CACHE_VERSION = "1"
+
+FEATURES = Features({TEXT: Value("string"), LABEL: ClassLabel(names=["neg", "pos"])})
+
+
+class UsageError(Exception):
+    """A mistake in the user's input; the scripts report it as one sentence and exit with 2."""
+
+
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the data flags that train.py and evaluate.py share."""
+    group = parser.add_argument_group("data")
+    group.add_argument(
+        "--data", default=DEFAULT_DATA,
+        help="Hub dataset name, or a local folder: the aclImdb layout (train/{neg,pos}/*.txt, "
+             "test/...) or train.* and test.* files in Parquet, CSV or JSON Lines "
+             f"(default: {DEFAULT_DATA})")
+    group.add_argument("--text-column", default=TEXT,
+                       help=f"column holding the review text (default: {TEXT})")
+    group.add_argument("--label-column", default=LABEL,
+                       help="column holding the label: 0/1, neg/pos or negative/positive "
+                            f"(default: {LABEL})")
+    group.add_argument("--eval-samples", type=int, default=None, metavar="M",
+                       help="score only M test reviews: split.shuffle(seed=DATA_SEED)"
+                            ".select(range(M)) (default: the whole test split)")
+    group.add_argument("--data-seed", type=int, default=DEFAULT_DATA_SEED,
+                       help="seed of the subset and validation-split shuffles "
+                            f"(default: {DEFAULT_DATA_SEED})")
+    group.add_argument("--max-length", type=int, default=DEFAULT_MAX_LENGTH,
+                       help="truncate reviews to this many tokens, [CLS] and [SEP] included "
+                            f"(default: {DEFAULT_MAX_LENGTH})")
+    group.add_argument("--num-workers", type=int, default=0,
+                       help="DataLoader worker processes (default: 0, batches are built in "
+                            "the main process, which is fastest for pre-tokenized data)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_split(data: str, split: str, text_column: str = TEXT,
+               label_column: str = LABEL) -> Dataset:
+    """Load one split ("train" or "test") as a Dataset with columns ``text`` and ``label``."""
+    folder = Path(data)
+    if folder.is_dir():
+        if _is_aclimdb(folder):
+            return _load_aclimdb_split(folder / split)
+        raw = _load_file_split(folder, split)
+    elif folder.exists() or _looks_like_path(data):
+        raise UsageError(f"--data {data!r} is not a folder; give a Hub dataset name or a "
+                         "folder with train/test data")
+    else:
+        raw = _load_hub_split(data, split)
+    return normalize_columns(raw, text_column, label_column)
+
+
+def _looks_like_path(data: str) -> bool:
+    return data.startswith((".", "/", "~")) or data.count("/") > 1
+
+
+def _is_aclimdb(folder: Path) -> bool:
+    return any((folder / "train" / name).is_dir() for name in ACLIMDB_CLASSES)
+
+
+def _load_aclimdb_split(split_folder: Path) -> Dataset:
+    """Read aclImdb's ``{neg,pos}/*.txt`` files (``unsup`` is ignored)."""
+    files = {name: sorted((split_folder / name).glob("*.txt")) for name in ACLIMDB_CLASSES}
+    for name, paths in files.items():
+        if not paths:
+            raise UsageError(f"aclImdb folder {split_folder / name} is missing or holds no "
+                             "*.txt reviews")
+    # The stamp makes the `datasets` cache notice added, removed or edited files.
+    stamp = Hasher.hash([(str(p), p.stat().st_size, p.stat().st_mtime_ns)
+                         for paths in files.values() for p in paths])
+    return Dataset.from_generator(
+        _aclimdb_examples, features=FEATURES,
+        gen_kwargs={"files": {k: [str(p) for p in v] for k, v in files.items()}, "stamp": stamp})
+
+
+def _aclimdb_examples(files: dict[str, list[str]], stamp: str):
+    for name, paths in files.items():
+        for path in paths:
+            yield {TEXT: Path(path).read_text(encoding="utf-8"), LABEL: ACLIMDB_CLASSES[name]}
+
+
+def _load_file_split(folder: Path, split: str) -> Dataset:
+    """Read ``folder/{split}.{parquet,csv,jsonl,json}`` with the matching `datasets` builder."""
+    candidates = [folder / f"{split}{ending}" for ending in FILE_BUILDERS]
+    found = [path for path in candidates if path.is_file()]
+    if not found:
+        raise UsageError(
+            f"--data folder {folder} has no {split} data: expected {split}/{{neg,pos}}/*.txt "
+            f"(aclImdb) or one of {', '.join(p.name for p in candidates)}")
+    path = found[0]
+    return load_dataset(FILE_BUILDERS[path.suffix], data_files={split: str(path)}, split=split)
+
+
+def _load_hub_split(name: str, split: str) -> Dataset:
+    try:
+        return load_dataset(name, split=split)
+    except (ConnectionError, OSError) as error:
+        raise UsageError(
+            f"could not load dataset {name!r} from the Hugging Face Hub ({error}); "
+            "offline, pass a local folder with --data PATH") from error
+
+
+def normalize_columns(raw: Dataset, text_column: str = TEXT,
+                      label_column: str = LABEL) -> Dataset:
+    """Keep the text and label columns, renamed to ``text``/``label``, labels mapped to 0/1."""
+    missing = [c for c in (text_column, label_column) if c not in raw.column_names]
+    if missing:
+        raise UsageError(
+            f"column {missing[0]!r} not found (columns: {', '.join(raw.column_names)}); "
+            "choose them with --text-column / --label-column")
+    raw = raw.select_columns([text_column, label_column])
+    bad = [(row, value) for row, value in enumerate(raw[label_column])
+           if label_to_int(value) is None]
+    if bad:
+        shown = ", ".join(f"row {row}: {value!r}" for row, value in bad[:3])
+        raise UsageError(f"{len(bad)} labels are not 0/1, neg/pos or negative/positive "
+                         f"({shown})")
+    return raw.map(
+        lambda batch: {TEXT: batch[text_column],
+                       LABEL: [label_to_int(v) for v in batch[label_column]]},
+        batched=True, remove_columns=raw.column_names, features=FEATURES,
+        desc="Checking labels")
+
+
+def label_to_int(value: object) -> int | None:
+    """Map a raw label (0/1, "neg"/"pos", "negative"/"positive", any case) to 0/1, else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if value in (0, 1) else None
+    if isinstance(value, float) and value.is_integer():
+        return label_to_int(int(value))
+    if isinstance(value, str):
+        return LABEL_ALIASES.get(value.strip().lower())
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Subsets and the validation split
+
+
+def take_subset(split: Dataset, n: int | None, seed: int) -> Dataset:
+    """The documented subset rule: ``split.shuffle(seed=seed).select(range(n))``; None = all."""
+    if n is None:
+        return split
+    if not 0 < n <= len(split):
+        raise UsageError(f"asked for {n} examples but the split has {len(split)}; choose a "
+                         f"number from 1 to {len(split)}")
+    return split.shuffle(seed=seed).select(range(n))
+
+
+def validation_count(validation_size: float, n_train: int) -> int:
+    """Validation examples for `n_train` training examples: a fraction (<1) or a count (>=1)."""
+    if validation_size >= 1:
+        return int(validation_size)
+    return max(2, round(validation_size * n_train))
+
+
+def split_train_validation(train: Dataset, n_train: int | None, validation_size: float,
+                           seed: int) -> tuple[Dataset, Dataset]:
+    """Carve a stratified, seeded validation split out of the training split.
+
+    The validation examples are removed first; the training subset (``n_train`` examples, or
+    all that remain) is then drawn from the rest with the subset rule. Training therefore sees
+    exactly ``n_train`` reviews and never a validation review; the test split is not touched.
+    """
+    if n_train is None:
+        n_val = validation_count(validation_size, len(train))
+    else:
+        n_val = validation_count(validation_size, n_train)
+    if n_val >= len(train):
+        raise UsageError(f"the validation split ({n_val}) would take the whole training split "
+                         f"({len(train)}); lower --validation-size")
+    parts = train.train_test_split(test_size=n_val, stratify_by_column=LABEL, seed=seed)
+    rest, validation = parts["train"], parts["test"]
+    if n_train is not None and n_train > len(rest):
+        raise UsageError(f"--train-samples {n_train} plus {n_val} validation examples exceed "
+                         f"the {len(train)} training examples")
+    return take_subset(rest, n_train, seed), validation
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenization
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A hash of everything that decides the tokens: vocabulary, normalizer, special tokens.
+
+    The truncation/padding state of a fast tokenizer changes as it is used, so it is left out;
+    otherwise the cache key would differ between two identical runs.
+    """
+    state = json.loads(tokenizer.backend_tokenizer.to_str())
+    state.pop("truncation", None)
+    state.pop("padding", None)
+    return Hasher.hash(state)
+
+
+def tokenize(split: Dataset, tokenizer, max_length: int) -> Dataset:
+    """Tokenize with the fast tokenizer, truncated to `max_length`, unpadded, cached on disk.
+
+    The cache key is the data's fingerprint, the tokenizer's and `max_length`, so a second run
+    over the same data with the same tokenizer reads the token ids back instead of tokenizing.
+    """
+    fingerprint = Hasher.hash([split._fingerprint, tokenizer_fingerprint(tokenizer),
+                               max_length, TOKENIZE_CACHE_VERSION])
+
+    def encode(batch: dict) -> dict:
+        encoded = tokenizer(batch[TEXT], truncation=True, max_length=max_length,
+                            return_attention_mask=False, return_token_type_ids=False)
+        return {"input_ids": encoded["input_ids"]}
+
+    return split.map(encode, batched=True, remove_columns=[TEXT], new_fingerprint=fingerprint,
+                     desc=f"Tokenizing (max length {max_length})")
+
+
+# ---------------------------------------------------------------------------------------------
+# Batching
+
+
+def round_up(n: int, multiple: int) -> int:
+    """The smallest multiple of `multiple` that is >= n."""
+    return -(-n // multiple) * multiple
+
+
+def move_to_device(batch: dict[str, torch.Tensor],
+                   device: torch.device) -> dict[str, torch.Tensor]:
+    """Copy a batch to `device`; to CUDA through pinned memory so the copy can overlap compute.
+
+    Tensors already on `device` are returned as they are, so calling this twice costs nothing.
+    """
+    if device.type == "cuda":
+        return {k: v.pin_memory().to(device, non_blocking=True) if v.device != device else v
+                for k, v in batch.items()}
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+@dataclass
+class PaddingCollator:
+    """Pad a list of tokenized examples to the batch's longest (rounded up to a multiple of 8).
+
+    In the main process (``--num-workers 0``) the batch is delivered on `device`. Worker
+    processes must not touch CUDA (a forked CUDA context breaks), so there the batch stays on
+    the CPU and the training loop's own ``move_to_device`` finishes the copy.
+    """
+
+    pad_token_id: int
+    device: torch.device
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        """Return ``input_ids``, ``attention_mask`` (int64, shape batch x width) and ``labels``."""
+        lengths = [len(example["input_ids"]) for example in examples]
+        width = round_up(max(lengths), PAD_TO_MULTIPLE_OF)
+        input_ids = torch.full((len(examples), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+        for row, (example, length) in enumerate(zip(examples, lengths)):
+            input_ids[row, :length] = torch.tensor(example["input_ids"], dtype=torch.long)
+            attention_mask[row, :length] = 1
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask,
+                 "labels": torch.tensor([example[LABEL] for example in examples])}
+        if get_worker_info() is not None:
+            return batch
+        return move_to_device(batch, self.device)
+
+
+def make_loader(dataset: Dataset, batch_size: int, collator: PaddingCollator, *,
+                shuffle: bool, seed: int = 0, num_workers: int = 0) -> DataLoader:
+    """A DataLoader over tokenized examples; the shuffle order is drawn from `seed`."""
+    generator = torch.Generator().manual_seed(seed) if shuffle else None
+    return DataLoader(
+        dataset.with_format(columns=["input_ids", LABEL]), batch_size=batch_size,
+        shuffle=shuffle, generator=generator, collate_fn=collator, num_workers=num_workers,
+        pin_memory=collator.device.type == "cuda" and num_workers > 0)

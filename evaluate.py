@@ -1,0 +1,243 @@
+"""Score the pre-trained model and any number of LoRA checkpoints on the IMDB test reviews.
+
+    python evaluate.py --base --checkpoint runs/NAME [--checkpoint runs/OTHER ...]
+
+This file also holds what train.py shares with it: picking the device and precision, and the
+one evaluation function (``evaluate_model``) that produced every number either script prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
+from tqdm.auto import tqdm
+
+from data import (
+    PaddingCollator,
+    UsageError,
+    add_data_arguments,
+    load_split,
+    make_loader,
+    take_subset,
+    tokenize,
+)
+from lora_model import (
+    adapter_base_model,
+    add_model_argument,
+    find_adapter,
+    load_adapted_model,
+    load_base_model,
+    load_tokenizer,
+)
+
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+DEFAULT_EVAL_BATCH_SIZE = 64
+METRIC_NAMES = ("accuracy", "precision", "recall", "f1", "loss")
+PRECISION_HELP = (
+    "autocast precision. auto: on CUDA bf16 where the GPU supports it (Ampere and newer), else "
+    "fp16 with a GradScaler; on CPU bf16 only where the CPU computes it natively (AMX or "
+    "AVX512-BF16), else fp32, because emulated bf16 is slower than fp32 (default: auto)")
+
+
+def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the device/precision/evaluation-batch flags that both scripts share."""
+    group = parser.add_argument_group("runtime")
+    group.add_argument("--device", default="auto",
+                       help="cpu, cuda, cuda:N, or auto (CUDA when available; default: auto)")
+    group.add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
+    group.add_argument("--eval-batch-size", type=int, default=DEFAULT_EVAL_BATCH_SIZE,
+                       help="batch size for evaluation; no gradients are kept, so it can be "
+                            f"larger than the training batch (default: {DEFAULT_EVAL_BATCH_SIZE})")
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """The device named, or CUDA when available for "auto"."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise UsageError(f"--device {name!r} is not a device name ({error})") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but no CUDA GPU is available; "
+                         "use --device cpu")
+    return device
+
+
+def cpu_has_native_bf16() -> bool:
+    """True where the CPU has bf16 matrix instructions (AMX tiles or AVX512-BF16)."""
+    return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+
+
+def pick_precision(precision: str, device: torch.device) -> str:
+    """Resolve "auto" to bf16, fp16 or fp32 for `device` (see ``PRECISION_HELP``)."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_has_native_bf16() else "fp32"
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """Mixed-precision autocast for bf16/fp16; a no-op context for fp32."""
+    if precision not in AUTOCAST_DTYPES:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision])
+
+
+@torch.inference_mode()
+def predict_logits(model: torch.nn.Module, loader, device: torch.device, precision: str,
+                   desc: str = "Evaluating") -> tuple[np.ndarray, np.ndarray]:
+    """Run `model` over `loader`; return (logits as float32 [n, 2], labels [n]) in order."""
+    model.eval()
+    logits, labels = [], []
+    for batch in tqdm(loader, desc=desc, leave=False):
+        with autocast(device, precision):
+            output = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        # Kept on the device until the end: no host synchronisation per batch.
+        logits.append(output.logits.float())
+        labels.append(batch["labels"])
+    return torch.cat(logits).cpu().numpy(), torch.cat(labels).cpu().numpy()
+
+
+def compute_metrics(labels: np.ndarray, logits: np.ndarray) -> dict:
+    """Accuracy, binary precision/recall/F1 (positive = 1), mean cross-entropy, confusion matrix."""
+    predictions = logits.argmax(axis=-1)
+    precision, recall, f1, _ = precision_recall_fscore_support(
+        labels, predictions, average="binary", pos_label=1, zero_division=0)
+    loss = F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels).long())
+    return {
+        "accuracy": float(accuracy_score(labels, predictions)),
+        "precision": float(precision),
+        "recall": float(recall),
+        "f1": float(f1),
+        "loss": float(loss),
+        "n": len(labels),
+        "confusion_matrix": confusion_matrix(labels, predictions, labels=[0, 1]).tolist(),
+    }
+
+
+def evaluate_model(model: torch.nn.Module, loader, device: torch.device, precision: str,
+                   desc: str = "Evaluating") -> dict:
+    """The one evaluation both scripts use: metrics of `model` on every example of `loader`."""
+    logits, labels = predict_logits(model, loader, device, precision, desc)
+    return compute_metrics(labels, logits)
+
+
+def format_comparison(results: list[tuple[str, dict]]) -> str:
+    """A side-by-side metrics table; with exactly two results a change column is added."""
+    names = [name for name, _ in results]
+    show_change = len(results) == 2
+    header = ["metric", *names] + (["change"] if show_change else [])
+    rows = [header]
+    for metric in METRIC_NAMES:
+        values = [metrics[metric] for _, metrics in results]
+        row = [metric, *(f"{v:.4f}" for v in values)]
+        if show_change:
+            row.append(f"{values[1] - values[0]:+.4f}")
+        rows.append(row)
+    rows.append(["n", *(str(metrics["n"]) for _, metrics in results)]
+                + ([""] if show_change else []))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
+                       for i, (cell, w) in enumerate(zip(row, widths))) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# The evaluate.py command
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The evaluate.py command line."""
+    parser = argparse.ArgumentParser(
+        description="Compare the pre-trained model and LoRA checkpoints on the test reviews "
+                    "(accuracy, precision, recall, F1, loss).")
+    parser.add_argument("--checkpoint", action="append", default=[], metavar="PATH",
+                        help="a run folder (runs/NAME) or an adapter folder; repeat to compare "
+                             "several")
+    parser.add_argument("--base", action="store_true",
+                        help="also score the pre-trained model with its seeded random head, "
+                             "the 'before' row of train.py")
+    add_model_argument(parser, default=None, help_text=(
+        "base model (Hub name or folder); default: the one recorded in the first "
+        "checkpoint's adapter_config.json"))
+    parser.add_argument("--json", type=Path, metavar="PATH",
+                        help="also write the results to this JSON file")
+    add_data_arguments(parser)
+    add_runtime_arguments(parser)
+    return parser
+
+
+def test_loader_for(tokenizer, test_split, args, device: torch.device):
+    """The test reviews tokenized for `tokenizer`, in a fixed-order evaluation loader."""
+    tokens = tokenize(test_split, tokenizer, args.max_length)
+    collator = PaddingCollator(tokenizer.pad_token_id, device)
+    return make_loader(tokens, args.eval_batch_size, collator, shuffle=False,
+                       num_workers=args.num_workers)
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    """Score every requested model; print the table; return the JSON rows."""
+    if not args.base and not args.checkpoint:
+        raise UsageError("nothing to evaluate: give --base and/or --checkpoint PATH")
+    adapters = [find_adapter(path) for path in args.checkpoint]
+    base_name = args.model or (adapter_base_model(adapters[0]) if adapters else None)
+    if base_name is None:
+        raise UsageError("--base needs --model (or a --checkpoint to read the base model from)")
+    device = pick_device(args.device)
+    precision = pick_precision(args.precision, device)
+    test = take_subset(load_split(args.data, "test", args.text_column, args.label_column),
+                       args.eval_samples, args.data_seed)
+    print(f"Scoring {len(test)} test reviews on {device} in {precision}", file=sys.stderr)
+
+    loader = test_loader_for(load_tokenizer(base_name), test, args, device)
+    models = ([("base", None)] if args.base else []) + [(str(p), p) for p in adapters]
+    rows = []
+    for name, adapter in models:
+        model = (load_base_model(base_name) if adapter is None
+                 else load_adapted_model(adapter, args.model)).to(device)
+        metrics = evaluate_model(model, loader, device, precision, desc=f"Scoring {name}")
+        rows.append({"name": name, "checkpoint": None if adapter is None else str(adapter),
+                     **metrics})
+        del model
+    print(format_comparison([(row["name"], row) for row in rows]))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"results": rows}, indent=2) + "\n")
+        print(f"Wrote {args.json}", file=sys.stderr)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: parse flags, run, report input mistakes as one line with exit code 2."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    quiet_library_logs()
+    try:
+        run(args)
+    except UsageError as error:
+        parser.error(str(error))
+    return 0
+
+
+def quiet_library_logs() -> None:
+    """Keep transformers' per-load reports and progress bars out of the scripts' output."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

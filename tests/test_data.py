@@ -1,0 +1,198 @@
+"""The data path: loaders for every format, labels, the subset rule, validation, collate, cache."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from conftest import minilm_path, reviews
+from transformers import AutoTokenizer
+
+from data import (
+    PaddingCollator,
+    UsageError,
+    label_to_int,
+    load_split,
+    make_loader,
+    split_train_validation,
+    take_subset,
+    tokenize,
+    tokenizer_fingerprint,
+)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(minilm_path())
+
+
+def test_collate_pads_each_batch_to_a_multiple_of_8_with_matching_masks():
+    collate = PaddingCollator(pad_token_id=0, device=torch.device("cpu"))
+    examples = [{"input_ids": [101, 7, 102], "label": 0},
+                {"input_ids": [101] + [5] * 9 + [102], "label": 1},
+                {"input_ids": [101, 9, 9, 9, 102], "label": 1}]
+    batch = collate(examples)
+    assert batch["input_ids"].shape == (3, 16)  # longest is 11, rounded up to 16
+    assert batch["input_ids"].dtype == torch.long
+    assert batch["attention_mask"].dtype == torch.long
+    assert batch["attention_mask"].sum(dim=1).tolist() == [3, 11, 5]
+    assert batch["input_ids"][0].tolist() == [101, 7, 102] + [0] * 13
+    assert batch["labels"].tolist() == [0, 1, 1]
+    assert all(t.device.type == "cpu" for t in batch.values())
+
+
+def test_collate_keeps_a_width_that_is_already_a_multiple_of_8():
+    collate = PaddingCollator(pad_token_id=0, device=torch.device("cpu"))
+    batch = collate([{"input_ids": list(range(1, 17)), "label": 1}])
+    assert batch["input_ids"].shape == (1, 16)
+    assert batch["attention_mask"].sum().item() == 16
+
+
+def test_loader_with_worker_processes_gives_the_same_batches(tokenizer):
+    tokens = tokenize(reviews(12), tokenizer, max_length=32)
+    collate = PaddingCollator(tokenizer.pad_token_id, torch.device("cpu"))
+    in_process = list(make_loader(tokens, 5, collate, shuffle=True, seed=3))
+    workers = list(make_loader(tokens, 5, collate, shuffle=True, seed=3, num_workers=2))
+    assert len(in_process) == len(workers) == 5
+    for a, b in zip(in_process, workers):
+        assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_loader_order_depends_only_on_the_seed(tokenizer):
+    tokens = tokenize(reviews(12), tokenizer, max_length=32)
+    collate = PaddingCollator(tokenizer.pad_token_id, torch.device("cpu"))
+
+    def first_labels(seed):
+        return torch.cat([b["labels"] for b in make_loader(tokens, 8, collate, shuffle=True,
+                                                            seed=seed)]).tolist()
+
+    assert first_labels(1) == first_labels(1)
+    assert first_labels(1) != first_labels(2)
+
+
+def test_subset_rule_is_shuffle_with_seed_then_select():
+    split = reviews(50)
+    subset = take_subset(split, 10, seed=7)
+    assert subset["text"] == split.shuffle(seed=7).select(range(10))["text"]
+    assert take_subset(split, 10, seed=7)["text"] == subset["text"]
+    assert take_subset(split, 10, seed=8)["text"] != subset["text"]
+    assert take_subset(split, None, seed=7) is split
+
+
+@pytest.mark.parametrize("n", [0, -1, 101])
+def test_subset_sizes_outside_the_split_are_refused(n):
+    with pytest.raises(UsageError, match="from 1 to 100"):
+        take_subset(reviews(50), n, seed=0)
+
+
+@pytest.mark.parametrize("raw, expected", [
+    (0, 0), (1, 1), ("0", 0), ("1", 1), ("neg", 0), ("pos", 1), (" Negative ", 0),
+    ("POSITIVE", 1), (1.0, 1), (2, None), ("great", None), (None, None), (True, None)])
+def test_label_mapping(raw, expected):
+    assert label_to_int(raw) == expected
+
+
+def write_aclimdb(root, split, texts_by_class):
+    for name, texts in texts_by_class.items():
+        folder = root / split / name
+        folder.mkdir(parents=True)
+        for i, text in enumerate(texts):
+            (folder / f"{i}_{7 if name == 'pos' else 2}.txt").write_text(text, encoding="utf-8")
+
+
+def test_aclimdb_layout_is_read_and_unsup_is_ignored(tmp_path):
+    for split in ("train", "test"):
+        write_aclimdb(tmp_path, split, {"neg": ["bad one", "bad two"], "pos": ["good <br />"]})
+    (tmp_path / "train" / "unsup").mkdir()
+    (tmp_path / "train" / "unsup" / "0_0.txt").write_text("unlabelled")
+    train = load_split(str(tmp_path), "train")
+    assert train.column_names == ["text", "label"]
+    assert sorted(zip(train["text"], train["label"])) == [
+        ("bad one", 0), ("bad two", 0), ("good <br />", 1)]
+
+
+def test_aclimdb_cache_notices_edited_files(tmp_path):
+    write_aclimdb(tmp_path, "train", {"neg": ["bad"], "pos": ["good"]})
+    assert sorted(load_split(str(tmp_path), "train")["text"]) == ["bad", "good"]
+    (tmp_path / "train" / "pos" / "0_7.txt").write_text("good, edited")
+    assert sorted(load_split(str(tmp_path), "train")["text"]) == ["bad", "good, edited"]
+
+
+@pytest.mark.parametrize("ending", ["parquet", "csv", "jsonl"])
+def test_file_formats_load_the_same_reviews(tmp_path, ending):
+    data = reviews(3)
+    path = tmp_path / f"train.{ending}"
+    {"parquet": data.to_parquet, "csv": lambda p: data.to_csv(p, index=False),
+     "jsonl": lambda p: data.to_json(p, lines=True)}[ending](str(path))
+    loaded = load_split(str(tmp_path), "train")
+    assert loaded["text"] == data["text"]
+    assert loaded["label"] == data["label"]
+
+
+def test_other_column_names_and_string_labels(tmp_path):
+    rows = [{"review": "fine film", "sentiment": "positive"},
+            {"review": "poor film", "sentiment": "NEG"}]
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    loaded = load_split(str(tmp_path), "test", text_column="review", label_column="sentiment")
+    assert loaded["text"] == ["fine film", "poor film"]
+    assert loaded["label"] == [1, 0]
+
+
+def test_missing_column_names_the_columns_that_exist(tmp_path):
+    reviews(2).to_csv(str(tmp_path / "train.csv"), index=False)
+    with pytest.raises(UsageError, match=r"'body' not found \(columns: text, label\).*--text-col"):
+        load_split(str(tmp_path), "train", text_column="body")
+
+
+def test_unknown_labels_are_shown_with_their_rows(tmp_path):
+    (tmp_path / "train.csv").write_text("text,label\ngood,1\nmeh,3\nbad,0\n")
+    with pytest.raises(UsageError, match="1 labels .*row 1: 3"):
+        load_split(str(tmp_path), "train")
+
+
+def test_validation_split_is_stratified_disjoint_and_leaves_exactly_n_for_training():
+    train_split = reviews(100)  # 200 reviews, balanced
+    train, validation = split_train_validation(train_split, n_train=60, validation_size=0.25,
+                                               seed=0)
+    assert len(train) == 60
+    assert len(validation) == 15
+    assert abs(sum(validation["label"]) - 7.5) <= 0.5  # stratified: 7 or 8 positives of 15
+    assert not set(train["text"]) & set(validation["text"])
+    again = split_train_validation(train_split, 60, 0.25, seed=0)
+    assert again[0]["text"] == train["text"] and again[1]["text"] == validation["text"]
+
+
+def test_validation_size_as_a_count_and_all_remaining_for_training():
+    train, validation = split_train_validation(reviews(100), n_train=None, validation_size=30,
+                                               seed=0)
+    assert (len(train), len(validation)) == (170, 30)
+    assert sum(validation["label"]) == 15
+
+
+def test_tokenize_truncates_without_padding(tokenizer):
+    tokens = tokenize(reviews(4), tokenizer, max_length=8)
+    lengths = [len(ids) for ids in tokens["input_ids"]]
+    assert max(lengths) == 8
+    assert all(ids[0] == tokenizer.cls_token_id for ids in tokens["input_ids"])
+    assert tokens.column_names == ["label", "input_ids"]
+
+
+def test_tokenizer_fingerprint_ignores_truncation_state(tokenizer):
+    before = tokenizer_fingerprint(tokenizer)
+    tokenizer(["some text"] * 2, truncation=True, max_length=5, padding="max_length")
+    assert tokenizer_fingerprint(tokenizer) == before
+
+
+def test_second_tokenization_reads_the_disk_cache(tmp_path, tokenizer):
+    reviews(20).to_parquet(str(tmp_path / "train.parquet"))
+    first = tokenize(load_split(str(tmp_path), "train"), tokenizer, max_length=16)
+    cache_file = first.cache_files[0]["filename"]
+    written_at = os.stat(cache_file).st_mtime_ns
+    second = tokenize(load_split(str(tmp_path), "train"), tokenizer, max_length=16)
+    assert second.cache_files[0]["filename"] == cache_file
+    assert os.stat(cache_file).st_mtime_ns == written_at  # read back, not written again
+    assert second["input_ids"] == first["input_ids"]
+    other = tokenize(load_split(str(tmp_path), "train"), tokenizer, max_length=12)
+    assert other.cache_files[0]["filename"] != cache_file

@@ -1,0 +1,130 @@
+"""LoRA wrapping, the seeded head, and the adapter save/load round trip."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForSequenceClassification
+
+from data import UsageError
+from lora_model import (
+    ADAPTER_DIR,
+    HEAD_SEED,
+    adapter_base_model,
+    find_adapter,
+    load_adapted_model,
+    load_base_model,
+    load_tokenizer,
+    parameter_counts,
+    save_adapter,
+    wrap_with_lora,
+)
+
+HIDDEN, LAYERS, R = 32, 2, 4
+
+
+def batch_of_ids(seed: int = 0) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1000, 2000, (3, 16), generator=generator)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def test_base_model_head_is_the_same_whatever_the_global_rng(tiny_model_dir):
+    torch.manual_seed(1)
+    first = load_base_model(tiny_model_dir)
+    torch.manual_seed(2)
+    second = load_base_model(tiny_model_dir)
+    assert torch.equal(first.classifier.weight, second.classifier.weight)
+    assert first.config.id2label == {0: "negative", 1: "positive"}
+    # The global stream is untouched, so seeding for training is not disturbed by loading.
+    torch.manual_seed(3)
+    expected = torch.rand(1)
+    torch.manual_seed(3)
+    load_base_model(tiny_model_dir)
+    assert torch.equal(torch.rand(1), expected)
+    assert HEAD_SEED == 0
+
+
+def test_lora_trains_only_adapters_and_the_classifier_head(tiny_model_dir):
+    model = wrap_with_lora(load_base_model(tiny_model_dir), r=R, alpha=8, dropout=0.0)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable, "nothing would be trained"
+    assert all("lora_" in n or "classifier" in n for n in trainable)
+    assert sum("classifier" in n for n in trainable) == 2  # weight and bias
+    # A and B on query and value in each layer, plus the 2-label head.
+    expected = LAYERS * 2 * (R * HIDDEN + HIDDEN * R) + (HIDDEN * 2 + 2)
+    assert parameter_counts(model)[0] == expected
+
+
+def test_a_training_step_changes_only_adapters_and_head(tiny_model_dir):
+    model = wrap_with_lora(load_base_model(tiny_model_dir), r=R, alpha=8, dropout=0.0)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model(**batch_of_ids(), labels=torch.tensor([0, 1, 1])).loss.backward()
+    optimizer.step()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed
+    assert all("lora_" in n or "classifier" in n for n in changed)
+    assert any("lora_B" in n for n in changed) and any("classifier" in n for n in changed)
+
+
+def test_fresh_lora_model_equals_the_pre_trained_model(tiny_model_dir):
+    base = load_base_model(tiny_model_dir).eval()
+    with torch.no_grad():
+        expected = base(**batch_of_ids()).logits
+        wrapped = wrap_with_lora(base, r=R, alpha=8, dropout=0.0).eval()
+        assert torch.allclose(wrapped(**batch_of_ids()).logits, expected, atol=1e-6)
+
+
+def trained_adapter(tiny_model_dir, folder):
+    model = wrap_with_lora(load_base_model(tiny_model_dir), r=R, alpha=8, dropout=0.0)
+    with torch.no_grad():  # move B and the head away from their initial values
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param) * 0.1)
+    save_adapter(model, load_tokenizer(tiny_model_dir), folder)
+    return model.eval()
+
+
+def test_save_then_load_gives_identical_logits(tiny_model_dir, tmp_path):
+    model = trained_adapter(tiny_model_dir, tmp_path / ADAPTER_DIR)
+    files = {p.name for p in (tmp_path / ADAPTER_DIR).iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= files
+    saved = load_file(tmp_path / ADAPTER_DIR / "adapter_model.safetensors")
+    assert any("classifier" in key for key in saved), "the head must be saved with the adapter"
+    assert json.loads((tmp_path / ADAPTER_DIR / "adapter_config.json").read_text())[
+        "task_type"] == "SEQ_CLS"
+
+    loaded = load_adapted_model(tmp_path)  # a run folder: finds adapter/ inside
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch_of_ids()).logits, model(**batch_of_ids()).logits)
+    assert not any(p.requires_grad for p in loaded.parameters())
+
+
+def test_stock_peft_code_loads_the_adapter(tiny_model_dir, tmp_path):
+    model = trained_adapter(tiny_model_dir, tmp_path)
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=2)
+    stock = PeftModel.from_pretrained(base, tmp_path).eval()
+    with torch.no_grad():
+        assert torch.allclose(stock(**batch_of_ids()).logits, model(**batch_of_ids()).logits,
+                              atol=1e-6)
+
+
+def test_loading_for_more_training_keeps_adapters_trainable(tiny_model_dir, tmp_path):
+    trained_adapter(tiny_model_dir, tmp_path)
+    resumed = load_adapted_model(tmp_path, trainable=True)
+    assert parameter_counts(resumed)[0] > 0
+
+
+def test_adapter_records_its_base_model(tiny_model_dir, tmp_path):
+    trained_adapter(tiny_model_dir, tmp_path)
+    assert adapter_base_model(find_adapter(tmp_path)) == tiny_model_dir
+
+
+def test_a_folder_without_adapter_is_refused(tmp_path):
+    with pytest.raises(UsageError, match="neither an adapter folder"):
+        find_adapter(tmp_path)

@@ -1,0 +1,163 @@
+"""The training loop (accumulation, clipping, schedule) and both command lines, on a tiny BERT."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers
+from conftest import reviews, run_script
+
+from data import PaddingCollator, make_loader, tokenize
+from lora_model import load_base_model, load_tokenizer, wrap_with_lora
+from train import Trainer, build_parser
+
+CPU = torch.device("cpu")
+
+
+def make_trainer(tiny_model_dir, tmp_path, n_examples: int, *flags: str) -> Trainer:
+    args = build_parser().parse_args(
+        ["--model", tiny_model_dir, "--output-dir", str(tmp_path), "--lora-dropout", "0",
+         "--warmup-ratio", "0", "--lr", "1e-2", *flags])
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    transformers.set_seed(args.seed)
+    tokenizer = load_tokenizer(tiny_model_dir)
+    tokens = tokenize(reviews(n_examples // 2), tokenizer, max_length=24)
+    collator = PaddingCollator(tokenizer.pad_token_id, CPU)
+    train_loader = make_loader(tokens, args.batch_size, collator, shuffle=True, seed=args.seed)
+    validation_loader = make_loader(tokens, 8, collator, shuffle=False)
+    model = wrap_with_lora(load_base_model(tiny_model_dir), args.lora_r, args.lora_alpha,
+                           args.lora_dropout, args.lora_targets)
+    return Trainer(args, model, tokenizer, train_loader, validation_loader, CPU, "fp32")
+
+
+def trainable_state(trainer: Trainer) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in trainer.model.named_parameters()
+            if p.requires_grad}
+
+
+def test_accumulating_two_half_batches_equals_one_full_batch(tiny_model_dir, tmp_path):
+    full = make_trainer(tiny_model_dir, tmp_path / "full", 16, "--batch-size", "8")
+    half = make_trainer(tiny_model_dir, tmp_path / "half", 16, "--batch-size", "4",
+                        "--grad-accum-steps", "2")
+    assert trainable_state(full).keys() == trainable_state(half).keys()
+    for trainer in (full, half):
+        trainer.train_epoch(0)
+        trainer.close()
+    assert full.step == half.step == 2
+    expected, actual = trainable_state(full), trainable_state(half)
+    for name in expected:
+        assert torch.allclose(actual[name], expected[name], atol=1e-5), name
+
+
+def test_scheduler_and_step_count_follow_optimizer_steps_including_a_short_last_group(
+        tiny_model_dir, tmp_path):
+    # 8 batches of 2 with accumulation 3: optimizer steps after batches 3, 6 and 8.
+    trainer = make_trainer(tiny_model_dir, tmp_path, 16, "--batch-size", "2",
+                           "--grad-accum-steps", "3", "--log-every", "1")
+    assert trainer.total_steps == 3
+    trainer.train_epoch(0)
+    trainer.close()
+    assert trainer.step == 3
+    assert trainer.scheduler.last_epoch == 3
+    assert trainer.scheduler.get_last_lr()[0] == 0.0  # linear decay ends at zero
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
+    assert records[-1]["validation"]["n"] == 16
+
+
+def test_gradient_norm_is_clipped_before_the_optimizer_step(tiny_model_dir, tmp_path):
+    trainer = make_trainer(tiny_model_dir, tmp_path, 8, "--batch-size", "8",
+                           "--max-grad-norm", "0.5")
+    seen = []
+    original_step = trainer.optimizer.step
+
+    def recording_step(*args, **kwargs):
+        seen.append(torch.norm(torch.stack([p.grad.norm() for p in trainer.params])).item())
+        return original_step(*args, **kwargs)
+
+    trainer.optimizer.step = recording_step
+    batch = next(iter(trainer.train_loader))
+    (trainer.model(**batch).loss * 1e4).backward()  # a gradient far larger than 0.5
+    unclipped = torch.norm(torch.stack([p.grad.norm() for p in trainer.params])).item()
+    trainer.optimizer_step()
+    trainer.close()
+    assert unclipped > 5
+    assert seen == [pytest.approx(0.5, rel=1e-4)]
+
+
+def test_train_then_evaluate_from_the_command_line(tiny_model_dir, csv_data_dir, tmp_path):
+    run = tmp_path / "run"
+    result = run_script("train.py", "--model", tiny_model_dir, "--data", str(csv_data_dir),
+                        "--output-dir", str(run), "--epochs", "2", "--batch-size", "4",
+                        "--validation-size", "4", "--eval-every", "2", "--lr", "1e-3")
+    assert result.returncode == 0, result.stderr
+    assert "before" in result.stdout and "after" in result.stdout
+    assert "trainable" in result.stdout
+    for name in ("config.json", "log.jsonl", "metrics.json", "adapter/adapter_config.json",
+                 "adapter/adapter_model.safetensors"):
+        assert (run / name).is_file(), name
+    metrics = json.loads((run / "metrics.json").read_text())
+    for row in ("before", "after"):
+        assert set(metrics[row]) >= {"accuracy", "precision", "recall", "f1", "loss", "n"}
+        assert metrics[row]["n"] == 16
+    config = json.loads((run / "config.json").read_text())
+    assert config["train_examples"] == 20 and config["validation_examples"] == 4
+    assert config["versions"]["torch"] == torch.__version__
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    validations = [r for r in log if "validation" in r]
+    assert [r["step"] for r in validations] == [2, 4, 5, 6, 8, 10]  # every 2 steps + epoch ends
+
+    out = tmp_path / "eval.json"
+    result = run_script("evaluate.py", "--base", "--checkpoint", str(run), "--data",
+                        str(csv_data_dir), "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(out.read_text())["results"]
+    assert [r["name"] for r in rows] == ["base", str(run / "adapter")]
+    for row, key in zip(rows, ("before", "after")):
+        for metric in ("accuracy", "precision", "recall", "f1", "loss", "n"):
+            assert row[metric] == metrics[key][metric], (key, metric)
+        assert row["confusion_matrix"] == metrics[key]["confusion_matrix"]
+
+
+def test_a_folder_holding_a_run_is_not_overwritten(tiny_model_dir, csv_data_dir, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.json").write_text("{}")
+    result = run_script("train.py", "--model", tiny_model_dir, "--data", str(csv_data_dir),
+                        "--output-dir", str(run))
+    assert result.returncode == 2
+    assert "already holds files" in result.stderr and "--overwrite" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert (run / "metrics.json").read_text() == "{}"
+    assert [p.name for p in run.iterdir()] == ["metrics.json"]
+
+
+def test_unreachable_hub_names_the_local_model_flag(tmp_path):
+    result = run_script("train.py", "--output-dir", str(tmp_path / "run"))
+    assert result.returncode == 2
+    assert "bert-base-uncased" in result.stderr and "--model PATH" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_unreachable_hub_dataset_names_the_local_data_flag(tiny_model_dir, tmp_path):
+    result = run_script("evaluate.py", "--base", "--model", tiny_model_dir)
+    assert result.returncode == 2
+    assert "'imdb'" in result.stderr and "--data PATH" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--lr", "-1"], "--lr must be positive"),
+    (["--precision", "fp8"], "invalid choice"),
+])
+def test_bad_flags_are_refused_before_any_work(tiny_model_dir, csv_data_dir, tmp_path, flags,
+                                               message):
+    result = run_script("train.py", "--model", tiny_model_dir, "--data", str(csv_data_dir),
+                        "--output-dir", str(tmp_path / "run"), *flags)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert not (tmp_path / "run").exists()

@@ -1,0 +1,369 @@
+"""Fine-tune BERT with LoRA on IMDB reviews, with a hand-written PyTorch training loop.
+
+    python train.py                                  # bert-base-uncased + the Hub's imdb
+    python train.py --model PATH --data PATH ...     # local folders, offline
+
+Before training the pre-trained model (seeded random head) is scored on the test reviews;
+after training the best adapter (chosen on a validation split carved out of the training
+data, never on the test set) is scored on the same reviews, and the two are shown side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import datasets
+import peft
+import torch
+import transformers
+from tqdm.auto import tqdm
+from transformers import get_linear_schedule_with_warmup
+
+from data import (
+    PaddingCollator,
+    UsageError,
+    add_data_arguments,
+    load_split,
+    make_loader,
+    move_to_device,
+    split_train_validation,
+    take_subset,
+    tokenize,
+)
+from evaluate import (
+    add_runtime_arguments,
+    autocast,
+    evaluate_model,
+    format_comparison,
+    pick_device,
+    pick_precision,
+    quiet_library_logs,
+    test_loader_for,
+)
+from lora_model import (
+    ADAPTER_DIR,
+    add_lora_arguments,
+    add_model_argument,
+    describe_parameters,
+    load_adapted_model,
+    load_base_model,
+    load_tokenizer,
+    save_adapter,
+    wrap_with_lora,
+)
+
+# LoRA trains few, freshly initialised weights, so it wants a far larger learning rate than
+# full fine-tuning (2e-5..5e-5): the LoRA paper used 4e-4..5e-4 for RoBERTa-base (r=8).
+DEFAULT_LR = 5e-4
+DEFAULT_BATCH_SIZE = 16
+DEFAULT_SEED = 42
+DEFAULT_VALIDATION_SIZE = 0.1
+# Parameters that AdamW should not decay: biases and LayerNorm weights (BERT convention).
+NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight")
+# Validation picks the best adapter by this metric (IMDB is balanced, so accuracy is fair).
+SELECTION_METRIC = "accuracy"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The train.py command line."""
+    parser = argparse.ArgumentParser(
+        description="Fine-tune a BERT classifier with LoRA on IMDB reviews and compare it "
+                    "with the pre-trained model.")
+    add_model_argument(parser)
+    parser.add_argument("--output-dir", type=Path, default=None,
+                        help="run folder for the adapter, metrics and logs "
+                             "(default: runs/<model>-lora-<date-time>)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="allow writing into an --output-dir that already holds files")
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED,
+                        help=f"seed for LoRA init, dropout and batch order (default: {DEFAULT_SEED})")
+    add_data_arguments(parser)
+    group = parser.add_argument_group("training data")
+    group.add_argument("--train-samples", type=int, default=None, metavar="N",
+                       help="train on N reviews drawn with the subset rule (default: all that "
+                            "the validation split leaves)")
+    group.add_argument("--validation-size", type=float, default=DEFAULT_VALIDATION_SIZE,
+                       help="validation reviews carved (stratified, seeded) out of the training "
+                            "split: a fraction of the training reviews (<1) or a count (>=1) "
+                            f"(default: {DEFAULT_VALIDATION_SIZE})")
+    group = parser.add_argument_group("optimisation")
+    group.add_argument("--epochs", type=int, default=1, help="passes over the training reviews "
+                       "(default: 1)")
+    group.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+                       help=f"training batch size (default: {DEFAULT_BATCH_SIZE})")
+    group.add_argument("--grad-accum-steps", type=int, default=1,
+                       help="batches whose gradients are summed per optimizer step; the "
+                            "effective batch is batch-size x this (default: 1)")
+    group.add_argument("--lr", type=float, default=DEFAULT_LR,
+                       help=f"peak AdamW learning rate (default: {DEFAULT_LR}; see README)")
+    group.add_argument("--weight-decay", type=float, default=0.01,
+                       help="AdamW weight decay, not applied to biases and LayerNorm "
+                            "(default: 0.01)")
+    group.add_argument("--warmup-ratio", type=float, default=0.06,
+                       help="fraction of optimizer steps with linear warm-up, then linear "
+                            "decay to 0 (default: 0.06)")
+    group.add_argument("--max-grad-norm", type=float, default=1.0,
+                       help="clip the gradient norm to this; 0 disables (default: 1.0)")
+    group.add_argument("--eval-every", type=int, default=None, metavar="STEPS",
+                       help="also validate every STEPS optimizer steps (default: only at the "
+                            "end of each epoch)")
+    group.add_argument("--log-every", type=int, default=10, metavar="STEPS",
+                       help="log loss, learning rate and speed every STEPS optimizer steps "
+                            "(default: 10)")
+    add_lora_arguments(parser)
+    add_runtime_arguments(parser)
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------
+# Set-up helpers
+
+
+def default_output_dir(model: str) -> Path:
+    """runs/<model name>-lora-<YYYYmmdd-HHMMSS>."""
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{Path(model.rstrip('/')).name}-lora-{stamp}"
+
+
+def prepare_output_dir(folder: Path, overwrite: bool) -> None:
+    """Create the run folder; refuse one that already holds files unless told to overwrite."""
+    if folder.exists() and any(folder.iterdir()) and not overwrite:
+        raise UsageError(f"--output-dir {folder} already holds files; choose a new folder or "
+                         "pass --overwrite")
+    folder.mkdir(parents=True, exist_ok=True)
+
+
+def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float,
+                    device: torch.device) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters only, without decay on biases and LayerNorm."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if any(key in name for key in NO_DECAY) else decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    # The fused kernel updates all parameters in one launch; it exists for CUDA tensors.
+    return torch.optim.AdamW(groups, lr=lr, fused=device.type == "cuda")
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of Python and the libraries that decide the numbers."""
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "peft": peft.__version__,
+            "datasets": datasets.__version__}
+
+
+def write_json(path: Path, value: object) -> None:
+    """Write `value` as indented JSON."""
+    path.write_text(json.dumps(value, indent=2) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# The training loop
+
+
+class Trainer:
+    """State of one LoRA fine-tuning run, with the loop written out in ``train_epoch``."""
+
+    def __init__(self, args: argparse.Namespace, model: torch.nn.Module, tokenizer,
+                 train_loader, validation_loader, device: torch.device, precision: str):
+        self.args, self.model, self.tokenizer = args, model, tokenizer
+        self.train_loader, self.validation_loader = train_loader, validation_loader
+        self.device, self.precision = device, precision
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(model, args.lr, args.weight_decay, device)
+        steps_per_epoch = math.ceil(len(train_loader) / args.grad_accum_steps)
+        self.total_steps = steps_per_epoch * args.epochs
+        self.scheduler = get_linear_schedule_with_warmup(
+            self.optimizer, round(args.warmup_ratio * self.total_steps), self.total_steps)
+        # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
+        # A disabled scaler passes everything through, so one code path serves all precisions.
+        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+        self.step = 0  # optimizer steps taken
+        self.best_score = -math.inf
+        self.log_file = (args.output_dir / "log.jsonl").open("a")
+
+    def train_epoch(self, epoch: int) -> None:
+        """One pass over the training batches; optimizer step every `grad_accum_steps`."""
+        args, model = self.args, self.model
+        accum, n_batches = args.grad_accum_steps, len(self.train_loader)
+        model.train()
+        # Loss is summed on the device and read (a host sync) only when logging.
+        loss_sum, loss_count = torch.zeros((), device=self.device), 0
+        samples, started = 0, time.perf_counter()
+        progress = tqdm(self.train_loader, desc=f"epoch {epoch + 1}/{args.epochs}",
+                        dynamic_ncols=True)
+        for i, batch in enumerate(progress):
+            # No-op when the collator already delivered the batch (num_workers=0).
+            batch = move_to_device(batch, self.device)
+            # The last group of an epoch can be short: average over the batches it really has.
+            group_size = min(accum, n_batches - (i // accum) * accum)
+            with autocast(self.device, self.precision):
+                loss = model(**batch).loss
+            self.scaler.scale(loss / group_size).backward()
+            loss_sum += loss.detach()
+            loss_count += 1
+            samples += len(batch["labels"])
+            if (i + 1) % accum != 0 and i + 1 != n_batches:
+                continue  # keep accumulating gradients
+
+            self.optimizer_step()
+            if self.step % args.log_every == 0 or i + 1 == n_batches:
+                rate = samples / (time.perf_counter() - started)
+                self.log({"epoch": epoch + 1, "loss": (loss_sum / loss_count).item(),
+                          "lr": self.scheduler.get_last_lr()[0], "samples_per_s": rate},
+                         progress)
+                loss_sum.zero_()
+                loss_count = 0
+            if args.eval_every and self.step % args.eval_every == 0 and i + 1 != n_batches:
+                self.validate(epoch)
+                model.train()
+        self.validate(epoch)
+
+    def optimizer_step(self) -> None:
+        """Unscale, clip, step; the scheduler advances only when the optimizer really stepped."""
+        # Clip the true gradients: with fp16 they are still multiplied by the loss scale.
+        self.scaler.unscale_(self.optimizer)
+        if self.args.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.args.max_grad_norm)
+        scale_before = self.scaler.get_scale()
+        self.scaler.step(self.optimizer)  # skipped by the scaler if gradients hold inf/NaN
+        self.scaler.update()
+        if self.scaler.get_scale() >= scale_before:  # a lowered scale means a skipped step
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+
+    def validate(self, epoch: int) -> None:
+        """Score the validation split; save the adapter when it is the best so far."""
+        metrics = evaluate_model(self.model, self.validation_loader, self.device,
+                                 self.precision, desc="Validating")
+        score = metrics[SELECTION_METRIC]
+        improved = score > self.best_score
+        if improved:
+            self.best_score = score
+            save_adapter(self.model, self.tokenizer, self.args.output_dir / ADAPTER_DIR)
+        self.log({"epoch": epoch + 1, "validation": metrics, "best": improved})
+        tqdm.write(f"step {self.step}: validation accuracy {metrics['accuracy']:.4f}, "
+                   f"F1 {metrics['f1']:.4f}" + ("  (best so far, saved)" if improved else ""))
+
+    def log(self, record: dict, progress: tqdm | None = None) -> None:
+        """Append a record to log.jsonl and show the training numbers on the progress bar."""
+        record = {"step": self.step, **record}
+        self.log_file.write(json.dumps(record) + "\n")
+        self.log_file.flush()
+        if progress is not None:
+            progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                                 samples_s=f"{record['samples_per_s']:.1f}")
+
+    def close(self) -> None:
+        """Close the log file."""
+        self.log_file.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Train, score before/after on the test reviews, write metrics.json; return the metrics."""
+    validate_arguments(args)
+    device = pick_device(args.device)
+    precision = pick_precision(args.precision, device)
+    args.output_dir = args.output_dir or default_output_dir(args.model)
+    transformers.set_seed(args.seed)  # python, numpy and torch (all devices)
+
+    tokenizer = load_tokenizer(args.model)
+    train, validation = split_train_validation(
+        load_split(args.data, "train", args.text_column, args.label_column),
+        args.train_samples, args.validation_size, args.data_seed)
+    test = take_subset(load_split(args.data, "test", args.text_column, args.label_column),
+                       args.eval_samples, args.data_seed)
+    collator = PaddingCollator(tokenizer.pad_token_id, device)
+    train_loader = make_loader(tokenize(train, tokenizer, args.max_length), args.batch_size,
+                               collator, shuffle=True, seed=args.seed,
+                               num_workers=args.num_workers)
+    validation_loader = make_loader(tokenize(validation, tokenizer, args.max_length),
+                                    args.eval_batch_size, collator, shuffle=False,
+                                    num_workers=args.num_workers)
+    test_loader = test_loader_for(tokenizer, test, args, device)
+
+    prepare_output_dir(args.output_dir, args.overwrite)
+    write_json(args.output_dir / "config.json", {
+        **{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "resolved_device": str(device), "resolved_precision": precision,
+        "train_examples": len(train), "validation_examples": len(validation),
+        "test_examples": len(test), "versions": library_versions()})
+    print(f"Data: {len(train)} training, {len(validation)} validation, {len(test)} test "
+          f"reviews; {device}, {precision}; output in {args.output_dir}")
+
+    model = load_base_model(args.model).to(device)
+    before = evaluate_model(model, test_loader, device, precision, desc="Scoring pre-trained")
+    print(f"Pre-trained model: test accuracy {before['accuracy']:.4f}")
+
+    model = wrap_with_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout,
+                           args.lora_targets)
+    print(f"LoRA r={args.lora_r}, alpha={args.lora_alpha:g} on {args.lora_targets}: "
+          f"{describe_parameters(model)}")
+    trainer = Trainer(args, model, tokenizer, train_loader, validation_loader, device, precision)
+    started = time.perf_counter()
+    try:
+        for epoch in range(args.epochs):
+            trainer.train_epoch(epoch)
+    finally:
+        trainer.close()
+    train_seconds = time.perf_counter() - started
+
+    # Score the best adapter exactly as evaluate.py will: loaded back from disk.
+    best = load_adapted_model(args.output_dir / ADAPTER_DIR, args.model).to(device)
+    after = evaluate_model(best, test_loader, device, precision, desc="Scoring fine-tuned")
+    metrics = {"before": before, "after": after,
+               "train_seconds": train_seconds,
+               "train_samples_per_s": len(train) * args.epochs / train_seconds}
+    write_json(args.output_dir / "metrics.json", metrics)
+    print(f"\nTest reviews ({len(test)}), pre-trained vs LoRA fine-tuned:")
+    print(format_comparison([("before", before), ("after", after)]))
+    print(f"\nTraining took {train_seconds:.0f} s ({metrics['train_samples_per_s']:.1f} "
+          f"samples/s). Wrote {args.output_dir / 'metrics.json'}; the adapter is in "
+          f"{args.output_dir / ADAPTER_DIR}")
+    return metrics
+
+
+def validate_arguments(args: argparse.Namespace) -> None:
+    """Reject flag values no run can use, before any work is done."""
+    positive = {"--epochs": args.epochs, "--batch-size": args.batch_size,
+                "--grad-accum-steps": args.grad_accum_steps,
+                "--eval-batch-size": args.eval_batch_size, "--log-every": args.log_every,
+                "--lora-r": args.lora_r}
+    for flag, value in positive.items():
+        if value <= 0:
+            raise UsageError(f"{flag} must be at least 1 (got {value})")
+    if args.lr <= 0:
+        raise UsageError(f"--lr must be positive (got {args.lr})")
+    if args.num_workers < 0:
+        raise UsageError(f"--num-workers cannot be negative (got {args.num_workers})")
+    if args.validation_size <= 0:
+        raise UsageError(f"--validation-size must be positive (got {args.validation_size})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: parse flags, run, report input mistakes as one line with exit code 2."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    quiet_library_logs()
+    try:
+        run(args)
+    except UsageError as error:
+        parser.error(str(error))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
