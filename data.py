@@ -294,7 +294,7 @@ class PaddingCollator:
         width = round_up(max(lengths), PAD_TO_MULTIPLE_OF)
         input_ids = torch.full((len(examples), width), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
-        for row, (example, length) in enumerate(zip(examples, lengths)):
+        for row, (example, length) in enumerate(zip(examples, lengths, strict=True)):
             input_ids[row, :length] = torch.tensor(example["input_ids"], dtype=torch.long)
             attention_mask[row, :length] = 1
         batch = {"input_ids": input_ids, "attention_mask": attention_mask,

@@ -83,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true",
                         help="allow writing into an --output-dir that already holds files")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED,
-                        help=f"seed for LoRA init, dropout and batch order (default: {DEFAULT_SEED})")
+                        help="seed for LoRA init, dropout and batch order "
+                             f"(default: {DEFAULT_SEED})")
     add_data_arguments(parser)
     group = parser.add_argument_group("training data")
     group.add_argument("--train-samples", type=int, default=None, metavar="N",

@@ -14,6 +14,9 @@ from transformers import AutoTokenizer, BertConfig, BertForSequenceClassificatio
 
 from data import FEATURES
 
+# Tests never reach the Hugging Face Hub: fail at once instead of retrying for a minute.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 REPO = Path(__file__).resolve().parent.parent
 IMDB_DIR = REPO.parent / "shared" / "data" / "imdb"
 

@@ -56,7 +56,7 @@ def test_loader_with_worker_processes_gives_the_same_batches(tokenizer):
     in_process = list(make_loader(tokens, 5, collate, shuffle=True, seed=3))
     workers = list(make_loader(tokens, 5, collate, shuffle=True, seed=3, num_workers=2))
     assert len(in_process) == len(workers) == 5
-    for a, b in zip(in_process, workers):
+    for a, b in zip(in_process, workers, strict=True):
         assert all(torch.equal(a[key], b[key]) for key in a)
 
 
@@ -109,7 +109,7 @@ def test_aclimdb_layout_is_read_and_unsup_is_ignored(tmp_path):
     (tmp_path / "train" / "unsup" / "0_0.txt").write_text("unlabelled")
     train = load_split(str(tmp_path), "train")
     assert train.column_names == ["text", "label"]
-    assert sorted(zip(train["text"], train["label"])) == [
+    assert sorted(zip(train["text"], train["label"], strict=True)) == [
         ("bad one", 0), ("bad two", 0), ("good <br />", 1)]
 
 
@@ -148,7 +148,7 @@ def test_missing_column_names_the_columns_that_exist(tmp_path):
 
 def test_unknown_labels_are_shown_with_their_rows(tmp_path):
     (tmp_path / "train.csv").write_text("text,label\ngood,1\nmeh,3\nbad,0\n")
-    with pytest.raises(UsageError, match="1 labels .*row 1: 3"):
+    with pytest.raises(UsageError, match=r"1 labels .*row 1: 3"):
         load_split(str(tmp_path), "train")
 
 

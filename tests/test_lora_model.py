@@ -83,7 +83,7 @@ def test_fresh_lora_model_equals_the_pre_trained_model(tiny_model_dir):
 def trained_adapter(tiny_model_dir, folder):
     model = wrap_with_lora(load_base_model(tiny_model_dir), r=R, alpha=8, dropout=0.0)
     with torch.no_grad():  # move B and the head away from their initial values
-        for name, param in model.named_parameters():
+        for _name, param in model.named_parameters():
             if param.requires_grad:
                 param.add_(torch.randn_like(param) * 0.1)
     save_adapter(model, load_tokenizer(tiny_model_dir), folder)

@@ -71,13 +71,8 @@ def test_gradient_norm_is_clipped_before_the_optimizer_step(tiny_model_dir, tmp_
     trainer = make_trainer(tiny_model_dir, tmp_path, 8, "--batch-size", "8",
                            "--max-grad-norm", "0.5")
     seen = []
-    original_step = trainer.optimizer.step
-
-    def recording_step(*args, **kwargs):
-        seen.append(torch.norm(torch.stack([p.grad.norm() for p in trainer.params])).item())
-        return original_step(*args, **kwargs)
-
-    trainer.optimizer.step = recording_step
+    trainer.optimizer.register_step_pre_hook(lambda *_: seen.append(
+        torch.norm(torch.stack([p.grad.norm() for p in trainer.params])).item()))
     batch = next(iter(trainer.train_loader))
     (trainer.model(**batch).loss * 1e4).backward()  # a gradient far larger than 0.5
     unclipped = torch.norm(torch.stack([p.grad.norm() for p in trainer.params])).item()
@@ -115,7 +110,7 @@ def test_train_then_evaluate_from_the_command_line(tiny_model_dir, csv_data_dir,
     assert result.returncode == 0, result.stderr
     rows = json.loads(out.read_text())["results"]
     assert [r["name"] for r in rows] == ["base", str(run / "adapter")]
-    for row, key in zip(rows, ("before", "after")):
+    for row, key in zip(rows, ("before", "after"), strict=True):
         for metric in ("accuracy", "precision", "recall", "f1", "loss", "n"):
             assert row[metric] == metrics[key][metric], (key, metric)
         assert row["confusion_matrix"] == metrics[key]["confusion_matrix"]
