@@ -20,11 +20,14 @@ from pathlib import Path
 
 import torch
 from datasets import ClassLabel, Dataset, Features, Value, load_dataset
+from datasets.exceptions import DatasetGenerationError
 from datasets.fingerprint import Hasher
+from pyarrow.lib import ArrowException
 from torch.utils.data import DataLoader, get_worker_info
 
 DEFAULT_DATA = "imdb"
 DEFAULT_MAX_LENGTH = 128
+MIN_MAX_LENGTH = 8  # [CLS] + [SEP] + a few tokens; anything shorter cannot carry a review
 DEFAULT_DATA_SEED = 0
 TEXT, LABEL = "text", "label"
 LABEL_NAMES = ("negative", "positive")
@@ -35,6 +38,8 @@ FILE_BUILDERS = {".parquet": "parquet", ".csv": "csv", ".jsonl": "json", ".json"
 ACLIMDB_CLASSES = {"neg": 0, "pos": 1}
 # Tensor Cores and vectorised CPU kernels prefer sequence lengths that are multiples of 8.
 PAD_TO_MULTIPLE_OF = 8
+# Tokenizers without a known limit report a huge sentinel as model_max_length.
+MAX_SANE_LENGTH = 100_000
 # Bump when tokenize() changes what it writes, so stale caches are not reused.
 TOKENIZE_CACHE_VERSION = "1"
 
@@ -43,6 +48,52 @@ FEATURES = Features({TEXT: Value("string"), LABEL: ClassLabel(names=["neg", "pos
 
 class UsageError(Exception):
     """A mistake in the user's input; the scripts report it as one sentence and exit with 2."""
+
+
+def at_least(minimum: int):
+    """An argparse type: an integer >= `minimum` (argparse reports a bad value with exit 2)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum} (got {value})")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a float > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive (got {text})")
+    return value
+
+
+def unit_fraction(text: str) -> float:
+    """An argparse type: a float in [0, 1)."""
+    value = non_negative_float(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"must be below 1 (got {text})")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """An argparse type: a float >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"cannot be negative (got {text})")
+    return value
 
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
@@ -58,16 +109,17 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--label-column", default=LABEL,
                        help="column holding the label: 0/1, neg/pos or negative/positive "
                             f"(default: {LABEL})")
-    group.add_argument("--eval-samples", type=int, default=None, metavar="M",
+    group.add_argument("--eval-samples", type=at_least(1), default=None, metavar="M",
                        help="score only M test reviews: split.shuffle(seed=DATA_SEED)"
                             ".select(range(M)) (default: the whole test split)")
     group.add_argument("--data-seed", type=int, default=DEFAULT_DATA_SEED,
                        help="seed of the subset and validation-split shuffles "
                             f"(default: {DEFAULT_DATA_SEED})")
-    group.add_argument("--max-length", type=int, default=DEFAULT_MAX_LENGTH,
-                       help="truncate reviews to this many tokens, [CLS] and [SEP] included "
+    group.add_argument("--max-length", type=at_least(MIN_MAX_LENGTH), default=DEFAULT_MAX_LENGTH,
+                       help="truncate reviews to this many tokens, [CLS] and [SEP] included; "
+                            f"from {MIN_MAX_LENGTH} to the model's position limit "
                             f"(default: {DEFAULT_MAX_LENGTH})")
-    group.add_argument("--num-workers", type=int, default=0,
+    group.add_argument("--num-workers", type=at_least(0), default=0,
                        help="DataLoader worker processes (default: 0, batches are built in "
                             "the main process, which is fastest for pre-tokenized data)")
 
@@ -79,21 +131,24 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
 def load_split(data: str, split: str, text_column: str = TEXT,
                label_column: str = LABEL) -> Dataset:
     """Load one split ("train" or "test") as a Dataset with columns ``text`` and ``label``."""
-    folder = Path(data)
+    folder = Path(data).expanduser()
     if folder.is_dir():
         if _is_aclimdb(folder):
-            return _load_aclimdb_split(folder / split)
-        raw = _load_file_split(folder, split)
-    elif folder.exists() or _looks_like_path(data):
-        raise UsageError(f"--data {data!r} is not a folder; give a Hub dataset name or a "
-                         "folder with train/test data")
+            return check_reviews(_load_aclimdb_split(folder / split), str(folder / split))
+        raw, source = _load_file_split(folder, split)
+    elif folder.exists():
+        raise UsageError(f"--data {data} is a file; give the folder that holds train.* and "
+                         "test.* (or the aclImdb folder)")
+    elif looks_like_path(data):
+        raise UsageError(f"--data folder {data} does not exist")
     else:
-        raw = _load_hub_split(data, split)
-    return normalize_columns(raw, text_column, label_column)
+        raw, source = _load_hub_split(data, split), f"{data} ({split})"
+    return check_reviews(normalize_columns(raw, text_column, label_column), source)
 
 
-def _looks_like_path(data: str) -> bool:
-    return data.startswith((".", "/", "~")) or data.count("/") > 1
+def looks_like_path(name: str) -> bool:
+    """True for names that can only be local paths (a Hub id is "name" or "owner/name")."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1
 
 
 def _is_aclimdb(folder: Path) -> bool:
@@ -110,19 +165,46 @@ def _load_aclimdb_split(split_folder: Path) -> Dataset:
     # The stamp makes the `datasets` cache notice added, removed or edited files.
     stamp = Hasher.hash([(str(p), p.stat().st_size, p.stat().st_mtime_ns)
                          for paths in files.values() for p in paths])
-    return Dataset.from_generator(
+    return _reading(split_folder, lambda: Dataset.from_generator(
         _aclimdb_examples, features=FEATURES,
-        gen_kwargs={"files": {k: [str(p) for p in v] for k, v in files.items()}, "stamp": stamp})
+        gen_kwargs={"files": {k: [str(p) for p in v] for k, v in files.items()}, "stamp": stamp}))
+
+
+def _reading(source: Path, read):
+    """Call `read()`; turn a file that cannot be parsed into one sentence naming the file."""
+    try:
+        return read()
+    except DatasetGenerationError as error:
+        cause = error.__cause__ or error
+        if isinstance(cause, UsageError):
+            raise cause from None
+        raise UsageError(f"could not read {source}: {_describe_read_error(cause)}") from error
+    except (ArrowException, UnicodeDecodeError, ValueError) as error:
+        raise UsageError(f"could not read {source}: {_describe_read_error(error)}") from error
+
+
+def _describe_read_error(error: BaseException) -> str:
+    if isinstance(error, UnicodeDecodeError):
+        return (f"it is not valid UTF-8 text ({error.reason} at byte {error.start}); "
+                "save it as UTF-8")
+    if type(error).__name__ == "EmptyDataError":
+        return "the file is empty"
+    return " ".join(f"{type(error).__name__}: {error}".split())
 
 
 def _aclimdb_examples(files: dict[str, list[str]], stamp: str):
     for name, paths in files.items():
         for path in paths:
-            yield {TEXT: Path(path).read_text(encoding="utf-8"), LABEL: ACLIMDB_CLASSES[name]}
+            try:
+                text = Path(path).read_text(encoding="utf-8")
+            except UnicodeDecodeError as error:
+                raise UsageError(f"{path} is not valid UTF-8 text ({error.reason} at byte "
+                                 f"{error.start}); save it as UTF-8") from error
+            yield {TEXT: text, LABEL: ACLIMDB_CLASSES[name]}
 
 
-def _load_file_split(folder: Path, split: str) -> Dataset:
-    """Read ``folder/{split}.{parquet,csv,jsonl,json}`` with the matching `datasets` builder."""
+def _load_file_split(folder: Path, split: str) -> tuple[Dataset, str]:
+    """Read ``folder/{split}.{parquet,csv,jsonl,json}``; return it and the file's name."""
     candidates = [folder / f"{split}{ending}" for ending in FILE_BUILDERS]
     found = [path for path in candidates if path.is_file()]
     if not found:
@@ -130,7 +212,9 @@ def _load_file_split(folder: Path, split: str) -> Dataset:
             f"--data folder {folder} has no {split} data: expected {split}/{{neg,pos}}/*.txt "
             f"(aclImdb) or one of {', '.join(p.name for p in candidates)}")
     path = found[0]
-    return load_dataset(FILE_BUILDERS[path.suffix], data_files={split: str(path)}, split=split)
+    raw = _reading(path, lambda: load_dataset(FILE_BUILDERS[path.suffix],
+                                              data_files={split: str(path)}, split=split))
+    return raw, str(path)
 
 
 def _load_hub_split(name: str, split: str) -> Dataset:
@@ -138,8 +222,9 @@ def _load_hub_split(name: str, split: str) -> Dataset:
         return load_dataset(name, split=split)
     except (ConnectionError, OSError) as error:
         raise UsageError(
-            f"could not load dataset {name!r} from the Hugging Face Hub ({error}); "
-            "offline, pass a local folder with --data PATH") from error
+            f"could not load dataset {name!r} from the Hugging Face Hub "
+            f"({' '.join(str(error).split())}); offline, pass a local folder with --data PATH"
+        ) from error
 
 
 def normalize_columns(raw: Dataset, text_column: str = TEXT,
@@ -164,6 +249,18 @@ def normalize_columns(raw: Dataset, text_column: str = TEXT,
         desc="Checking labels")
 
 
+def check_reviews(split: Dataset, source: str) -> Dataset:
+    """Refuse a split with no reviews or with missing/empty texts, naming how many and where."""
+    if len(split) == 0:
+        raise UsageError(f"{source} holds no reviews")
+    empty = [row for row, text in enumerate(split[TEXT]) if text is None or not text.strip()]
+    if empty:
+        shown = ", ".join(str(row) for row in empty[:5]) + (", ..." if len(empty) > 5 else "")
+        raise UsageError(f"{len(empty)} of {len(split)} reviews in {source} have no text "
+                         f"(rows {shown}); nothing was dropped: remove or fill those rows")
+    return split
+
+
 def label_to_int(value: object) -> int | None:
     """Map a raw label (0/1, "neg"/"pos", "negative"/"positive", any case) to 0/1, else None."""
     if isinstance(value, bool):
@@ -181,13 +278,14 @@ def label_to_int(value: object) -> int | None:
 # Subsets and the validation split
 
 
-def take_subset(split: Dataset, n: int | None, seed: int) -> Dataset:
+def take_subset(split: Dataset, n: int | None, seed: int, flag: str = "--eval-samples"
+                ) -> Dataset:
     """The documented subset rule: ``split.shuffle(seed=seed).select(range(n))``; None = all."""
     if n is None:
         return split
     if not 0 < n <= len(split):
-        raise UsageError(f"asked for {n} examples but the split has {len(split)}; choose a "
-                         f"number from 1 to {len(split)}")
+        raise UsageError(f"{flag} {n} asks for more reviews than the {len(split)} available; "
+                         f"choose a number from 1 to {len(split)}")
     return split.shuffle(seed=seed).select(range(n))
 
 
@@ -206,19 +304,30 @@ def split_train_validation(train: Dataset, n_train: int | None, validation_size:
     all that remain) is then drawn from the rest with the subset rule. Training therefore sees
     exactly ``n_train`` reviews and never a validation review; the test split is not touched.
     """
+    counts = [sum(1 for label in train[LABEL] if label == k) for k in range(len(LABEL_NAMES))]
+    if min(counts) < 2:
+        raise UsageError(
+            f"the training data holds {counts[0]} negative and {counts[1]} positive reviews; "
+            "the stratified validation split and training need at least 2 of each class")
     if n_train is None:
         n_val = validation_count(validation_size, len(train))
     else:
         n_val = validation_count(validation_size, n_train)
+    if n_train is not None and n_train + n_val > len(train):
+        room = f"choose at most {len(train) - n_val}" if n_val < len(train) else \
+            "lower --validation-size"
+        raise UsageError(f"--train-samples {n_train} plus {n_val} validation reviews exceed "
+                         f"the {len(train)} training reviews; {room}")
     if n_val >= len(train):
         raise UsageError(f"the validation split ({n_val}) would take the whole training split "
                          f"({len(train)}); lower --validation-size")
     parts = train.train_test_split(test_size=n_val, stratify_by_column=LABEL, seed=seed)
     rest, validation = parts["train"], parts["test"]
-    if n_train is not None and n_train > len(rest):
-        raise UsageError(f"--train-samples {n_train} plus {n_val} validation examples exceed "
-                         f"the {len(train)} training examples")
-    return take_subset(rest, n_train, seed), validation
+    subset = take_subset(rest, n_train, seed, flag="--train-samples")
+    if len(set(subset[LABEL])) < len(LABEL_NAMES):
+        raise UsageError(f"the {len(subset)} training reviews drawn hold only one class; "
+                         "raise --train-samples or change --data-seed")
+    return subset, validation
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,6 +352,10 @@ def tokenize(split: Dataset, tokenizer, max_length: int) -> Dataset:
     The cache key is the data's fingerprint, the tokenizer's and `max_length`, so a second run
     over the same data with the same tokenizer reads the token ids back instead of tokenizing.
     """
+    limit = tokenizer.model_max_length
+    if limit < MAX_SANE_LENGTH and max_length > limit:
+        raise UsageError(f"--max-length {max_length} is above the model's limit of {limit} "
+                         "tokens; choose at most that")
     fingerprint = Hasher.hash([split._fingerprint, tokenizer_fingerprint(tokenizer),
                                max_length, TOKENIZE_CACHE_VERSION])
 

@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import json
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from data import (
     PaddingCollator,
     UsageError,
     add_data_arguments,
+    at_least,
     load_split,
     make_loader,
     take_subset,
@@ -55,9 +57,32 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--device", default="auto",
                        help="cpu, cuda, cuda:N, or auto (CUDA when available; default: auto)")
     group.add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
-    group.add_argument("--eval-batch-size", type=int, default=DEFAULT_EVAL_BATCH_SIZE,
+    group.add_argument("--eval-batch-size", type=at_least(1), default=DEFAULT_EVAL_BATCH_SIZE,
                        help="batch size for evaluation; no gradients are kept, so it can be "
                             f"larger than the training batch (default: {DEFAULT_EVAL_BATCH_SIZE})")
+
+
+def check_can_write(path: Path, flag: str, overwrite: bool) -> None:
+    """Refuse a `path` that holds earlier results (unless `overwrite`) or cannot be written.
+
+    Only checks: nothing is created, so a refused run leaves no trace.
+    """
+    if path.is_file() and not overwrite:
+        raise UsageError(f"{flag} {path} already exists; choose a new name or pass --overwrite")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise UsageError(f"{flag} {path} already holds files; choose a new folder or pass "
+                         "--overwrite")
+    ancestor = next(p for p in (path, *path.parents) if p.exists())
+    if ancestor.is_file():
+        if ancestor != path:
+            raise UsageError(f"{flag} {path} cannot be created: {ancestor} is a file")
+        ancestor = path.parent
+    try:
+        with tempfile.TemporaryFile(dir=ancestor):
+            pass
+    except OSError as error:
+        raise UsageError(f"{flag} {path} cannot be written ({error.strerror} in "
+                         f"{ancestor})") from error
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -80,12 +105,25 @@ def cpu_has_native_bf16() -> bool:
 
 
 def pick_precision(precision: str, device: torch.device) -> str:
-    """Resolve "auto" to bf16, fp16 or fp32 for `device` (see ``PRECISION_HELP``)."""
-    if precision != "auto":
-        return precision
+    """Resolve "auto" to bf16, fp16 or fp32 for `device` (see ``PRECISION_HELP``).
+
+    An explicit bf16/fp16 that the device cannot compute natively is refused rather than
+    emulated at a fraction of fp32's speed.
+    """
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if cpu_has_native_bf16() else "fp32"
+        bf16_ok, fp16_ok = torch.cuda.is_bf16_supported(), True
+    else:
+        bf16_ok, fp16_ok = cpu_has_native_bf16(), False
+    if precision == "auto":
+        return "bf16" if bf16_ok else ("fp16" if fp16_ok else "fp32")
+    if precision == "bf16" and not bf16_ok:
+        where = ("this GPU" if device.type == "cuda"
+                 else "this CPU (it has neither AMX nor AVX512-BF16)")
+        raise UsageError(f"--precision bf16 is not supported natively on {where}; use "
+                         f"--precision {'fp16' if fp16_ok else 'fp32'} or auto")
+    if precision == "fp16" and not fp16_ok:
+        raise UsageError(f"--precision fp16 needs a CUDA GPU; on {device.type} use fp32 or auto")
+    return precision
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -176,6 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
         "checkpoint's adapter_config.json"))
     parser.add_argument("--json", type=Path, metavar="PATH",
                         help="also write the results to this JSON file")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="allow --json to replace an existing file")
     add_data_arguments(parser)
     add_runtime_arguments(parser)
     return parser
@@ -193,6 +233,8 @@ def run(args: argparse.Namespace) -> list[dict]:
     """Score every requested model; print the table; return the JSON rows."""
     if not args.base and not args.checkpoint:
         raise UsageError("nothing to evaluate: give --base and/or --checkpoint PATH")
+    if args.json:
+        check_can_write(args.json, "--json", args.overwrite)
     adapters = [find_adapter(path) for path in args.checkpoint]
     base_name = args.model or (adapter_base_model(adapters[0]) if adapters else None)
     if base_name is None:

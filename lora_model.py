@@ -15,9 +15,23 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
+from safetensors import SafetensorError
+from transformers import (
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+)
 
-from data import LABEL_NAMES, UsageError
+from data import (
+    LABEL_NAMES,
+    UsageError,
+    at_least,
+    looks_like_path,
+    positive_float,
+    unit_fraction,
+)
 
 DEFAULT_MODEL = "bert-base-uncased"
 # The classifier head of the pre-trained ("before") model is random; drawing it from a fixed
@@ -29,6 +43,11 @@ DEFAULT_LORA_DROPOUT = 0.1
 DEFAULT_LORA_TARGETS = "query,value"
 ADAPTER_DIR = "adapter"  # where train.py keeps the best adapter inside a run folder
 ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# Encoders whose self-attention has BERT's "query"/"value" projections and a
+# sequence-classification head in transformers.
+BERT_STYLE_MODEL_TYPES = frozenset({"bert", "roberta", "xlm-roberta", "camembert", "electra",
+                                    "ernie", "megatron-bert"})
 
 
 def add_model_argument(parser: argparse.ArgumentParser, default: str | None = DEFAULT_MODEL,
@@ -42,12 +61,12 @@ def add_model_argument(parser: argparse.ArgumentParser, default: str | None = DE
 def add_lora_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the LoRA hyper-parameter flags."""
     group = parser.add_argument_group("LoRA")
-    group.add_argument("--lora-r", type=int, default=DEFAULT_LORA_R,
+    group.add_argument("--lora-r", type=at_least(1), default=DEFAULT_LORA_R,
                        help=f"rank r of the update B A (default: {DEFAULT_LORA_R})")
-    group.add_argument("--lora-alpha", type=float, default=DEFAULT_LORA_ALPHA,
+    group.add_argument("--lora-alpha", type=positive_float, default=DEFAULT_LORA_ALPHA,
                        help="scaling alpha; the update is multiplied by alpha / r "
                             f"(default: {DEFAULT_LORA_ALPHA})")
-    group.add_argument("--lora-dropout", type=float, default=DEFAULT_LORA_DROPOUT,
+    group.add_argument("--lora-dropout", type=unit_fraction, default=DEFAULT_LORA_DROPOUT,
                        help="dropout on the LoRA branch's input during training "
                             f"(default: {DEFAULT_LORA_DROPOUT})")
     group.add_argument("--lora-targets", default=DEFAULT_LORA_TARGETS,
@@ -55,20 +74,30 @@ def add_lora_arguments(parser: argparse.ArgumentParser) -> None:
                             f"(default: {DEFAULT_LORA_TARGETS}, BERT's attention projections)")
 
 
-def _is_local(name: str) -> bool:
-    return Path(name).exists()
-
-
 def _from_pretrained(loader, name: str, what: str, **kwargs):
     """Call a ``from_pretrained`` and turn "cannot reach the Hub" into one clear sentence."""
+    if not Path(name).expanduser().exists() and looks_like_path(name):
+        raise UsageError(f"--model folder {name} does not exist")
     try:
         return loader(name, **kwargs)
-    except OSError as error:
-        if _is_local(name):
-            raise UsageError(f"{name} is not a {what} folder ({error})") from error
+    except (OSError, ValueError) as error:
+        reason = " ".join(str(error).split())
+        if Path(name).expanduser().exists():
+            raise UsageError(f"--model {name} is not a {what} folder ({reason})") from error
         raise UsageError(
-            f"could not load {what} {name!r} from the Hugging Face Hub ({error}); offline, "
+            f"could not load {what} {name!r} from the Hugging Face Hub ({reason}); offline, "
             "pass a local model folder with --model PATH") from error
+
+
+def check_encoder(name: str) -> PretrainedConfig:
+    """The model's config, refused unless it is a BERT-style encoder (query/value attention)."""
+    config = _from_pretrained(AutoConfig.from_pretrained, name, "model")
+    if config.model_type not in BERT_STYLE_MODEL_TYPES:
+        found = ", ".join(config.architectures or []) or "no architecture listed"
+        raise UsageError(
+            f"--model {name} is a {config.model_type!r} model ({found}); this project "
+            f"fine-tunes BERT-style encoders ({', '.join(sorted(BERT_STYLE_MODEL_TYPES))})")
+    return config
 
 
 def load_tokenizer(name: str):
@@ -78,6 +107,7 @@ def load_tokenizer(name: str):
 
 def load_base_model(name: str) -> PreTrainedModel:
     """The pre-trained encoder with a new 2-label classifier head drawn from ``HEAD_SEED``."""
+    check_encoder(name)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(HEAD_SEED)
         return _from_pretrained(
@@ -94,8 +124,25 @@ def wrap_with_lora(model: PreTrainedModel, r: int = DEFAULT_LORA_R,
     config = LoraConfig(
         task_type=TaskType.SEQ_CLS,  # also trains and saves the head ("modules_to_save")
         r=r, lora_alpha=alpha, lora_dropout=dropout,
-        target_modules=[t.strip() for t in targets.split(",") if t.strip()])
+        target_modules=parse_targets(targets))
     return get_peft_model(model, config)
+
+
+def parse_targets(targets: str) -> list[str]:
+    """"query, value" -> ["query", "value"]."""
+    return [t.strip() for t in targets.split(",") if t.strip()]
+
+
+def check_lora_targets(model: torch.nn.Module, targets: str) -> None:
+    """Refuse --lora-targets that name no layer of `model` (before any work is done)."""
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [t for t in parse_targets(targets) if t not in names]
+    if missing or not parse_targets(targets):
+        linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                         if isinstance(module, torch.nn.Linear)})
+        raise UsageError(f"--lora-targets {targets!r}: no layer named "
+                         f"{', '.join(missing) or '(empty)'}; this model's linear layers are "
+                         f"{', '.join(linear)}")
 
 
 def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
@@ -124,6 +171,8 @@ def save_adapter(model: PeftModel, tokenizer, folder: Path) -> None:
 def find_adapter(path: str | Path) -> Path:
     """The adapter folder for `path`: the folder itself, or a run folder's ``adapter/``."""
     path = Path(path)
+    if not path.exists():
+        raise UsageError(f"--checkpoint {path} does not exist")
     for folder in (path, path / ADAPTER_DIR):
         if (folder / ADAPTER_CONFIG).is_file():
             return folder
@@ -144,5 +193,30 @@ def load_adapted_model(checkpoint: str | Path, base_model: str | None = None,
     pass ``trainable=True`` to continue training them.
     """
     adapter = find_adapter(checkpoint)
-    base = load_base_model(base_model or adapter_base_model(adapter))
-    return PeftModel.from_pretrained(base, adapter, is_trainable=trainable)
+    recorded = adapter_base_model(adapter)
+    base_name = base_model or recorded
+    base = load_base_model(base_name)
+    if base_model and base_model != recorded:
+        check_same_vocabulary(adapter, base_name)
+    try:
+        return PeftModel.from_pretrained(base, adapter, is_trainable=trainable)
+    except SafetensorError as error:
+        raise UsageError(f"{adapter / ADAPTER_WEIGHTS} is damaged ({error}); restore it or "
+                         "train again") from error
+    except RuntimeError as error:  # torch's "size mismatch for ..." when shapes differ
+        if "size mismatch" not in str(error):
+            raise
+        raise UsageError(
+            f"the adapter in {adapter} does not fit --model {base_name}: it was trained on "
+            f"{recorded!r}, a model of another shape; pass that model with --model") from error
+
+
+def check_same_vocabulary(adapter: Path, base_name: str) -> None:
+    """Refuse a base model whose vocabulary differs from the one saved with the adapter."""
+    if not (adapter / "tokenizer_config.json").is_file():
+        return  # an adapter saved without its tokenizer: nothing to compare against
+    saved = AutoTokenizer.from_pretrained(adapter).get_vocab()
+    if load_tokenizer(base_name).get_vocab() != saved:
+        raise UsageError(
+            f"--model {base_name} has another vocabulary than the one the adapter in {adapter} "
+            f"was trained with ({adapter_base_model(adapter)!r}); pass that model with --model")

@@ -30,16 +30,21 @@ from data import (
     PaddingCollator,
     UsageError,
     add_data_arguments,
+    at_least,
     load_split,
     make_loader,
     move_to_device,
+    non_negative_float,
+    positive_float,
     split_train_validation,
     take_subset,
     tokenize,
+    unit_fraction,
 )
 from evaluate import (
     add_runtime_arguments,
     autocast,
+    check_can_write,
     evaluate_model,
     format_comparison,
     pick_device,
@@ -51,6 +56,8 @@ from lora_model import (
     ADAPTER_DIR,
     add_lora_arguments,
     add_model_argument,
+    check_encoder,
+    check_lora_targets,
     describe_parameters,
     load_adapted_model,
     load_base_model,
@@ -82,40 +89,41 @@ def build_parser() -> argparse.ArgumentParser:
                              "(default: runs/<model>-lora-<date-time>)")
     parser.add_argument("--overwrite", action="store_true",
                         help="allow writing into an --output-dir that already holds files")
-    parser.add_argument("--seed", type=int, default=DEFAULT_SEED,
+    parser.add_argument("--seed", type=at_least(0), default=DEFAULT_SEED,
                         help="seed for LoRA init, dropout and batch order "
                              f"(default: {DEFAULT_SEED})")
     add_data_arguments(parser)
     group = parser.add_argument_group("training data")
-    group.add_argument("--train-samples", type=int, default=None, metavar="N",
+    group.add_argument("--train-samples", type=at_least(1), default=None, metavar="N",
                        help="train on N reviews drawn with the subset rule (default: all that "
                             "the validation split leaves)")
-    group.add_argument("--validation-size", type=float, default=DEFAULT_VALIDATION_SIZE,
+    group.add_argument("--validation-size", type=positive_float,
+                       default=DEFAULT_VALIDATION_SIZE,
                        help="validation reviews carved (stratified, seeded) out of the training "
                             "split: a fraction of the training reviews (<1) or a count (>=1) "
                             f"(default: {DEFAULT_VALIDATION_SIZE})")
     group = parser.add_argument_group("optimisation")
-    group.add_argument("--epochs", type=int, default=1, help="passes over the training reviews "
-                       "(default: 1)")
-    group.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+    group.add_argument("--epochs", type=at_least(1), default=1,
+                       help="passes over the training reviews (default: 1)")
+    group.add_argument("--batch-size", type=at_least(1), default=DEFAULT_BATCH_SIZE,
                        help=f"training batch size (default: {DEFAULT_BATCH_SIZE})")
-    group.add_argument("--grad-accum-steps", type=int, default=1,
+    group.add_argument("--grad-accum-steps", type=at_least(1), default=1,
                        help="batches whose gradients are summed per optimizer step; the "
                             "effective batch is batch-size x this (default: 1)")
-    group.add_argument("--lr", type=float, default=DEFAULT_LR,
+    group.add_argument("--lr", type=positive_float, default=DEFAULT_LR,
                        help=f"peak AdamW learning rate (default: {DEFAULT_LR}; see README)")
-    group.add_argument("--weight-decay", type=float, default=0.01,
+    group.add_argument("--weight-decay", type=non_negative_float, default=0.01,
                        help="AdamW weight decay, not applied to biases and LayerNorm "
                             "(default: 0.01)")
-    group.add_argument("--warmup-ratio", type=float, default=0.06,
+    group.add_argument("--warmup-ratio", type=unit_fraction, default=0.06,
                        help="fraction of optimizer steps with linear warm-up, then linear "
                             "decay to 0 (default: 0.06)")
-    group.add_argument("--max-grad-norm", type=float, default=1.0,
+    group.add_argument("--max-grad-norm", type=non_negative_float, default=1.0,
                        help="clip the gradient norm to this; 0 disables (default: 1.0)")
-    group.add_argument("--eval-every", type=int, default=None, metavar="STEPS",
+    group.add_argument("--eval-every", type=at_least(1), default=None, metavar="STEPS",
                        help="also validate every STEPS optimizer steps (default: only at the "
                             "end of each epoch)")
-    group.add_argument("--log-every", type=int, default=10, metavar="STEPS",
+    group.add_argument("--log-every", type=at_least(1), default=10, metavar="STEPS",
                        help="log loss, learning rate and speed every STEPS optimizer steps "
                             "(default: 10)")
     add_lora_arguments(parser)
@@ -131,14 +139,6 @@ def default_output_dir(model: str) -> Path:
     """runs/<model name>-lora-<YYYYmmdd-HHMMSS>."""
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     return Path("runs") / f"{Path(model.rstrip('/')).name}-lora-{stamp}"
-
-
-def prepare_output_dir(folder: Path, overwrite: bool) -> None:
-    """Create the run folder; refuse one that already holds files unless told to overwrite."""
-    if folder.exists() and any(folder.iterdir()) and not overwrite:
-        raise UsageError(f"--output-dir {folder} already holds files; choose a new folder or "
-                         "pass --overwrite")
-    folder.mkdir(parents=True, exist_ok=True)
 
 
 def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float,
@@ -275,10 +275,12 @@ class Trainer:
 
 def run(args: argparse.Namespace) -> dict:
     """Train, score before/after on the test reviews, write metrics.json; return the metrics."""
-    validate_arguments(args)
+    # Every check that can refuse the run comes before the run folder is created.
     device = pick_device(args.device)
     precision = pick_precision(args.precision, device)
     args.output_dir = args.output_dir or default_output_dir(args.model)
+    check_can_write(args.output_dir, "--output-dir", args.overwrite)
+    check_encoder(args.model)
     transformers.set_seed(args.seed)  # python, numpy and torch (all devices)
 
     tokenizer = load_tokenizer(args.model)
@@ -295,8 +297,10 @@ def run(args: argparse.Namespace) -> dict:
                                     args.eval_batch_size, collator, shuffle=False,
                                     num_workers=args.num_workers)
     test_loader = test_loader_for(tokenizer, test, args, device)
+    model = load_base_model(args.model).to(device)
+    check_lora_targets(model, args.lora_targets)
 
-    prepare_output_dir(args.output_dir, args.overwrite)
+    args.output_dir.mkdir(parents=True, exist_ok=True)
     write_json(args.output_dir / "config.json", {
         **{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "resolved_device": str(device), "resolved_precision": precision,
@@ -305,7 +309,6 @@ def run(args: argparse.Namespace) -> dict:
     print(f"Data: {len(train)} training, {len(validation)} validation, {len(test)} test "
           f"reviews; {device}, {precision}; output in {args.output_dir}")
 
-    model = load_base_model(args.model).to(device)
     before = evaluate_model(model, test_loader, device, precision, desc="Scoring pre-trained")
     print(f"Pre-trained model: test accuracy {before['accuracy']:.4f}")
 
@@ -335,23 +338,6 @@ def run(args: argparse.Namespace) -> dict:
           f"samples/s). Wrote {args.output_dir / 'metrics.json'}; the adapter is in "
           f"{args.output_dir / ADAPTER_DIR}")
     return metrics
-
-
-def validate_arguments(args: argparse.Namespace) -> None:
-    """Reject flag values no run can use, before any work is done."""
-    positive = {"--epochs": args.epochs, "--batch-size": args.batch_size,
-                "--grad-accum-steps": args.grad_accum_steps,
-                "--eval-batch-size": args.eval_batch_size, "--log-every": args.log_every,
-                "--lora-r": args.lora_r}
-    for flag, value in positive.items():
-        if value <= 0:
-            raise UsageError(f"{flag} must be at least 1 (got {value})")
-    if args.lr <= 0:
-        raise UsageError(f"--lr must be positive (got {args.lr})")
-    if args.num_workers < 0:
-        raise UsageError(f"--num-workers cannot be negative (got {args.num_workers})")
-    if args.validation_size <= 0:
-        raise UsageError(f"--validation-size must be positive (got {args.validation_size})")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -47,9 +47,14 @@ def test_auto_precision_on_cpu_follows_native_bf16_support(monkeypatch):
     cpu = torch.device("cpu")
     monkeypatch.setattr(evaluate, "cpu_has_native_bf16", lambda: False)
     assert pick_precision("auto", cpu) == "fp32"
+    with pytest.raises(UsageError, match="bf16 is not supported natively on this CPU"):
+        pick_precision("bf16", cpu)
+    with pytest.raises(UsageError, match="fp16 needs a CUDA GPU"):
+        pick_precision("fp16", cpu)
+    assert pick_precision("fp32", cpu) == "fp32"
     monkeypatch.setattr(evaluate, "cpu_has_native_bf16", lambda: True)
     assert pick_precision("auto", cpu) == "bf16"
-    assert pick_precision("fp16", cpu) == "fp16"
+    assert pick_precision("bf16", cpu) == "bf16"
 
 
 def test_auto_precision_on_cuda_prefers_bf16(monkeypatch):
@@ -58,6 +63,9 @@ def test_auto_precision_on_cuda_prefers_bf16(monkeypatch):
     assert pick_precision("auto", cuda) == "bf16"
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
     assert pick_precision("auto", cuda) == "fp16"
+    assert pick_precision("fp16", cuda) == "fp16"
+    with pytest.raises(UsageError, match="bf16 is not supported natively on this GPU"):
+        pick_precision("bf16", cuda)
 
 
 def test_asking_for_cuda_without_a_gpu_is_a_usage_error(monkeypatch):

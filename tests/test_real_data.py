@@ -30,7 +30,7 @@ def smoke_run(tmp_path_factory):
     result = run_script("train.py", "--model", minilm_path(), "--data", str(IMDB_DIR),
                         "--train-samples", str(TRAIN_SAMPLES),
                         "--eval-samples", str(EVAL_SAMPLES), "--lr", "2e-3",
-                        "--output-dir", str(run), timeout=1200)
+                        "--output-dir", str(run), timeout=3000)
     assert result.returncode == 0, result.stderr[-3000:]
     return run, result
 
@@ -52,7 +52,7 @@ def test_evaluate_reproduces_both_rows_exactly(smoke_run, tmp_path):
     out = tmp_path / "out.json"
     result = run_script("evaluate.py", "--base", "--checkpoint", str(run), "--data",
                         str(IMDB_DIR), "--eval-samples", str(EVAL_SAMPLES), "--json", str(out),
-                        timeout=1200)
+                        timeout=3000)
     assert result.returncode == 0, result.stderr[-3000:]
     base, adapted = json.loads(out.read_text())["results"]
     for row, expected in ((base, metrics["before"]), (adapted, metrics["after"])):

@@ -1,0 +1,274 @@
+"""Every input mistake ends in one sentence on stderr, exit code 2, no traceback, nothing written.
+
+Each case runs the real command line in a subprocess, as a user would.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import reviews, run_script
+from transformers import (
+    BertConfig,
+    BertModel,
+    BertTokenizerFast,
+    GPT2Config,
+    GPT2LMHeadModel,
+)
+
+from lora_model import load_base_model, load_tokenizer, save_adapter, wrap_with_lora
+
+
+def folder_state(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` with its bytes, to prove nothing was written or changed."""
+    if not folder.exists():
+        return {}
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def assert_refused(result, *phrases: str) -> str:
+    """Exit code 2, no traceback, and the last stderr line is one error naming the problem."""
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    message = result.stderr.strip().splitlines()[-1]
+    assert ": error: " in message, message
+    for phrase in phrases:
+        assert phrase in message, message
+    return message
+
+
+@pytest.fixture
+def train(tiny_model_dir, csv_data_dir, tmp_path):
+    """Run train.py on the tiny model and CSV data with extra flags; check run/ stays absent."""
+    run = tmp_path / "run"
+
+    def go(*flags: str, data: Path | str = csv_data_dir, model: str = tiny_model_dir):
+        result = run_script("train.py", "--model", model, "--data", str(data),
+                            "--output-dir", str(run), "--epochs", "1", *flags)
+        assert not run.exists(), "a refused run must not create its output folder"
+        return result
+
+    return go
+
+
+# --- data ---------------------------------------------------------------------------------
+
+
+def test_missing_data_folder(train, tmp_path):
+    assert_refused(train(data=tmp_path / "nowhere" / "imdb"), "--data folder",
+                   "does not exist")
+
+
+def test_folder_without_train_and_test_files(train, tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("no reviews here")
+    assert_refused(train(data=folder), "has no train data", "train.parquet")
+
+
+def write_aclimdb(root: Path, counts: dict[str, int]) -> Path:
+    for key, n in counts.items():
+        folder = root / key
+        folder.mkdir(parents=True)
+        for i in range(n):
+            (folder / f"{i}_5.txt").write_text(f"review {key} {i}", encoding="utf-8")
+    return root
+
+
+def test_aclimdb_with_an_empty_class_folder(train, tmp_path):
+    root = write_aclimdb(tmp_path / "aclImdb", {"train/neg": 6, "train/pos": 0,
+                                                 "test/neg": 2, "test/pos": 2})
+    assert_refused(train(data=root), str(root / "train" / "pos"), "holds no *.txt")
+
+
+def test_aclimdb_with_a_missing_class_folder(train, tmp_path):
+    root = write_aclimdb(tmp_path / "aclImdb", {"train/neg": 6, "train/pos": 6,
+                                                 "test/neg": 2})
+    assert_refused(train(data=root), str(root / "test" / "pos"), "is missing")
+
+
+def test_aclimdb_file_that_is_not_utf8(train, tmp_path):
+    root = write_aclimdb(tmp_path / "aclImdb", {"train/neg": 6, "train/pos": 6,
+                                                 "test/neg": 2, "test/pos": 2})
+    bad = root / "train" / "pos" / "3_5.txt"
+    bad.write_bytes("caf\xe9 au lait".encode("latin-1"))
+    assert_refused(train(data=root), str(bad), "not valid UTF-8")
+
+
+def test_csv_that_is_not_utf8(train, csv_data_dir):
+    (csv_data_dir / "train.csv").write_bytes("text,label\nd\xe9j\xe0 vu,1\n".encode("latin-1"))
+    assert_refused(train(), str(csv_data_dir / "train.csv"), "not valid UTF-8")
+
+
+def test_empty_file(train, csv_data_dir):
+    (csv_data_dir / "test.csv").write_text("")
+    assert_refused(train(), str(csv_data_dir / "test.csv"), "the file is empty")
+
+
+def test_csv_with_a_broken_row(train, csv_data_dir):
+    (csv_data_dir / "train.csv").write_text('text,label\n"fine",1\n"bad",0,extra,fields\n')
+    assert_refused(train(), str(csv_data_dir / "train.csv"), "Expected 2 fields in line 3")
+
+
+def test_missing_text_column_lists_the_columns(train, csv_data_dir):
+    assert_refused(train("--text-column", "review"), "'review' not found",
+                   "columns: text, label", "--text-column")
+
+
+def test_labels_outside_the_two_classes_are_shown(train, csv_data_dir):
+    (csv_data_dir / "train.csv").write_text(
+        "text,label\ngood,1\nmeh,3\nbad,0\nfine,positive\nhmm,neutral\n")
+    assert_refused(train(), "2 labels are not 0/1", "row 1: '3'", "row 4: 'neutral'")
+
+
+def test_empty_texts_are_counted_and_refused(train, csv_data_dir):
+    rows = reviews(12).to_list()
+    rows[3]["text"] = ""
+    rows[7]["text"] = "   "
+    (csv_data_dir / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (csv_data_dir / "train.csv").unlink()
+    assert_refused(train(), "2 of 24 reviews", "have no text (rows 3, 7)", "nothing was dropped")
+
+
+def test_training_data_with_a_single_class(train, csv_data_dir):
+    (csv_data_dir / "train.csv").write_text(
+        "text,label\n" + "".join(f"great film {i},1\n" for i in range(20)))
+    assert_refused(train(), "0 negative and 20 positive reviews", "at least 2 of each class")
+
+
+@pytest.mark.parametrize("flag, value, phrase", [
+    ("--train-samples", "0", "must be at least 1"),
+    ("--train-samples", "-5", "must be at least 1"),
+    ("--train-samples", "500", "--train-samples 500 plus"),
+    ("--eval-samples", "0", "must be at least 1"),
+    ("--eval-samples", "17", "--eval-samples 17 asks for more reviews than the 16 available"),
+])
+def test_subset_sizes(train, flag, value, phrase):
+    assert_refused(train(flag, value), phrase)
+
+
+# --- model and checkpoint -----------------------------------------------------------------
+
+
+def test_model_path_that_does_not_exist(train, tmp_path):
+    assert_refused(train(model=str(tmp_path / "no" / "model")), "--model folder",
+                   "does not exist")
+
+
+def test_model_folder_without_a_model(train, tmp_path):
+    (tmp_path / "empty-model").mkdir()
+    assert_refused(train(model=str(tmp_path / "empty-model")), "is not a model folder")
+
+
+def test_model_that_is_not_a_bert_style_encoder(train, tmp_path):
+    folder = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100)).save_pretrained(
+        folder)
+    assert_refused(train(model=str(folder)), "is a 'gpt2' model (GPT2LMHeadModel)",
+                   "BERT-style encoders")
+
+
+@pytest.fixture(scope="module")
+def tiny_adapter(tiny_model_dir, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("adapter")
+    model = wrap_with_lora(load_base_model(tiny_model_dir), r=4, alpha=8, dropout=0.0)
+    save_adapter(model, load_tokenizer(tiny_model_dir), folder)
+    return folder
+
+
+def evaluate(tmp_path: Path, *flags: str, data: Path | None = None):
+    """evaluate.py with --json into tmp_path/out.json; check that file stays absent."""
+    out = tmp_path / "out.json"
+    result = run_script("evaluate.py", "--json", str(out),
+                        *(["--data", str(data)] if data else []), *flags)
+    assert not out.exists()
+    return result
+
+
+def test_checkpoint_that_is_not_an_adapter(tmp_path, csv_data_dir):
+    assert_refused(evaluate(tmp_path, "--checkpoint", str(csv_data_dir), data=csv_data_dir),
+                   "neither an adapter folder", "adapter_config.json")
+
+
+def test_adapter_trained_on_a_model_of_another_size(tmp_path, csv_data_dir, tiny_adapter,
+                                                    tiny_model_dir):
+    wider = tmp_path / "wider"
+    BertModel(BertConfig(vocab_size=30522, hidden_size=48, num_hidden_layers=2,
+                         num_attention_heads=2, intermediate_size=64)).save_pretrained(wider)
+    load_tokenizer(tiny_model_dir).save_pretrained(wider)
+    assert_refused(evaluate(tmp_path, "--checkpoint", str(tiny_adapter), "--model", str(wider),
+                            data=csv_data_dir), "does not fit", "of another shape")
+
+
+def test_adapter_trained_with_another_vocabulary(tmp_path, csv_data_dir, tiny_adapter):
+    other = tmp_path / "other-vocab"
+    other.mkdir()
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "good", "bad", "film"]
+    (other / "vocab.txt").write_text("\n".join(words) + "\n")
+    BertTokenizerFast(vocab_file=str(other / "vocab.txt")).save_pretrained(other)
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, intermediate_size=64)).save_pretrained(other)
+    assert_refused(evaluate(tmp_path, "--checkpoint", str(tiny_adapter), "--model", str(other),
+                            data=csv_data_dir), "another vocabulary")
+
+
+def test_truncated_adapter_weights(tmp_path, csv_data_dir, tiny_adapter):
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    for file in tiny_adapter.iterdir():
+        (damaged / file.name).write_bytes(file.read_bytes())
+    weights = damaged / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    assert_refused(evaluate(tmp_path, "--checkpoint", str(damaged), data=csv_data_dir),
+                   "adapter_model.safetensors is damaged")
+
+
+# --- flags --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flags, phrase", [
+    (["--max-length", "4"], "--max-length: must be at least 8"),
+    (["--max-length", "600"], "--max-length 600 is above the model's limit of 512"),
+    (["--batch-size", "0"], "--batch-size: must be at least 1"),
+    (["--epochs", "0"], "--epochs: must be at least 1"),
+    (["--grad-accum-steps", "-1"], "--grad-accum-steps: must be at least 1"),
+    (["--lr", "-0.001"], "--lr: must be positive"),
+    (["--precision", "fp16"], "--precision fp16 needs a CUDA GPU"),
+    (["--num-workers", "-1"], "--num-workers: must be at least 0"),
+    (["--lora-targets", "query,kernel"], "no layer named kernel"),
+])
+def test_flag_values_no_run_can_use(train, flags, phrase):
+    assert_refused(train(*flags), phrase)
+
+
+def test_output_dir_holding_another_run_is_left_alone(tiny_model_dir, csv_data_dir, tmp_path):
+    run = tmp_path / "old-run"
+    (run / "adapter").mkdir(parents=True)
+    (run / "metrics.json").write_text('{"after": {"accuracy": 0.9}}')
+    before = folder_state(run)
+    result = run_script("train.py", "--model", tiny_model_dir, "--data", str(csv_data_dir),
+                        "--output-dir", str(run))
+    assert_refused(result, "already holds files", "--overwrite")
+    assert folder_state(run) == before
+
+
+def test_output_dir_that_cannot_be_created(tiny_model_dir, csv_data_dir, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    result = run_script("train.py", "--model", tiny_model_dir, "--data", str(csv_data_dir),
+                        "--output-dir", str(blocker / "run"))
+    assert_refused(result, "cannot be created", "a-file is a file")
+    assert blocker.read_text() == "not a folder"
+
+
+def test_evaluate_does_not_overwrite_earlier_results(tmp_path, csv_data_dir, tiny_model_dir):
+    out = tmp_path / "results.json"
+    out.write_text('{"results": []}')
+    result = run_script("evaluate.py", "--base", "--model", tiny_model_dir, "--data",
+                        str(csv_data_dir), "--json", str(out))
+    assert_refused(result, "already exists", "--overwrite")
+    assert out.read_text() == '{"results": []}'
