@@ -45,6 +45,20 @@ class UsageError(Exception):
     """A mistake in the user's input; the scripts report it as one sentence and exit with 2."""
 
 
+def prepare_output_dir(folder: Path, overwrite: bool, flag: str = "--output-dir") -> None:
+    """Create `folder`; refuse one that already holds files unless told to overwrite.
+
+    Shared by every command that writes a folder (train.py's run, the merged model), so none
+    of them silently replaces earlier results. `flag` names the option in the message.
+    """
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"{flag} {folder} is a file, not a folder")
+    if folder.exists() and any(folder.iterdir()) and not overwrite:
+        raise UsageError(f"{flag} {folder} already holds files; choose a new folder or pass "
+                         "--overwrite")
+    folder.mkdir(parents=True, exist_ok=True)
+
+
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the data flags that train.py and evaluate.py share."""
     group = parser.add_argument_group("data")

@@ -43,6 +43,7 @@ PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_EVAL_BATCH_SIZE = 64
 METRIC_NAMES = ("accuracy", "precision", "recall", "f1", "loss")
+PLOT_FORMATS = (".png", ".svg", ".pdf")  # the image types --plot can write
 PRECISION_HELP = (
     "autocast precision. auto: on CUDA bf16 where the GPU supports it (Ampere and newer), else "
     "fp16 with a GradScaler; on CPU bf16 only where the CPU computes it natively (AMX or "
@@ -176,6 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
         "checkpoint's adapter_config.json"))
     parser.add_argument("--json", type=Path, metavar="PATH",
                         help="also write the results to this JSON file")
+    parser.add_argument("--plot", type=Path, metavar="PATH",
+                        help="also draw the results into this image (.png, .svg or .pdf): "
+                             "accuracy, precision, recall and F1 side by side, and each "
+                             "model's confusion matrix")
     add_data_arguments(parser)
     add_runtime_arguments(parser)
     return parser
@@ -193,6 +198,8 @@ def run(args: argparse.Namespace) -> list[dict]:
     """Score every requested model; print the table; return the JSON rows."""
     if not args.base and not args.checkpoint:
         raise UsageError("nothing to evaluate: give --base and/or --checkpoint PATH")
+    if args.plot and args.plot.suffix.lower() not in PLOT_FORMATS:
+        raise UsageError(f"--plot {args.plot} must end in {', '.join(PLOT_FORMATS)}")
     adapters = [find_adapter(path) for path in args.checkpoint]
     base_name = args.model or (adapter_base_model(adapters[0]) if adapters else None)
     if base_name is None:
@@ -218,6 +225,12 @@ def run(args: argparse.Namespace) -> list[dict]:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"results": rows}, indent=2) + "\n")
         print(f"Wrote {args.json}", file=sys.stderr)
+    if args.plot:
+        # Imported here: matplotlib is needed only for --plot, and report.py imports this file.
+        from report import plot_comparison
+
+        plot_comparison([(row["name"], row) for row in rows], args.plot)
+        print(f"Wrote {args.plot}", file=sys.stderr)
     return rows
 
 
