@@ -36,6 +36,7 @@ DEFAULT_LORA_TARGETS = "query,value"
 ADAPTER_DIR = "adapter"  # where train.py keeps the best adapter inside a run folder
 ADAPTER_CONFIG = "adapter_config.json"
 MODEL_CONFIG = "config.json"  # a transformers model folder's config (merged models)
+CLASSIFIER_SUFFIX = "ForSequenceClassification"  # architectures that carry a trained head
 TOKENIZER_CONFIG = "tokenizer_config.json"
 
 
@@ -163,17 +164,19 @@ def load_adapted_model(checkpoint: str | Path, base_model: str | None = None,
 
 
 def is_merged_model(folder: str | Path) -> bool:
-    """True for a plain transformers model folder (a config.json naming a model type).
+    """True for a plain transformers sequence-classifier folder, such as a merged model.
 
-    A run folder also holds a config.json (train.py's flags), but without ``model_type``.
+    A run folder also holds a config.json (train.py's flags), but names no architecture; a
+    pre-trained encoder (``BertModel``) is refused too, as its classifier head would be random.
     """
     config = Path(folder) / MODEL_CONFIG
     if not config.is_file() or (Path(folder) / ADAPTER_CONFIG).exists():
         return False
     try:
-        return "model_type" in json.loads(config.read_text())
-    except json.JSONDecodeError:
+        architectures = json.loads(config.read_text()).get("architectures") or []
+    except (json.JSONDecodeError, AttributeError):
         return False
+    return any(name.endswith(CLASSIFIER_SUFFIX) for name in architectures)
 
 
 def load_merged_model(folder: str | Path) -> PreTrainedModel:
@@ -193,7 +196,8 @@ def load_checkpoint(checkpoint: str | Path,
     except UsageError:
         raise UsageError(
             f"--checkpoint {path} is not a run folder, an adapter folder ({ADAPTER_CONFIG}) or "
-            f"a merged model folder ({MODEL_CONFIG} with model weights)") from None
+            f"a merged model folder (a {MODEL_CONFIG} naming a *{CLASSIFIER_SUFFIX} "
+            "architecture)") from None
     return load_adapted_model(adapter, base_model), load_adapter_tokenizer(adapter, base_model)
 
 

@@ -148,9 +148,13 @@ def test_mistakes_are_reported_in_one_line(run_dir, monkeypatch, capsys, flags, 
     assert message in capsys.readouterr().err.strip().splitlines()[-1]
 
 
-def test_a_folder_that_is_no_checkpoint_names_all_three_kinds(tmp_path, capsys):
+@pytest.mark.parametrize("kind", ["empty folder", "pre-trained encoder"])
+def test_a_folder_that_is_no_checkpoint_names_all_three_kinds(tmp_path, tiny_model_dir,
+                                                              capsys, kind):
+    # A bare encoder (BertModel) would get a random head: refused, not silently guessed with.
+    folder = tmp_path if kind == "empty folder" else tiny_model_dir
     with pytest.raises(SystemExit) as exit_info:
-        predict.main(["--checkpoint", str(tmp_path), "some text"])
+        predict.main(["--checkpoint", str(folder), "some text"])
     assert exit_info.value.code == 2
     error = capsys.readouterr().err
     assert "not a run folder, an adapter folder" in error and "merged model folder" in error
