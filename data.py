@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,6 +95,29 @@ def non_negative_float(text: str) -> float:
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"cannot be negative (got {text})")
     return value
+
+
+def check_can_write(path: Path, flag: str, overwrite: bool) -> None:
+    """Refuse a `path` that holds earlier results (unless `overwrite`) or cannot be written.
+
+    Only checks: nothing is created, so a refused run leaves no trace.
+    """
+    if path.is_file() and not overwrite:
+        raise UsageError(f"{flag} {path} already exists; choose a new name or pass --overwrite")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise UsageError(f"{flag} {path} already holds files; choose a new folder or pass "
+                         "--overwrite")
+    ancestor = next(p for p in (path, *path.parents) if p.exists())
+    if ancestor.is_file():
+        if ancestor != path:
+            raise UsageError(f"{flag} {path} cannot be created: {ancestor} is a file")
+        ancestor = path.parent
+    try:
+        with tempfile.TemporaryFile(dir=ancestor):
+            pass
+    except OSError as error:
+        raise UsageError(f"{flag} {path} cannot be written ({error.strerror} in "
+                         f"{ancestor})") from error
 
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:

@@ -12,7 +12,6 @@ import argparse
 import contextlib
 import json
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from data import (
     UsageError,
     add_data_arguments,
     at_least,
+    check_can_write,
     load_split,
     make_loader,
     take_subset,
@@ -45,6 +45,7 @@ PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_EVAL_BATCH_SIZE = 64
 METRIC_NAMES = ("accuracy", "precision", "recall", "f1", "loss")
+PLOT_FORMATS = (".png", ".svg", ".pdf")  # the image types --plot can write
 PRECISION_HELP = (
     "autocast precision. auto: on CUDA bf16 where the GPU supports it (Ampere and newer), else "
     "fp16 with a GradScaler; on CPU bf16 only where the CPU computes it natively (AMX or "
@@ -60,29 +61,6 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--eval-batch-size", type=at_least(1), default=DEFAULT_EVAL_BATCH_SIZE,
                        help="batch size for evaluation; no gradients are kept, so it can be "
                             f"larger than the training batch (default: {DEFAULT_EVAL_BATCH_SIZE})")
-
-
-def check_can_write(path: Path, flag: str, overwrite: bool) -> None:
-    """Refuse a `path` that holds earlier results (unless `overwrite`) or cannot be written.
-
-    Only checks: nothing is created, so a refused run leaves no trace.
-    """
-    if path.is_file() and not overwrite:
-        raise UsageError(f"{flag} {path} already exists; choose a new name or pass --overwrite")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise UsageError(f"{flag} {path} already holds files; choose a new folder or pass "
-                         "--overwrite")
-    ancestor = next(p for p in (path, *path.parents) if p.exists())
-    if ancestor.is_file():
-        if ancestor != path:
-            raise UsageError(f"{flag} {path} cannot be created: {ancestor} is a file")
-        ancestor = path.parent
-    try:
-        with tempfile.TemporaryFile(dir=ancestor):
-            pass
-    except OSError as error:
-        raise UsageError(f"{flag} {path} cannot be written ({error.strerror} in "
-                         f"{ancestor})") from error
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -216,6 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also write the results to this JSON file")
     parser.add_argument("--overwrite", action="store_true",
                         help="allow --json to replace an existing file")
+    parser.add_argument("--plot", type=Path, metavar="PATH",
+                        help="also draw the results into this image (.png, .svg or .pdf): "
+                             "accuracy, precision, recall and F1 side by side, and each "
+                             "model's confusion matrix")
     add_data_arguments(parser)
     add_runtime_arguments(parser)
     return parser
@@ -235,6 +217,8 @@ def run(args: argparse.Namespace) -> list[dict]:
         raise UsageError("nothing to evaluate: give --base and/or --checkpoint PATH")
     if args.json:
         check_can_write(args.json, "--json", args.overwrite)
+    if args.plot and args.plot.suffix.lower() not in PLOT_FORMATS:
+        raise UsageError(f"--plot {args.plot} must end in {', '.join(PLOT_FORMATS)}")
     adapters = [find_adapter(path) for path in args.checkpoint]
     base_name = args.model or (adapter_base_model(adapters[0]) if adapters else None)
     if base_name is None:
@@ -260,6 +244,12 @@ def run(args: argparse.Namespace) -> list[dict]:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"results": rows}, indent=2) + "\n")
         print(f"Wrote {args.json}", file=sys.stderr)
+    if args.plot:
+        # Imported here: matplotlib is needed only for --plot, and report.py imports this file.
+        from report import plot_comparison
+
+        plot_comparison([(row["name"], row) for row in rows], args.plot)
+        print(f"Wrote {args.plot}", file=sys.stderr)
     return rows
 
 

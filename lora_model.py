@@ -1,5 +1,10 @@
 """The model: a BERT classifier, its LoRA adapters, and saving/loading them the standard peft way.
 
+    python lora_model.py merge --checkpoint runs/NAME --out merged/NAME
+
+writes the fine-tuned classifier as a plain transformers model (LoRA folded into the weights),
+which loads with ``AutoModelForSequenceClassification.from_pretrained`` and no peft.
+
 LoRA freezes every pre-trained weight W and learns a low-rank update on the chosen projections:
 ``W x + (alpha / r) * B A x`` with A (r x d) and B (d x r), B starting at zero so training
 starts from the pre-trained model exactly. With ``task_type=SEQ_CLS`` peft also marks the new
@@ -11,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -28,6 +34,7 @@ from data import (
     LABEL_NAMES,
     UsageError,
     at_least,
+    check_can_write,
     looks_like_path,
     positive_float,
     unit_fraction,
@@ -48,6 +55,9 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # sequence-classification head in transformers.
 BERT_STYLE_MODEL_TYPES = frozenset({"bert", "roberta", "xlm-roberta", "camembert", "electra",
                                     "ernie", "megatron-bert"})
+MODEL_CONFIG = "config.json"  # a transformers model folder's config (merged models)
+CLASSIFIER_SUFFIX = "ForSequenceClassification"  # architectures that carry a trained head
+TOKENIZER_CONFIG = "tokenizer_config.json"
 
 
 def add_model_argument(parser: argparse.ArgumentParser, default: str | None = DEFAULT_MODEL,
@@ -146,16 +156,18 @@ def check_lora_targets(model: torch.nn.Module, targets: str) -> None:
 
 
 def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; peft's copy of the head is counted once."""
+    """(trainable, total) parameter counts, as peft's ``print_trainable_parameters`` gives them.
+
+    For a PeftModel the total holds the frozen original head and its trainable copy both.
+    """
     if isinstance(model, PeftModel):
         return model.get_nb_trainable_parameters()
     params = list(model.parameters())
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
-def describe_parameters(model: torch.nn.Module) -> str:
-    """'trainable 74,498 of 22,788,484 parameters (0.33%)'."""
-    trainable, total = parameter_counts(model)
+def format_parameter_counts(trainable: int, total: int) -> str:
+    """'trainable 74,498 of 22,788,484 parameters (0.33%)' from the two counts."""
     return f"trainable {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)"
 
 
@@ -220,3 +232,148 @@ def check_same_vocabulary(adapter: Path, base_name: str) -> None:
         raise UsageError(
             f"--model {base_name} has another vocabulary than the one the adapter in {adapter} "
             f"was trained with ({adapter_base_model(adapter)!r}); pass that model with --model")
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints for inference: run folder, adapter folder or merged model folder
+
+
+def is_merged_model(folder: str | Path) -> bool:
+    """True for a plain transformers sequence-classifier folder, such as a merged model.
+
+    A run folder also holds a config.json (train.py's flags), but names no architecture; a
+    pre-trained encoder (``BertModel``) is refused too, as its classifier head would be random.
+    """
+    config = Path(folder) / MODEL_CONFIG
+    if not config.is_file() or (Path(folder) / ADAPTER_CONFIG).exists():
+        return False
+    try:
+        architectures = json.loads(config.read_text()).get("architectures") or []
+    except (json.JSONDecodeError, AttributeError):
+        return False
+    return any(name.endswith(CLASSIFIER_SUFFIX) for name in architectures)
+
+
+def load_merged_model(folder: str | Path) -> PreTrainedModel:
+    """A merged (or any fine-tuned) classifier folder, loaded as the plain transformers model."""
+    return _from_pretrained(AutoModelForSequenceClassification.from_pretrained, str(folder),
+                            "model")
+
+
+def load_checkpoint(checkpoint: str | Path,
+                    base_model: str | None = None) -> tuple[torch.nn.Module, object]:
+    """(model, tokenizer) for a run folder, an adapter folder or a merged model folder."""
+    path = Path(checkpoint)
+    if is_merged_model(path):
+        return load_merged_model(path), load_tokenizer(str(path))
+    try:
+        adapter = find_adapter(path)
+    except UsageError:
+        raise UsageError(
+            f"--checkpoint {path} is not a run folder, an adapter folder ({ADAPTER_CONFIG}) or "
+            f"a merged model folder (a {MODEL_CONFIG} naming a *{CLASSIFIER_SUFFIX} "
+            "architecture)") from None
+    return load_adapted_model(adapter, base_model), load_adapter_tokenizer(adapter, base_model)
+
+
+def load_adapter_tokenizer(adapter: Path, base_model: str | None = None):
+    """The tokenizer saved beside an adapter (save_adapter puts it there), else the base's."""
+    if (adapter / TOKENIZER_CONFIG).is_file():
+        return load_tokenizer(str(adapter))
+    return load_tokenizer(base_model or adapter_base_model(adapter))
+
+
+# ---------------------------------------------------------------------------------------------
+# Merging: LoRA folded into the base weights
+
+
+def folder_size(folder: str | Path) -> int:
+    """Bytes in all files under `folder`."""
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
+
+
+def format_size(n_bytes: int) -> str:
+    """'90.9 MB': decimal units, as file managers show sizes."""
+    if n_bytes < 1000:
+        return f"{n_bytes} B"
+    size = float(n_bytes)
+    for unit in ("kB", "MB", "GB"):
+        size /= 1000
+        if size < 1000 or unit == "GB":
+            break
+    return f"{size:.1f} {unit}"
+
+
+def merge_adapter(checkpoint: str | Path, out: str | Path, base_model: str | None = None,
+                  overwrite: bool = False) -> Path:
+    """Fold a checkpoint's LoRA update into the base weights; save model and tokenizer to `out`.
+
+    The result is a plain transformers classifier: it loads with
+    ``AutoModelForSequenceClassification.from_pretrained(out)`` without peft and computes the
+    same logits as base model + adapter, with no extra LoRA matrix products at inference.
+    """
+    adapter = find_adapter(checkpoint)
+    out = Path(out)
+    # A folder holding an adapter would be read as one (transformers and peft both look for
+    # adapter_config.json first), and a run folder would lose its config.json: never write
+    # into either, even with --overwrite.
+    if (out / ADAPTER_CONFIG).exists() or (out / ADAPTER_DIR / ADAPTER_CONFIG).exists():
+        raise UsageError(f"--out {out} holds an adapter or a run; choose a new folder for the "
+                         "merged model")
+    check_can_write(out, "--out", overwrite)
+    model = load_adapted_model(adapter, base_model)
+    # merge_and_unload writes W + (alpha / r) B A into each adapted layer, puts the trained
+    # head back in place of peft's wrapper, and returns the bare transformers model: that is
+    # what gets saved (saving the PeftModel would write an adapter again). safe_merge checks
+    # the merged weights for NaNs before replacing the originals.
+    merged = model.merge_and_unload(safe_merge=True)
+    out.mkdir(parents=True, exist_ok=True)  # only now: a refused merge leaves no folder behind
+    merged.save_pretrained(out)
+    load_adapter_tokenizer(adapter, base_model).save_pretrained(out)
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The lora_model.py command line (one subcommand: merge)."""
+    parser = argparse.ArgumentParser(
+        description="Model utilities for LoRA checkpoints.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    merge = commands.add_parser(
+        "merge", help="fold a checkpoint's LoRA weights into the base model and save it as a "
+                      "plain transformers model",
+        description="Fold a checkpoint's LoRA weights into the base model and save a plain "
+                    "transformers model plus tokenizer, loadable with "
+                    "AutoModelForSequenceClassification.from_pretrained(OUT) without peft.")
+    merge.add_argument("--checkpoint", required=True, metavar="PATH",
+                       help="a run folder (runs/NAME) or an adapter folder")
+    merge.add_argument("--out", required=True, type=Path, metavar="DIR",
+                       help="folder for the merged model; must be new or empty unless "
+                            "--overwrite")
+    merge.add_argument("--overwrite", action="store_true",
+                       help="allow writing into an --out folder that already holds files")
+    add_model_argument(merge, default=None, help_text=(
+        "base model (Hub name or folder); default: the one recorded in the checkpoint's "
+        f"{ADAPTER_CONFIG}"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: parse flags, merge, report input mistakes as one line with exit code 2."""
+    from evaluate import quiet_library_logs  # imported here: evaluate.py imports this module
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    quiet_library_logs()
+    try:
+        adapter = find_adapter(args.checkpoint)
+        out = merge_adapter(adapter, args.out, args.model, args.overwrite)
+    except UsageError as error:
+        parser.error(str(error))
+    print(f"Merged model saved to {out} ({format_size(folder_size(out))}; the adapter "
+          f"{adapter} is {format_size(folder_size(adapter))}). Load it with "
+          f"AutoModelForSequenceClassification.from_pretrained({str(out)!r}).")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -31,6 +31,7 @@ from data import (
     UsageError,
     add_data_arguments,
     at_least,
+    check_can_write,
     load_split,
     make_loader,
     move_to_device,
@@ -44,7 +45,6 @@ from data import (
 from evaluate import (
     add_runtime_arguments,
     autocast,
-    check_can_write,
     evaluate_model,
     format_comparison,
     pick_device,
@@ -58,13 +58,15 @@ from lora_model import (
     add_model_argument,
     check_encoder,
     check_lora_targets,
-    describe_parameters,
+    format_parameter_counts,
     load_adapted_model,
     load_base_model,
     load_tokenizer,
+    parameter_counts,
     save_adapter,
     wrap_with_lora,
 )
+from report import CONFIG_FILE, LOG_FILE, METRICS_FILE, REPORT_MD, write_report
 
 # LoRA trains few, freshly initialised weights, so it wants a far larger learning rate than
 # full fine-tuning (2e-5..5e-5): the LoRA paper used 4e-4..5e-4 for RoBERTa-base (r=8).
@@ -189,7 +191,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         self.step = 0  # optimizer steps taken
         self.best_score = -math.inf
-        self.log_file = (args.output_dir / "log.jsonl").open("a")
+        self.log_file = (args.output_dir / LOG_FILE).open("a")
 
     def train_epoch(self, epoch: int) -> None:
         """One pass over the training batches; optimizer step every `grad_accum_steps`."""
@@ -256,7 +258,7 @@ class Trainer:
                    f"F1 {metrics['f1']:.4f}" + ("  (best so far, saved)" if improved else ""))
 
     def log(self, record: dict, progress: tqdm | None = None) -> None:
-        """Append a record to log.jsonl and show the training numbers on the progress bar."""
+        """Append a record to the log and show the training numbers on the progress bar."""
         record = {"step": self.step, **record}
         self.log_file.write(json.dumps(record) + "\n")
         self.log_file.flush()
@@ -274,7 +276,11 @@ class Trainer:
 
 
 def run(args: argparse.Namespace) -> dict:
-    """Train, score before/after on the test reviews, write metrics.json; return the metrics."""
+    """Train, score before/after on the test reviews, write metrics.json and the report.
+
+    Returns the metrics as written to metrics.json.
+    """
+    run_started = time.perf_counter()
     # Every check that can refuse the run comes before the run folder is created.
     device = pick_device(args.device)
     precision = pick_precision(args.precision, device)
@@ -301,7 +307,7 @@ def run(args: argparse.Namespace) -> dict:
     check_lora_targets(model, args.lora_targets)
 
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    write_json(args.output_dir / "config.json", {
+    write_json(args.output_dir / CONFIG_FILE, {
         **{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "resolved_device": str(device), "resolved_precision": precision,
         "train_examples": len(train), "validation_examples": len(validation),
@@ -314,8 +320,9 @@ def run(args: argparse.Namespace) -> dict:
 
     model = wrap_with_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout,
                            args.lora_targets)
+    trainable, total = parameter_counts(model)
     print(f"LoRA r={args.lora_r}, alpha={args.lora_alpha:g} on {args.lora_targets}: "
-          f"{describe_parameters(model)}")
+          f"{format_parameter_counts(trainable, total)}")
     trainer = Trainer(args, model, tokenizer, train_loader, validation_loader, device, precision)
     started = time.perf_counter()
     try:
@@ -329,13 +336,17 @@ def run(args: argparse.Namespace) -> dict:
     best = load_adapted_model(args.output_dir / ADAPTER_DIR, args.model).to(device)
     after = evaluate_model(best, test_loader, device, precision, desc="Scoring fine-tuned")
     metrics = {"before": before, "after": after,
+               "parameters": {"trainable": trainable, "total": total},
                "train_seconds": train_seconds,
-               "train_samples_per_s": len(train) * args.epochs / train_seconds}
-    write_json(args.output_dir / "metrics.json", metrics)
+               "train_samples_per_s": len(train) * args.epochs / train_seconds,
+               "wall_seconds": time.perf_counter() - run_started}
+    write_json(args.output_dir / METRICS_FILE, metrics)
     print(f"\nTest reviews ({len(test)}), pre-trained vs LoRA fine-tuned:")
     print(format_comparison([("before", before), ("after", after)]))
+    write_report(args.output_dir)
     print(f"\nTraining took {train_seconds:.0f} s ({metrics['train_samples_per_s']:.1f} "
-          f"samples/s). Wrote {args.output_dir / 'metrics.json'}; the adapter is in "
+          f"samples/s). Wrote {args.output_dir / METRICS_FILE} and "
+          f"{args.output_dir / REPORT_MD} with its plots; the adapter is in "
           f"{args.output_dir / ADAPTER_DIR}")
     return metrics
 

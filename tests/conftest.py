@@ -13,6 +13,7 @@ from datasets import Dataset
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
 from data import FEATURES
+from lora_model import load_base_model, load_tokenizer, save_adapter, wrap_with_lora
 
 # Tests never reach the Hugging Face Hub: fail at once instead of retrying for a minute.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -65,8 +66,29 @@ def csv_data_dir(tmp_path) -> Path:
 
 
 def run_script(*args: str, env: dict | None = None, cwd: Path | None = None,
-               timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run one of the repository's scripts as a user would, capturing its output."""
+               timeout: int = 600, stdin: str = "") -> subprocess.CompletedProcess:
+    """Run one of the repository's scripts as a user would, capturing its output.
+
+    `stdin` is what the script reads on standard input (by default nothing, never the
+    terminal or pytest's own input).
+    """
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
     return subprocess.run([sys.executable, *args], capture_output=True, text=True,
-                          env=full_env, cwd=cwd or REPO, timeout=timeout)
+                          env=full_env, cwd=cwd or REPO, timeout=timeout, input=stdin)
+
+
+def save_random_adapter(model_dir: str, folder: Path, r: int = 4, scale: float = 0.1,
+                        seed: int = 0):
+    """A LoRA adapter + head with random (not zero) B matrices, saved like train.py saves one.
+
+    No training: B and the head are moved away from their initial values, so the adapter
+    changes the model's logits. Returns the PeftModel in eval mode.
+    """
+    model = wrap_with_lora(load_base_model(model_dir), r=r, alpha=2 * r, dropout=0.0)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _name, param in model.named_parameters():
+            if param.requires_grad:
+                param.add_(torch.randn(param.shape, generator=generator) * scale)
+    save_adapter(model, load_tokenizer(model_dir), folder)
+    return model.eval()

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from conftest import save_random_adapter
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification
@@ -18,9 +19,7 @@ from lora_model import (
     find_adapter,
     load_adapted_model,
     load_base_model,
-    load_tokenizer,
     parameter_counts,
-    save_adapter,
     wrap_with_lora,
 )
 
@@ -81,13 +80,7 @@ def test_fresh_lora_model_equals_the_pre_trained_model(tiny_model_dir):
 
 
 def trained_adapter(tiny_model_dir, folder):
-    model = wrap_with_lora(load_base_model(tiny_model_dir), r=R, alpha=8, dropout=0.0)
-    with torch.no_grad():  # move B and the head away from their initial values
-        for _name, param in model.named_parameters():
-            if param.requires_grad:
-                param.add_(torch.randn_like(param) * 0.1)
-    save_adapter(model, load_tokenizer(tiny_model_dir), folder)
-    return model.eval()
+    return save_random_adapter(tiny_model_dir, folder, r=R)
 
 
 def test_save_then_load_gives_identical_logits(tiny_model_dir, tmp_path):

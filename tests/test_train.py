@@ -9,6 +9,7 @@ import torch
 import transformers
 from conftest import reviews, run_script
 
+import evaluate
 from data import PaddingCollator, make_loader, tokenize
 from lora_model import load_base_model, load_tokenizer, wrap_with_lora
 from train import Trainer, build_parser
@@ -91,12 +92,23 @@ def test_train_then_evaluate_from_the_command_line(tiny_model_dir, csv_data_dir,
     assert "before" in result.stdout and "after" in result.stdout
     assert "trainable" in result.stdout
     for name in ("config.json", "log.jsonl", "metrics.json", "adapter/adapter_config.json",
-                 "adapter/adapter_model.safetensors"):
+                 "adapter/adapter_model.safetensors", "training_curves.png", "comparison.png",
+                 "report.md"):
         assert (run / name).is_file(), name
     metrics = json.loads((run / "metrics.json").read_text())
     for row in ("before", "after"):
         assert set(metrics[row]) >= {"accuracy", "precision", "recall", "f1", "loss", "n"}
         assert metrics[row]["n"] == 16
+    # LoRA r=8 on query and value in 2 layers of width 32, plus the 2-label head. As in peft's
+    # own count, the total holds the encoder, the adapters and both copies of the head (the
+    # frozen original and the trained copy that peft keeps beside it).
+    lora, head = 2 * 2 * (8 * 32 + 32 * 8), 32 * 2 + 2
+    encoder = sum(p.numel() for p in load_base_model(tiny_model_dir).bert.parameters())
+    assert metrics["parameters"] == {"trainable": lora + head,
+                                     "total": encoder + lora + 2 * head}
+    assert 0 < metrics["train_seconds"] < metrics["wall_seconds"]
+    assert f"| accuracy | {metrics['before']['accuracy']:.4f} | " in (
+        run / "report.md").read_text()
     config = json.loads((run / "config.json").read_text())
     assert config["train_examples"] == 20 and config["validation_examples"] == 4
     assert config["versions"]["torch"] == torch.__version__
@@ -105,9 +117,11 @@ def test_train_then_evaluate_from_the_command_line(tiny_model_dir, csv_data_dir,
     assert [r["step"] for r in validations] == [2, 4, 5, 6, 8, 10]  # every 2 steps + epoch ends
 
     out = tmp_path / "eval.json"
+    plot = tmp_path / "plots" / "compare.png"
     result = run_script("evaluate.py", "--base", "--checkpoint", str(run), "--data",
-                        str(csv_data_dir), "--json", str(out))
+                        str(csv_data_dir), "--json", str(out), "--plot", str(plot))
     assert result.returncode == 0, result.stderr
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 20_000
     rows = json.loads(out.read_text())["results"]
     assert [r["name"] for r in rows] == ["base", str(run / "adapter")]
     for row, key in zip(rows, ("before", "after"), strict=True):
@@ -129,3 +143,10 @@ def test_unreachable_hub_dataset_names_the_local_data_flag(tiny_model_dir, tmp_p
     assert result.returncode == 2
     assert "'imdb'" in result.stderr and "--data PATH" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_evaluate_refuses_a_plot_format_it_cannot_write_before_any_work(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(["--base", "--model", str(tmp_path), "--plot", str(tmp_path / "a.bmp")])
+    assert exit_info.value.code == 2
+    assert "--plot" in capsys.readouterr().err.splitlines()[-1]

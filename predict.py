@@ -1,0 +1,239 @@
+"""Label your own reviews with a fine-tuned model: negative or positive, with its probability.
+
+    python predict.py --checkpoint runs/NAME "This film was a delight." "Two hours I want back."
+    python predict.py --checkpoint runs/NAME --file reviews.txt --json   # one review per line
+    cat reviews.txt | python predict.py --checkpoint merged/NAME          # from standard input
+
+The checkpoint may be a run folder, an adapter folder or a merged model folder
+(``python lora_model.py merge``). Reviews are tokenized, batched and scored with the same
+code as evaluate.py; a review longer than ``--max-length`` tokens is cut there, and the output
+says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from datasets import Dataset
+
+from data import (
+    DEFAULT_MAX_LENGTH,
+    FEATURES,
+    LABEL,
+    LABEL_NAMES,
+    MIN_MAX_LENGTH,
+    TEXT,
+    PaddingCollator,
+    UsageError,
+    at_least,
+    make_loader,
+    tokenize,
+)
+from evaluate import (
+    add_runtime_arguments,
+    pick_device,
+    pick_precision,
+    predict_logits,
+    quiet_library_logs,
+)
+from lora_model import ADAPTER_CONFIG, add_model_argument, load_checkpoint
+
+STDIN = "-"
+# The table shows the start of each review; --json gives the whole text.
+PREVIEW_CHARS = 72
+TRUNCATED_MARK = "*"
+
+
+@dataclass
+class Prediction:
+    """One review's label, the probability of that label, and whether it was cut short."""
+
+    text: str
+    label: str
+    probability: float
+    probabilities: dict[str, float]
+    tokens: int  # the review's length in tokens, [CLS] and [SEP] included, before truncation
+    truncated: bool
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The predict.py command line."""
+    parser = argparse.ArgumentParser(
+        description="Label reviews as negative or positive with a fine-tuned checkpoint and "
+                    "print each label with its probability.")
+    parser.add_argument("texts", nargs="*", metavar="TEXT",
+                        help="reviews to label; without TEXT or --file, one review per line is "
+                             "read from standard input")
+    parser.add_argument("--checkpoint", required=True, metavar="PATH",
+                        help="a run folder (runs/NAME), an adapter folder, or a merged model "
+                             "folder from 'python lora_model.py merge'")
+    parser.add_argument("--file", type=Path, metavar="PATH",
+                        help="a UTF-8 text file with one review per line (blank lines are "
+                             f"skipped); '{STDIN}' reads standard input")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON object per review (text, label, probability, "
+                             "probabilities, tokens, truncated) instead of a table")
+    parser.add_argument("--max-length", type=at_least(MIN_MAX_LENGTH),
+                        default=DEFAULT_MAX_LENGTH,
+                        help="read at most this many tokens of each review, [CLS] and [SEP] "
+                             f"included; longer reviews are truncated (default: "
+                             f"{DEFAULT_MAX_LENGTH}, the length train.py trains with; BERT "
+                             "reads up to 512)")
+    add_model_argument(parser, default=None, help_text=(
+        "base model (Hub name or folder) for an adapter checkpoint; default: the one recorded "
+        f"in its {ADAPTER_CONFIG}"))
+    add_runtime_arguments(parser)
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading the reviews
+
+
+def read_lines(path: Path) -> list[str]:
+    """The non-blank lines of a text file ('-' = standard input), without line endings."""
+    if str(path) == STDIN:
+        lines = sys.stdin.read().splitlines()
+    else:
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError as error:
+            raise UsageError(f"--file {path} does not exist") from error
+        except (IsADirectoryError, UnicodeDecodeError) as error:
+            raise UsageError(f"--file {path} is not a UTF-8 text file ({error})") from error
+    return [line for line in lines if line.strip()]
+
+
+def collect_texts(texts: list[str], file: Path | None) -> list[str]:
+    """The reviews to label: the TEXT arguments, then --file's lines; else standard input."""
+    collected = [text for text in texts if text.strip()]
+    if file is not None:
+        collected += read_lines(file)
+    elif not texts and not sys.stdin.isatty():
+        collected += read_lines(Path(STDIN))
+    if not collected:
+        raise UsageError("no reviews to label: give them as arguments, with --file PATH, or "
+                         "one per line on standard input")
+    return collected
+
+
+# ---------------------------------------------------------------------------------------------
+# Predicting
+
+
+def token_counts(tokenizer, texts: list[str]) -> list[int]:
+    """Each text's full length in tokens ([CLS] and [SEP] included), before any truncation."""
+    encoded = tokenizer(texts, truncation=False, return_attention_mask=False,
+                        return_token_type_ids=False)
+    return [len(ids) for ids in encoded["input_ids"]]
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax, shifted by the row maximum so large logits do not overflow."""
+    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return shifted / shifted.sum(axis=-1, keepdims=True)
+
+
+def predict_reviews(model: torch.nn.Module, tokenizer, texts: list[str], max_length: int,
+                    batch_size: int, device: torch.device, precision: str) -> list[Prediction]:
+    """Label `texts` in order, with the tokenizer, collator and loop evaluate.py uses."""
+    # The collator and loader expect a label column; these placeholders are never read.
+    reviews = Dataset.from_dict({TEXT: texts, LABEL: [0] * len(texts)}, features=FEATURES)
+    collator = PaddingCollator(tokenizer.pad_token_id, device)
+    loader = make_loader(tokenize(reviews, tokenizer, max_length), batch_size, collator,
+                         shuffle=False)
+    logits, _ = predict_logits(model, loader, device, precision, desc="Predicting")
+    probabilities = softmax(logits.astype(np.float64))
+    predictions = []
+    for text, probs, n_tokens in zip(texts, probabilities, token_counts(tokenizer, texts),
+                                     strict=True):
+        best = int(probs.argmax())
+        predictions.append(Prediction(
+            text=text, label=LABEL_NAMES[best], probability=float(probs[best]),
+            probabilities={name: float(p) for name, p in zip(LABEL_NAMES, probs, strict=True)},
+            tokens=n_tokens, truncated=n_tokens > max_length))
+    return predictions
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+
+
+def preview(text: str, width: int = PREVIEW_CHARS) -> str:
+    """The text on one line, cut to `width` characters with an ellipsis."""
+    one_line = " ".join(text.split())
+    return one_line if len(one_line) <= width else one_line[:width - 1] + "…"
+
+
+def format_table(predictions: list[Prediction], max_length: int) -> str:
+    """A table: number, label, probability, tokens (marked when truncated), start of the text."""
+    rows = [["#", "label", "probability", "tokens", "text"]]
+    for i, prediction in enumerate(predictions, start=1):
+        mark = TRUNCATED_MARK if prediction.truncated else ""
+        rows.append([str(i), prediction.label, f"{prediction.probability:.4f}",
+                     f"{prediction.tokens}{mark}", preview(prediction.text)])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    right_aligned = {0, 2, 3}
+    lines = ["  ".join(cell.rjust(w) if i in right_aligned else cell.ljust(w)
+                       for i, (cell, w) in enumerate(zip(row, widths, strict=True))).rstrip()
+             for row in rows]
+    n_truncated = sum(p.truncated for p in predictions)
+    if n_truncated:
+        lines.append(f"{TRUNCATED_MARK} truncated: {truncation_note(n_truncated, max_length)}")
+    return "\n".join(lines)
+
+
+def truncation_note(n_truncated: int, max_length: int) -> str:
+    """Why some texts were only partly read, and the flag that reads more."""
+    reviews = "review is" if n_truncated == 1 else "reviews are"
+    return (f"{n_truncated} {reviews} longer than --max-length {max_length} tokens; only the "
+            f"first {max_length} were read (raise --max-length to read more)")
+
+
+def format_json_lines(predictions: list[Prediction]) -> str:
+    """One JSON object per prediction, one per line."""
+    return "\n".join(json.dumps(asdict(p), ensure_ascii=False) for p in predictions)
+
+
+# ---------------------------------------------------------------------------------------------
+# The predict.py command
+
+
+def run(args: argparse.Namespace) -> list[Prediction]:
+    """Load the checkpoint, label the reviews, print them; return the predictions."""
+    texts = collect_texts(args.texts, args.file)
+    device = pick_device(args.device)
+    precision = pick_precision(args.precision, device)
+    model, tokenizer = load_checkpoint(args.checkpoint, args.model)
+    predictions = predict_reviews(model.to(device), tokenizer, texts, args.max_length,
+                                  args.eval_batch_size, device, precision)
+    if args.json:
+        print(format_json_lines(predictions))
+        n_truncated = sum(p.truncated for p in predictions)
+        if n_truncated:
+            print(f"Note: {truncation_note(n_truncated, args.max_length)}", file=sys.stderr)
+    else:
+        print(format_table(predictions, args.max_length))
+    return predictions
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: parse flags, run, report input mistakes as one line with exit code 2."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    quiet_library_logs()
+    try:
+        run(args)
+    except UsageError as error:
+        parser.error(str(error))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,349 @@
+"""Plots and a Markdown report of a run: training curves, before/after comparison, report.md.
+
+    python report.py runs/NAME      # (re)draw the plots and write runs/NAME/report.md
+
+train.py calls ``write_report`` at the end of every run; ``evaluate.py --plot`` calls
+``plot_comparison`` for any set of checkpoints. Figures are drawn on matplotlib's
+non-interactive Agg canvas directly (no pyplot), so no display is needed and no global
+backend state is touched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from data import LABEL_NAMES, UsageError
+from evaluate import METRIC_NAMES
+from lora_model import ADAPTER_DIR
+
+# The files of a run folder: written by train.py, read here.
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.json"
+LOG_FILE = "log.jsonl"
+CURVES_PNG = "training_curves.png"
+COMPARISON_PNG = "comparison.png"
+REPORT_MD = "report.md"
+
+PLOTTED_METRICS = ("accuracy", "precision", "recall", "f1")
+# Weight of the exponential moving average drawn over the raw training loss (TensorBoard's
+# "smoothing"): loss is logged as a mean over --log-every steps, which is still noisy.
+SMOOTHING = 0.6
+DPI = 120
+# Config entries that the report shows in their own sections rather than the settings table.
+CONFIG_SHOWN_ELSEWHERE = ("versions", "train_examples", "validation_examples", "test_examples")
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading a run folder
+
+
+def read_json(path: Path) -> dict:
+    """A JSON file of the run folder; a missing one is a usage error naming the file."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError as error:
+        raise UsageError(f"{path} is missing: is {path.parent} a finished train.py run "
+                         "folder?") from error
+
+
+def read_log(path: Path) -> tuple[list[dict], list[dict]]:
+    """(training records, validation records) of a log.jsonl, each in step order."""
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return ([r for r in records if "loss" in r], [r for r in records if "validation" in r])
+
+
+def smooth(values: list[float], weight: float = SMOOTHING) -> list[float]:
+    """Exponential moving average, debiased so the first points are not pulled towards 0."""
+    smoothed, average = [], 0.0
+    for i, value in enumerate(values, start=1):
+        average = weight * average + (1 - weight) * value
+        smoothed.append(average / (1 - weight ** i))
+    return smoothed
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures
+
+
+def save_figure(figure: Figure, path: str | Path) -> Path:
+    """Render `figure` with the Agg canvas into `path` (format from its ending)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    FigureCanvasAgg(figure)
+    figure.savefig(path, dpi=DPI)
+    return path
+
+
+def plot_training_curves(log_path: str | Path, out: str | Path) -> Path:
+    """Training loss (raw and smoothed), learning rate, and validation accuracy/F1 per step."""
+    training, validation = read_log(Path(log_path))
+    figure = Figure(figsize=(9, 9), layout="constrained")
+    loss_axes, lr_axes, score_axes = figure.subplots(3, 1, sharex=True)
+    figure.suptitle(f"Training curves: {Path(log_path).parent.name}", fontsize=14)
+
+    steps = [r["step"] for r in training]
+    losses = [r["loss"] for r in training]
+    loss_axes.plot(steps, losses, color="tab:blue", alpha=0.35, marker=".",
+                   label="training loss (logged mean)")
+    loss_axes.plot(steps, smooth(losses), color="tab:blue", linewidth=2,
+                   label=f"smoothed (EMA {SMOOTHING})")
+    if validation:
+        loss_axes.plot([r["step"] for r in validation],
+                       [r["validation"]["loss"] for r in validation], color="tab:orange",
+                       marker="o", label="validation loss")
+    loss_axes.set_ylabel("cross-entropy loss")
+    loss_axes.set_title("Loss")
+    loss_axes.legend(loc="upper right")
+
+    lr_axes.plot(steps, [r["lr"] for r in training], color="tab:green")
+    lr_axes.set_ylabel("learning rate")
+    lr_axes.set_title("Learning rate (linear warm-up, then linear decay)")
+    lr_axes.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
+    lr_axes.set_ylim(bottom=0)
+
+    plot_validation_scores(score_axes, validation)
+    score_axes.set_xlabel("optimizer step")
+    score_axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for axes in (loss_axes, lr_axes, score_axes):
+        axes.grid(alpha=0.3)
+    return save_figure(figure, out)
+
+
+def plot_validation_scores(axes, validation: list[dict]) -> None:
+    """Validation accuracy and F1 against steps, the saved (best) adapter marked."""
+    axes.set_title("Validation scores")
+    axes.set_ylabel("score")
+    if not validation:
+        axes.text(0.5, 0.5, "no validation records in the log", ha="center", va="center",
+                  transform=axes.transAxes)
+        return
+    steps = [r["step"] for r in validation]
+    for metric, label, color in (("accuracy", "accuracy", "tab:purple"),
+                                 ("f1", "F1", "tab:red")):
+        axes.plot(steps, [r["validation"][metric] for r in validation], marker="o",
+                  color=color, label=f"validation {label}")
+    best = best_validation(validation)
+    if best is not None:
+        # A ring around the point, so the accuracy marker under it stays visible.
+        axes.plot(best["step"], best["validation"]["accuracy"], marker="o", markersize=16,
+                  markerfacecolor="none", markeredgecolor="black", markeredgewidth=1.5,
+                  linestyle="none", label=f"saved adapter (step {best['step']})")
+    values = [r["validation"][m] for r in validation for m in ("accuracy", "f1")]
+    # Zoom to the scores with some margin, but not far beyond the 0..1 range of a score
+    # (a little room above 1.0 keeps markers of a perfect score from being clipped).
+    low, high = min(values), max(values)
+    margin = max(0.05, (high - low) * 0.2)
+    axes.set_ylim(max(0.0, low - margin), min(1.02, high + margin))
+    axes.legend(loc="lower right")
+
+
+def best_validation(validation: list[dict]) -> dict | None:
+    """The validation record whose adapter was saved last (train.py marks it "best")."""
+    best = [r for r in validation if r.get("best")]
+    return best[-1] if best else None
+
+
+def display_name(name: str) -> str:
+    """A short label for a result: a run's name for its adapter folder, else the name."""
+    path = Path(name)
+    if path.name == ADAPTER_DIR and path.parent.name:
+        return path.parent.name
+    return path.name or name
+
+
+def plot_comparison(results: list[tuple[str, dict]], out: str | Path) -> Path:
+    """Bars of accuracy, precision, recall and F1 per result, and each confusion matrix."""
+    if not results:
+        raise ValueError("nothing to plot")
+    n = len(results)
+    figure = Figure(figsize=(max(8.0, 3.6 * n), 8.5), layout="constrained")
+    grid = figure.add_gridspec(2, n, height_ratios=(1.1, 1))
+    plot_metric_bars(figure.add_subplot(grid[0, :]), results)
+    for column, (name, metrics) in enumerate(results):
+        plot_confusion_matrix(figure.add_subplot(grid[1, column]), display_name(name), metrics)
+    figure.suptitle(" vs ".join(display_name(name) for name, _ in results), fontsize=14)
+    return save_figure(figure, out)
+
+
+def plot_metric_bars(axes, results: list[tuple[str, dict]]) -> None:
+    """Grouped bars, one group per metric, one bar per result, each labelled with its value."""
+    positions = np.arange(len(PLOTTED_METRICS))
+    width = 0.8 / len(results)
+    for i, (name, metrics) in enumerate(results):
+        offsets = positions - 0.4 + width * (i + 0.5)
+        bars = axes.bar(offsets, [metrics[m] for m in PLOTTED_METRICS], width,
+                        label=f"{display_name(name)} (n={metrics['n']})")
+        axes.bar_label(bars, fmt="%.3f", padding=2, fontsize=9)
+    axes.set_xticks(positions, [m if m != "f1" else "F1" for m in PLOTTED_METRICS])
+    axes.set_ylim(0, 1.12)  # room above 1.0 for the value labels
+    axes.set_ylabel("score on the test reviews")
+    axes.axhline(0.5, color="gray", linestyle=":", linewidth=1, label="chance (0.5)")
+    axes.legend(loc="upper left", ncols=min(len(results), 4))
+    axes.grid(axis="y", alpha=0.3)
+
+
+def plot_confusion_matrix(axes, title: str, metrics: dict) -> None:
+    """A 2 x 2 confusion matrix: counts and the share of each true class, rows = true label."""
+    matrix = np.array(metrics["confusion_matrix"])
+    axes.imshow(matrix, cmap="Blues", vmin=0, vmax=max(int(matrix.max()), 1))
+    row_totals = matrix.sum(axis=1, keepdims=True).clip(min=1)
+    for (row, column), count in np.ndenumerate(matrix):
+        dark = count > matrix.max() / 2
+        axes.text(column, row, f"{count}\n({count / row_totals[row, 0]:.0%})", ha="center",
+                  va="center", fontsize=11, color="white" if dark else "black")
+    axes.set_xticks(range(len(LABEL_NAMES)), LABEL_NAMES)
+    axes.set_yticks(range(len(LABEL_NAMES)), LABEL_NAMES)
+    axes.set_xlabel("predicted label")
+    axes.set_ylabel("true label")
+    axes.set_title(f"{title}: confusion matrix")
+
+
+# ---------------------------------------------------------------------------------------------
+# The Markdown report
+
+
+def format_duration(seconds: float) -> str:
+    """'3 min 38 s (218.0 s)', or '42.0 s' under a minute."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, rest = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return (f"{hours} h " if hours else "") + f"{minutes} min {rest} s ({seconds:.1f} s)"
+
+
+def markdown_table(header: list[str], rows: list[list[str]], align: str = "") -> str:
+    """A Markdown table; `align` has one 'l' or 'r' per column (default: all left)."""
+    align = align or "l" * len(header)
+    rule = ["---:" if a == "r" else "---" for a in align]
+    return "\n".join("| " + " | ".join(row) + " |" for row in [header, rule, *rows])
+
+
+def metrics_table(before: dict, after: dict) -> str:
+    """The before/after/change table, four decimals, as train.py prints it."""
+    rows = [[metric, f"{before[metric]:.4f}", f"{after[metric]:.4f}",
+             f"{after[metric] - before[metric]:+.4f}"] for metric in METRIC_NAMES]
+    rows.append(["n", str(before["n"]), str(after["n"]), ""])
+    return markdown_table(["metric", "before", "after", "change"], rows, "lrrr")
+
+
+def parameters_section(metrics: dict) -> str:
+    """Trainable vs total parameters (count and share), or why they are missing."""
+    counts = metrics.get("parameters")
+    if not counts:
+        return "Parameter counts were not recorded in metrics.json (a run from an older train.py)."
+    trainable, total = counts["trainable"], counts["total"]
+    table = markdown_table(["parameters", "count", "share"], [
+        ["trainable (LoRA matrices and classifier head)", f"{trainable:,}",
+         f"{100 * trainable / total:.2f}%"],
+        ["total", f"{total:,}", "100%"]], "lrr")
+    return (f"{table}\n\nThe total, as peft counts it, includes the frozen original of the "
+            "classifier head beside its trained copy.")
+
+
+def timing_rows(metrics: dict, n_steps: int | None) -> list[list[str]]:
+    """Wall time, training time, throughput and step count, as table rows."""
+    wall = metrics.get("wall_seconds")
+    rows = [["wall time (data, scoring before and after, training)",
+             format_duration(wall) if wall is not None else "not recorded"],
+            ["training time", format_duration(metrics["train_seconds"])],
+            ["training throughput", f"{metrics['train_samples_per_s']:.1f} samples/s"]]
+    if n_steps is not None:
+        rows.append(["optimizer steps", f"{n_steps:,}"])
+    return rows
+
+
+def config_rows(config: dict) -> list[list[str]]:
+    """Every recorded flag and resolved setting, as table rows."""
+    return [[key, f"`{value if isinstance(value, str) else json.dumps(value)}`"]
+            for key, value in config.items() if key not in CONFIG_SHOWN_ELSEWHERE]
+
+
+def report_markdown(run_dir: Path, config: dict, metrics: dict, training: list[dict],
+                    validation: list[dict]) -> str:
+    """The text of report.md."""
+    before, after = metrics["before"], metrics["after"]
+    best = best_validation(validation)
+    validations = f"{len(validation)} validation" + ("s" if len(validation) != 1 else "")
+    chosen = (f"the adapter saved at step {best['step']}, the best validation accuracy "
+              f"({best['validation']['accuracy']:.4f}) of {validations}" if best
+              else "the best adapter by validation accuracy")
+    n_steps = training[-1]["step"] if training else None
+    data_rows = [[split, f"{config[key]:,}" if key in config else "not recorded"]
+                 for split, key in (("training", "train_examples"),
+                                    ("validation (carved out of the training split)",
+                                     "validation_examples"),
+                                    ("test", "test_examples"))]
+    versions = ", ".join(f"{name} {version}" for name, version in
+                         config.get("versions", {}).items())
+    sections = [
+        f"# Run report: {run_dir.name}",
+        f"LoRA fine-tuning of `{config.get('model', '?')}` on `{config.get('data', '?')}` "
+        f"({config.get('resolved_device', '?')}, {config.get('resolved_precision', '?')}). "
+        f"Regenerate with `python report.py {run_dir}`.",
+        "## Test metrics",
+        f"Before: the pre-trained model with its seeded random classifier head. After: {chosen}, "
+        "loaded back from disk. Change = after - before.",
+        metrics_table(before, after),
+        f"![Before vs after: metrics and confusion matrices]({COMPARISON_PNG})",
+        "## Parameters",
+        parameters_section(metrics),
+        "## Data",
+        markdown_table(["split", "reviews"], data_rows, "lr"),
+        "## Time and throughput",
+        markdown_table(["", ""], timing_rows(metrics, n_steps), "lr"),
+        f"![Training loss, learning rate and validation scores against steps]({CURVES_PNG})",
+        "## Configuration",
+        markdown_table(["setting", "value"], config_rows(config)),
+    ]
+    if versions:
+        sections.append(f"Versions: {versions}.")
+    return "\n\n".join(sections) + "\n"
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Draw training_curves.png and comparison.png into a run folder and write report.md."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UsageError(f"{run_dir} is not a folder; give a train.py run folder (runs/NAME)")
+    config = read_json(run_dir / CONFIG_FILE)
+    metrics = read_json(run_dir / METRICS_FILE)
+    log_path = run_dir / LOG_FILE
+    if not log_path.is_file():
+        raise UsageError(f"{log_path} is missing: is {run_dir} a finished train.py run folder?")
+    training, validation = read_log(log_path)
+    plot_training_curves(log_path, run_dir / CURVES_PNG)
+    plot_comparison([("before", metrics["before"]), ("after", metrics["after"])],
+                    run_dir / COMPARISON_PNG)
+    report = run_dir / REPORT_MD
+    report.write_text(report_markdown(run_dir, config, metrics, training, validation))
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: (re)write a run folder's plots and report."""
+    parser = argparse.ArgumentParser(
+        description="Draw training_curves.png and comparison.png and write report.md for a "
+                    "finished train.py run folder (train.py does this itself at the end of a "
+                    "run; use this for older runs or after editing the plots).")
+    parser.add_argument("run_dir", type=Path, metavar="RUN_DIR",
+                        help="a train.py run folder holding config.json, metrics.json and "
+                             "log.jsonl")
+    args = parser.parse_args(argv)
+    try:
+        report = write_report(args.run_dir)
+    except UsageError as error:
+        parser.error(str(error))
+    print(f"Wrote {report}, {args.run_dir / CURVES_PNG} and {args.run_dir / COMPARISON_PNG}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
