@@ -24,7 +24,7 @@ from datasets import ClassLabel, Dataset, Features, Value, load_dataset
 from datasets.exceptions import DatasetGenerationError
 from datasets.fingerprint import Hasher
 from pyarrow.lib import ArrowException
-from torch.utils.data import DataLoader, get_worker_info
+from torch.utils.data import DataLoader, DistributedSampler, get_worker_info
 
 DEFAULT_DATA = "imdb"
 DEFAULT_MAX_LENGTH = 128
@@ -441,11 +441,42 @@ class PaddingCollator:
         return move_to_device(batch, self.device)
 
 
+def evaluation_shard(n_examples: int, batch_size: int, rank: int = 0,
+                     world_size: int = 1) -> list[int]:
+    """Positions of the examples rank `rank` scores: whole batches rank, rank + world_size, ...
+
+    Handing out whole batches (not every world_size-th example) keeps each batch, and so its
+    padding width, exactly the one a single process builds: every logit comes out bit for bit
+    the same, and no example is repeated to even out the ranks (a rank may get one batch less,
+    or none).
+    """
+    n_batches = -(-n_examples // batch_size)
+    return [position for batch in range(rank, n_batches, world_size)
+            for position in range(batch * batch_size, min((batch + 1) * batch_size, n_examples))]
+
+
 def make_loader(dataset: Dataset, batch_size: int, collator: PaddingCollator, *,
-                shuffle: bool, seed: int = 0, num_workers: int = 0) -> DataLoader:
-    """A DataLoader over tokenized examples; the shuffle order is drawn from `seed`."""
+                shuffle: bool, seed: int = 0, num_workers: int = 0, rank: int = 0,
+                world_size: int = 1) -> DataLoader:
+    """A DataLoader over this rank's share of the tokenized examples (all of them in one process).
+
+    shuffle=True (training): epoch e is the permutation drawn from ``seed + e`` (call
+    ``loader.sampler.set_epoch(e)``), and rank r takes its positions r, r + world_size, ...
+    (``DistributedSampler``). The ranks' i-th batches together are therefore the i-th batch of
+    one process with batch_size x world_size. To even out the ranks it repeats up to
+    world_size - 1 examples when their count is not a multiple of world_size.
+    shuffle=False (evaluation): the examples in order, rank r scoring the whole batches that
+    ``evaluation_shard`` gives it; ``loader.sampler`` lists their positions.
+    """
+    if shuffle:
+        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
+                                     seed=seed)
+    else:
+        sampler = evaluation_shard(len(dataset), batch_size, rank, world_size)
+    # The DataLoader draws its worker seed from this generator instead of torch's global one,
+    # so iterating the training data leaves the dropout random stream alone.
     generator = torch.Generator().manual_seed(seed) if shuffle else None
     return DataLoader(
         dataset.with_format(columns=["input_ids", LABEL]), batch_size=batch_size,
-        shuffle=shuffle, generator=generator, collate_fn=collator, num_workers=num_workers,
+        sampler=sampler, generator=generator, collate_fn=collator, num_workers=num_workers,
         pin_memory=collator.device.type == "cuda" and num_workers > 0)

@@ -4,6 +4,8 @@
 
 This file also holds what train.py shares with it: picking the device and precision, and the
 one evaluation function (``evaluate_model``) that produced every number either script prints.
+evaluate.py runs in one process; under torchrun train.py has each rank score a share of the
+reviews, and ``evaluate_model`` gathers the shares back into one set of metrics.
 """
 
 from __future__ import annotations
@@ -17,11 +19,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 from tqdm.auto import tqdm
 
 from data import (
+    LABEL_NAMES,
     PaddingCollator,
     UsageError,
     add_data_arguments,
@@ -77,6 +81,16 @@ def pick_device(name: str = "auto") -> torch.device:
     return device
 
 
+def is_distributed() -> bool:
+    """True in a process that torchrun started and that joined a group of two or more."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def is_main_process() -> bool:
+    """True on rank 0, the one process that prints, shows progress and writes files."""
+    return not is_distributed() or dist.get_rank() == 0
+
+
 def cpu_has_native_bf16() -> bool:
     """True where the CPU has bf16 matrix instructions (AMX tiles or AVX512-BF16)."""
     return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
@@ -116,14 +130,36 @@ def predict_logits(model: torch.nn.Module, loader, device: torch.device, precisi
                    desc: str = "Evaluating") -> tuple[np.ndarray, np.ndarray]:
     """Run `model` over `loader`; return (logits as float32 [n, 2], labels [n]) in order."""
     model.eval()
-    logits, labels = [], []
-    for batch in tqdm(loader, desc=desc, leave=False):
+    logits = [torch.empty((0, len(LABEL_NAMES)), device=device)]  # a rank may get no batch
+    labels = [torch.empty(0, dtype=torch.long, device=device)]
+    for batch in tqdm(loader, desc=desc, leave=False, disable=not is_main_process()):
         with autocast(device, precision):
             output = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         # Kept on the device until the end: no host synchronisation per batch.
         logits.append(output.logits.float())
         labels.append(batch["labels"])
     return torch.cat(logits).cpu().numpy(), torch.cat(labels).cpu().numpy()
+
+
+def gather_in_order(logits: np.ndarray, labels: np.ndarray,
+                    positions: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Every rank's (logits, labels) joined and put back in dataset order; unchanged in one process.
+
+    `positions` are the dataset positions of this rank's rows. Each position must come from
+    exactly one rank (``evaluation_shard`` guarantees it), so nothing is counted twice.
+    """
+    if not is_distributed():
+        return logits, labels
+    shards: list = [None] * dist.get_world_size()
+    dist.all_gather_object(shards, (logits, labels, np.asarray(positions, dtype=np.int64)))
+    logits = np.concatenate([shard[0] for shard in shards])
+    labels = np.concatenate([shard[1] for shard in shards])
+    positions = np.concatenate([shard[2] for shard in shards])
+    order = np.argsort(positions, kind="stable")
+    if not np.array_equal(positions[order], np.arange(len(positions))):
+        raise RuntimeError("the ranks' evaluation shards overlap or leave gaps; build the "
+                           "evaluation loader with make_loader(shuffle=False, rank, world_size)")
+    return logits[order], labels[order]
 
 
 def compute_metrics(labels: np.ndarray, logits: np.ndarray) -> dict:
@@ -145,8 +181,13 @@ def compute_metrics(labels: np.ndarray, logits: np.ndarray) -> dict:
 
 def evaluate_model(model: torch.nn.Module, loader, device: torch.device, precision: str,
                    desc: str = "Evaluating") -> dict:
-    """The one evaluation both scripts use: metrics of `model` on every example of `loader`."""
+    """The one evaluation both scripts use: metrics of `model` on every example of `loader`.
+
+    Under torchrun every rank scores its share (``make_loader`` hands out whole batches, so
+    each logit is the one a single process computes) and gets the metrics of the whole set.
+    """
     logits, labels = predict_logits(model, loader, device, precision, desc)
+    logits, labels = gather_in_order(logits, labels, positions=list(loader.sampler))
     return compute_metrics(labels, logits)
 
 
@@ -203,12 +244,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def test_loader_for(tokenizer, test_split, args, device: torch.device):
-    """The test reviews tokenized for `tokenizer`, in a fixed-order evaluation loader."""
+def test_loader_for(tokenizer, test_split, args, device: torch.device, rank: int = 0,
+                    world_size: int = 1):
+    """The test reviews tokenized for `tokenizer`, in a fixed-order evaluation loader.
+
+    Under torchrun it holds rank `rank`'s share of the reviews (see ``make_loader``).
+    """
     tokens = tokenize(test_split, tokenizer, args.max_length)
     collator = PaddingCollator(tokenizer.pad_token_id, device)
     return make_loader(tokens, args.eval_batch_size, collator, shuffle=False,
-                       num_workers=args.num_workers)
+                       num_workers=args.num_workers, rank=rank, world_size=world_size)
 
 
 def run(args: argparse.Namespace) -> list[dict]:

@@ -1,0 +1,171 @@
+"""torchrun: two CPU processes (gloo) train and score exactly like one process, and one writes.
+
+The runs use the tiny BERT (dropout 0) with LoRA dropout 0, so the only differences between one
+process and two are the order of floating-point sums.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import reviews, run_script
+from datasets import Dataset
+from safetensors.torch import load_file
+
+from data import PaddingCollator, evaluation_shard, make_loader
+
+# 20 training reviews (4 go to validation) in batches of 16 = 2 steps an epoch; 13 test reviews
+# in batches of 4 = 4 batches, so one rank scores 8 reviews and the other 5, and the validation
+# split (4 reviews, one batch) leaves the second rank nothing to score.
+COMMON_FLAGS = ["--epochs", "2", "--validation-size", "4", "--eval-samples", "13",
+                "--eval-batch-size", "4", "--lora-dropout", "0", "--lr", "1e-2",
+                "--log-every", "1"]
+GLOBAL_BATCH = 16
+ADAPTER_FILE = "adapter/adapter_model.safetensors"
+
+
+def torchrun(*args: str, processes: int = 2):
+    """Run a repository script under ``torchrun --standalone`` with `processes` CPU processes."""
+    return run_script("-m", "torch.distributed.run", "--standalone",
+                      f"--nproc_per_node={processes}", *args, timeout=300)
+
+
+def train(model: str, data, output, *flags: str, processes: int = 1):
+    """train.py in one process, or under torchrun with `processes` processes."""
+    args = ["train.py", "--model", model, "--data", str(data), "--output-dir", str(output),
+            *COMMON_FLAGS, *flags]
+    result = run_script(*args) if processes == 1 else torchrun(*args, processes=processes)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("reviews")
+    reviews(12).to_csv(folder / "train.csv", index=False)
+    reviews(8).to_csv(folder / "test.csv", index=False)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def one_process(tiny_model_dir, data_dir, tmp_path_factory):
+    """One process with batch 16."""
+    run = tmp_path_factory.mktemp("one") / "run"
+    return run, train(tiny_model_dir, data_dir, run, "--batch-size", str(GLOBAL_BATCH))
+
+
+@pytest.fixture(scope="module")
+def two_processes(tiny_model_dir, data_dir, tmp_path_factory):
+    """Two processes with batch 8 each: the same global batch of 16."""
+    run = tmp_path_factory.mktemp("two") / "run"
+    return run, train(tiny_model_dir, data_dir, run, "--batch-size", str(GLOBAL_BATCH // 2),
+                      processes=2)
+
+
+def read_log(run) -> list[dict]:
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def assert_same_training(run, reference) -> None:
+    """The same adapter (within 1e-5) and the same training losses, step by step."""
+    expected, actual = load_file(reference / ADAPTER_FILE), load_file(run / ADAPTER_FILE)
+    assert actual.keys() == expected.keys()
+    for name in expected:
+        assert torch.allclose(actual[name], expected[name], atol=1e-5), name
+    losses = [(r["step"], r["loss"]) for r in read_log(run) if "loss" in r]
+    expected_losses = [(r["step"], r["loss"]) for r in read_log(reference) if "loss" in r]
+    assert [step for step, _ in losses] == [step for step, _ in expected_losses] == [1, 2, 3, 4]
+    # Equal second-epoch losses: both runs reshuffle the second epoch the same way.
+    for (_, loss), (_, expected_loss) in zip(losses, expected_losses, strict=True):
+        assert loss == pytest.approx(expected_loss, abs=1e-5)
+
+
+def test_two_processes_train_the_same_adapter_as_one_with_the_same_global_batch(
+        one_process, two_processes):
+    assert_same_training(two_processes[0], one_process[0])
+
+
+def test_accumulating_under_ddp_trains_the_same_adapter(tiny_model_dir, data_dir, tmp_path,
+                                                        one_process):
+    # 2 processes x batch 4 x 2 accumulated batches: the first backward skips the all-reduce.
+    run = tmp_path / "run"
+    train(tiny_model_dir, data_dir, run, "--batch-size", str(GLOBAL_BATCH // 4),
+          "--grad-accum-steps", "2", processes=2)
+    assert_same_training(run, one_process[0])
+
+
+def test_sharded_evaluation_gives_exactly_the_one_process_metrics(
+        data_dir, one_process, two_processes, tmp_path):
+    (one, _), (two, _) = one_process, two_processes
+    single, sharded = (json.loads((run / "metrics.json").read_text()) for run in (one, two))
+    assert sharded["before"]["n"] == 13
+    assert sharded["before"] == single["before"]  # the same model: every number equal
+    # The trained adapters differ in the last bits, so score the two-process adapter again
+    # in one process, as evaluate.py does.
+    out = tmp_path / "eval.json"
+    result = run_script("evaluate.py", "--base", "--checkpoint", str(two), "--data",
+                        str(data_dir), "--eval-samples", "13", "--eval-batch-size", "4",
+                        "--json", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    base, adapted = json.loads(out.read_text())["results"]
+    assert {k: base[k] for k in sharded["before"]} == sharded["before"]
+    assert {k: adapted[k] for k in sharded["after"]} == sharded["after"]
+    # Validation (one batch: the second rank scores nothing) agrees as well.
+    validations = [r["validation"] for r in read_log(two) if "validation" in r]
+    assert [v["n"] for v in validations] == [4, 4]
+
+
+def test_only_rank_0_prints_and_writes(one_process, two_processes):
+    (one, _), (two, result) = one_process, two_processes
+
+    def files(run):
+        return sorted(str(path.relative_to(run)) for path in run.rglob("*"))
+
+    assert files(two) == files(one)
+    assert [(r["step"], sorted(r)) for r in read_log(two)] == \
+        [(r["step"], sorted(r)) for r in read_log(one)]  # no record written twice
+    for line in ("Data: 20 training", "Pre-trained model:", "Test reviews (13)", "step 2:"):
+        assert result.stdout.count(line) == 1, line
+    assert "x 2 processes" in result.stdout
+    config = json.loads((two / "config.json").read_text())
+    assert config["world_size"] == 2 and config["batch_size"] == GLOBAL_BATCH // 2
+
+
+@pytest.mark.parametrize("n_examples, batch_size, world_size", [
+    (13, 4, 2), (16, 4, 2), (5, 8, 2), (100, 7, 3), (9, 2, 1)])
+def test_evaluation_shards_are_whole_batches_that_cover_every_example_once(
+        n_examples, batch_size, world_size):
+    shards = [evaluation_shard(n_examples, batch_size, rank, world_size)
+              for rank in range(world_size)]
+    assert sorted(p for shard in shards for p in shard) == list(range(n_examples))
+    single_batches = [list(range(n_examples))[i:i + batch_size]
+                      for i in range(0, n_examples, batch_size)]
+    for shard in shards:
+        batches = [shard[i:i + batch_size] for i in range(0, len(shard), batch_size)]
+        assert all(batch in single_batches for batch in batches)
+
+
+def example_ids(batch: dict) -> list[int]:
+    return batch["input_ids"][:, 0].tolist()
+
+
+def test_the_ranks_batches_together_are_the_one_process_batch_in_every_epoch():
+    # Example i is the one-token review [i]; 40 examples, 2 ranks x batch 4 = one batch of 8.
+    tokens = Dataset.from_dict({"input_ids": [[i] for i in range(40)], "label": [0] * 40})
+    collate = PaddingCollator(pad_token_id=-1, device=torch.device("cpu"))
+    one = make_loader(tokens, 8, collate, shuffle=True, seed=5)
+    ranks = [make_loader(tokens, 4, collate, shuffle=True, seed=5, rank=rank, world_size=2)
+             for rank in range(2)]
+    orders = []
+    for epoch in range(2):
+        for loader in (one, *ranks):
+            loader.sampler.set_epoch(epoch)
+        expected = [sorted(example_ids(batch)) for batch in one]
+        together = [sorted(example_ids(a) + example_ids(b))
+                    for a, b in zip(*ranks, strict=True)]
+        assert together == expected
+        orders.append([i for batch in one for i in example_ids(batch)])
+    assert orders[0] != orders[1]  # a new order every epoch
+    assert sorted(orders[0]) == sorted(orders[1]) == list(range(40))
