@@ -67,12 +67,16 @@ def at_least(minimum: int):
     return parse
 
 
-def positive_float(text: str) -> float:
-    """An argparse type: a float > 0."""
+def _float(text: str) -> float:
     try:
-        value = float(text)
+        return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a float > 0."""
+    value = _float(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be positive (got {text})")
     return value
@@ -88,10 +92,7 @@ def unit_fraction(text: str) -> float:
 
 def non_negative_float(text: str) -> float:
     """An argparse type: a float >= 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    value = _float(text)
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"cannot be negative (got {text})")
     return value

@@ -298,16 +298,25 @@ def run(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point: parse flags, run, report input mistakes as one line with exit code 2."""
-    parser = build_parser()
+def run_command(parser: argparse.ArgumentParser, run_args, argv: list[str] | None = None
+                ) -> int:
+    """What every script's main() does: parse the flags, quiet the libraries, run_args(args).
+
+    A mistake in the user's input (UsageError) becomes argparse's one-line error with exit
+    code 2 instead of a traceback.
+    """
     args = parser.parse_args(argv)
     quiet_library_logs()
     try:
-        run(args)
+        run_args(args)
     except UsageError as error:
         parser.error(str(error))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of evaluate.py."""
+    return run_command(build_parser(), run, argv)
 
 
 def quiet_library_logs() -> None:

@@ -357,22 +357,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point: parse flags, merge, report input mistakes as one line with exit code 2."""
-    from evaluate import quiet_library_logs  # imported here: evaluate.py imports this module
-
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    quiet_library_logs()
-    try:
-        adapter = find_adapter(args.checkpoint)
-        out = merge_adapter(adapter, args.out, args.model, args.overwrite)
-    except UsageError as error:
-        parser.error(str(error))
+def merge_command(args: argparse.Namespace) -> None:
+    """``lora_model.py merge``: merge, then report where the model went and both sizes."""
+    adapter = find_adapter(args.checkpoint)
+    out = merge_adapter(adapter, args.out, args.model, args.overwrite)
     print(f"Merged model saved to {out} ({format_size(folder_size(out))}; the adapter "
           f"{adapter} is {format_size(folder_size(adapter))}). Load it with "
           f"AutoModelForSequenceClassification.from_pretrained({str(out)!r}).")
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python lora_model.py merge ...``."""
+    from evaluate import run_command  # imported here: evaluate.py imports this module
+
+    return run_command(build_parser(), merge_command, argv)
 
 
 if __name__ == "__main__":

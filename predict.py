@@ -40,7 +40,7 @@ from evaluate import (
     pick_device,
     pick_precision,
     predict_logits,
-    quiet_library_logs,
+    run_command,
 )
 from lora_model import ADAPTER_CONFIG, add_model_argument, load_checkpoint
 
@@ -224,15 +224,8 @@ def run(args: argparse.Namespace) -> list[Prediction]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: parse flags, run, report input mistakes as one line with exit code 2."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    quiet_library_logs()
-    try:
-        run(args)
-    except UsageError as error:
-        parser.error(str(error))
-    return 0
+    """Entry point of predict.py."""
+    return run_command(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -56,7 +56,7 @@ from evaluate import (
     is_main_process,
     pick_device,
     pick_precision,
-    quiet_library_logs,
+    run_command,
     test_loader_for,
 )
 from lora_model import (
@@ -481,17 +481,11 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: parse flags, run, report input mistakes as one line with exit code 2."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    quiet_library_logs()
+    """Entry point of train.py (also under torchrun)."""
     try:
-        run(args)
-    except UsageError as error:
-        parser.error(str(error))
+        return run_command(build_parser(), run, argv)
     finally:
         close_distributed()
-    return 0
 
 
 if __name__ == "__main__":
