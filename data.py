@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,9 +70,12 @@ def at_least(minimum: int):
 
 def _float(text: str) -> float:
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number (got {text})")
+    return value
 
 
 def positive_float(text: str) -> float:
@@ -98,11 +102,16 @@ def non_negative_float(text: str) -> float:
     return value
 
 
-def check_can_write(path: Path, flag: str, overwrite: bool) -> None:
+def check_can_write(path: Path, flag: str, overwrite: bool, kind: str = "folder") -> None:
     """Refuse a `path` that holds earlier results (unless `overwrite`) or cannot be written.
 
-    Only checks: nothing is created, so a refused run leaves no trace.
+    `kind` is "folder" or "file", what the caller will write at `path`. Only checks: nothing
+    is created, so a refused run leaves no trace.
     """
+    if kind == "folder" and path.is_file():
+        raise UsageError(f"{flag} {path} is a file; give a folder")
+    if kind == "file" and path.is_dir():
+        raise UsageError(f"{flag} {path} is a folder; give a file name")
     if path.is_file() and not overwrite:
         raise UsageError(f"{flag} {path} already exists; choose a new name or pass --overwrite")
     if path.is_dir() and any(path.iterdir()) and not overwrite:
@@ -137,7 +146,7 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--eval-samples", type=at_least(1), default=None, metavar="M",
                        help="score only M test reviews: split.shuffle(seed=DATA_SEED)"
                             ".select(range(M)) (default: the whole test split)")
-    group.add_argument("--data-seed", type=int, default=DEFAULT_DATA_SEED,
+    group.add_argument("--data-seed", type=at_least(0), default=DEFAULT_DATA_SEED,
                        help="seed of the subset and validation-split shuffles "
                             f"(default: {DEFAULT_DATA_SEED})")
     group.add_argument("--max-length", type=at_least(MIN_MAX_LENGTH), default=DEFAULT_MAX_LENGTH,
@@ -315,8 +324,17 @@ def take_subset(split: Dataset, n: int | None, seed: int, flag: str = "--eval-sa
 
 
 def validation_count(validation_size: float, n_train: int) -> int:
-    """Validation examples for `n_train` training examples: a fraction (<1) or a count (>=1)."""
+    """Validation examples for `n_train` training examples: a fraction (<1) or a count (>=1).
+
+    At least 2, one of each class, which the stratified split needs.
+    """
     if validation_size >= 1:
+        if not float(validation_size).is_integer():
+            raise UsageError(f"--validation-size {validation_size:g} is neither a fraction "
+                             "below 1 nor a whole count")
+        if validation_size < 2:
+            raise UsageError(f"--validation-size {validation_size:g}: the stratified split needs "
+                             "at least 2 validation reviews, one of each class")
         return int(validation_size)
     return max(2, round(validation_size * n_train))
 
@@ -343,9 +361,9 @@ def split_train_validation(train: Dataset, n_train: int | None, validation_size:
             "lower --validation-size"
         raise UsageError(f"--train-samples {n_train} plus {n_val} validation reviews exceed "
                          f"the {len(train)} training reviews; {room}")
-    if n_val >= len(train):
-        raise UsageError(f"the validation split ({n_val}) would take the whole training split "
-                         f"({len(train)}); lower --validation-size")
+    if n_val > len(train) - 2:
+        raise UsageError(f"the validation split ({n_val}) would leave fewer than 2 of the "
+                         f"{len(train)} training reviews for training; lower --validation-size")
     parts = train.train_test_split(test_size=n_val, stratify_by_column=LABEL, seed=seed)
     rest, validation = parts["train"], parts["test"]
     subset = take_subset(rest, n_train, seed, flag="--train-samples")
@@ -406,10 +424,11 @@ def move_to_device(batch: dict[str, torch.Tensor],
                    device: torch.device) -> dict[str, torch.Tensor]:
     """Copy a batch to `device`; to CUDA through pinned memory so the copy can overlap compute.
 
-    Tensors already on `device` are returned as they are, so calling this twice costs nothing.
+    Tensors already on the GPU are returned as they are, so calling this twice costs nothing.
+    (Compare device types, not devices: a tensor on "cuda:0" is not equal to "cuda".)
     """
     if device.type == "cuda":
-        return {k: v.pin_memory().to(device, non_blocking=True) if v.device != device else v
+        return {k: v.pin_memory().to(device, non_blocking=True) if v.device.type == "cpu" else v
                 for k, v in batch.items()}
     return {k: v.to(device) for k, v in batch.items()}
 

@@ -78,6 +78,9 @@ def pick_device(name: str = "auto") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda was asked for but no CUDA GPU is available; "
                          "use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} "
+                         f"GPU(s), numbered from 0")
     return device
 
 
@@ -234,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", type=Path, metavar="PATH",
                         help="also write the results to this JSON file")
     parser.add_argument("--overwrite", action="store_true",
-                        help="allow --json to replace an existing file")
+                        help="allow --json and --plot to replace existing files")
     parser.add_argument("--plot", type=Path, metavar="PATH",
                         help="also draw the results into this image (.png, .svg or .pdf): "
                              "accuracy, precision, recall and F1 side by side, and each "
@@ -261,10 +264,17 @@ def run(args: argparse.Namespace) -> list[dict]:
     if not args.base and not args.checkpoint:
         raise UsageError("nothing to evaluate: give --base and/or --checkpoint PATH")
     if args.json:
-        check_can_write(args.json, "--json", args.overwrite)
+        check_can_write(args.json, "--json", args.overwrite, kind="file")
     if args.plot and args.plot.suffix.lower() not in PLOT_FORMATS:
         raise UsageError(f"--plot {args.plot} must end in {', '.join(PLOT_FORMATS)}")
+    if args.plot:
+        check_can_write(args.plot, "--plot", args.overwrite, kind="file")
     adapters = [find_adapter(path) for path in args.checkpoint]
+    bases = {adapter_base_model(adapter) for adapter in adapters}
+    if len(bases) > 1 and not args.model:
+        # One tokenization serves every row; adapters of different base models need their own.
+        raise UsageError(f"the checkpoints were trained on different base models "
+                         f"({', '.join(sorted(bases))}); evaluate them in separate runs")
     base_name = args.model or (adapter_base_model(adapters[0]) if adapters else None)
     if base_name is None:
         raise UsageError("--base needs --model (or a --checkpoint to read the base model from)")

@@ -51,6 +51,8 @@ DEFAULT_LORA_TARGETS = "query,value"
 ADAPTER_DIR = "adapter"  # where train.py keeps the best adapter inside a run folder
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# The classifier head is trained in full (peft's modules_to_save), never given an adapter.
+HEAD_MODULES = frozenset({"classifier", "score"})
 # Encoders whose self-attention has BERT's "query"/"value" projections and a
 # sequence-classification head in transformers.
 BERT_STYLE_MODEL_TYPES = frozenset({"bert", "roberta", "xlm-roberta", "camembert", "electra",
@@ -144,14 +146,13 @@ def parse_targets(targets: str) -> list[str]:
 
 
 def check_lora_targets(model: torch.nn.Module, targets: str) -> None:
-    """Refuse --lora-targets that name no layer of `model` (before any work is done)."""
-    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    missing = [t for t in parse_targets(targets) if t not in names]
+    """Refuse --lora-targets that name no linear layer of the encoder (before any work)."""
+    linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                     if isinstance(module, torch.nn.Linear)} - HEAD_MODULES)
+    missing = [t for t in parse_targets(targets) if t not in linear]
     if missing or not parse_targets(targets):
-        linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                         if isinstance(module, torch.nn.Linear)})
-        raise UsageError(f"--lora-targets {targets!r}: no layer named "
-                         f"{', '.join(missing) or '(empty)'}; this model's linear layers are "
+        raise UsageError(f"--lora-targets {targets!r}: no encoder linear layer named "
+                         f"{', '.join(missing) or '(empty)'}; this model's are "
                          f"{', '.join(linear)}")
 
 

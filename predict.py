@@ -107,6 +107,8 @@ def read_lines(path: Path) -> list[str]:
             raise UsageError(f"--file {path} does not exist") from error
         except (IsADirectoryError, UnicodeDecodeError) as error:
             raise UsageError(f"--file {path} is not a UTF-8 text file ({error})") from error
+        except OSError as error:
+            raise UsageError(f"--file {path} cannot be read ({error.strerror})") from error
     return [line for line in lines if line.strip()]
 
 

@@ -21,7 +21,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from data import LABEL_NAMES, UsageError
-from evaluate import METRIC_NAMES
+from evaluate import METRIC_NAMES, run_command
 from lora_model import ADAPTER_DIR
 
 # The files of a run folder: written by train.py, read here.
@@ -336,13 +336,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dir", type=Path, metavar="RUN_DIR",
                         help="a train.py run folder holding config.json, metrics.json and "
                              "log.jsonl")
-    args = parser.parse_args(argv)
-    try:
-        report = write_report(args.run_dir)
-    except UsageError as error:
-        parser.error(str(error))
+    return run_command(parser, report_command, argv)
+
+
+def report_command(args: argparse.Namespace) -> None:
+    """``python report.py RUN_DIR``: write the report and say where."""
+    report = write_report(args.run_dir)
     print(f"Wrote {report}, {args.run_dir / CURVES_PNG} and {args.run_dir / COMPARISON_PNG}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import sys
 import time
 from datetime import datetime
@@ -73,7 +74,15 @@ from lora_model import (
     save_adapter,
     wrap_with_lora,
 )
-from report import CONFIG_FILE, LOG_FILE, METRICS_FILE, REPORT_MD, write_report
+from report import (
+    COMPARISON_PNG,
+    CONFIG_FILE,
+    CURVES_PNG,
+    LOG_FILE,
+    METRICS_FILE,
+    REPORT_MD,
+    write_report,
+)
 
 # LoRA trains few, freshly initialised weights, so it wants a far larger learning rate than
 # full fine-tuning (2e-5..5e-5): the LoRA paper used 4e-4..5e-4 for RoBERTa-base (r=8).
@@ -83,6 +92,9 @@ DEFAULT_SEED = 42
 DEFAULT_VALIDATION_SIZE = 0.1
 # Parameters that AdamW should not decay: biases and LayerNorm weights (BERT convention).
 NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight")
+# Everything a run writes into its folder (what --overwrite clears first).
+RUN_FILES = (ADAPTER_DIR, CONFIG_FILE, LOG_FILE, METRICS_FILE, REPORT_MD, CURVES_PNG,
+             COMPARISON_PNG)
 # Validation picks the best adapter by this metric (IMDB is balanced, so accuracy is fair).
 SELECTION_METRIC = "accuracy"
 
@@ -118,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="training batch size per process (per GPU under torchrun) "
                             f"(default: {DEFAULT_BATCH_SIZE})")
     group.add_argument("--grad-accum-steps", type=at_least(1), default=1,
-                       help="batches whose gradients are summed per optimizer step; the "
+                       help="batches whose gradients are averaged per optimizer step; the "
                             "effective batch is batch-size x processes x this (default: 1)")
     group.add_argument("--lr", type=positive_float, default=DEFAULT_LR,
                        help=f"peak AdamW learning rate (default: {DEFAULT_LR}; see README)")
@@ -169,6 +181,16 @@ def library_versions() -> dict[str, str]:
     return {"python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "peft": peft.__version__,
             "datasets": datasets.__version__}
+
+
+def remove_run_files(folder: Path) -> None:
+    """Delete what an earlier train.py run wrote into `folder` (other files stay)."""
+    for name in RUN_FILES:
+        path = folder / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
 
 
 def write_json(path: Path, value: object) -> None:
@@ -267,9 +289,10 @@ class Trainer:
         # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
         # A disabled scaler passes everything through, so one code path serves all precisions.
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-        self.step = 0  # optimizer steps taken
+        self.step = 0  # optimizer steps (with fp16, steps the scaler skipped count too)
+        self.validation_seconds = 0.0  # time spent validating and saving, not training
         self.best_score = -math.inf
-        self.log_file = (args.output_dir / LOG_FILE).open("a") if is_main_process() else None
+        self.log_file = (args.output_dir / LOG_FILE).open("w") if is_main_process() else None
 
     def train_epoch(self, epoch: int) -> None:
         """One pass over the training batches; optimizer step every `grad_accum_steps`."""
@@ -309,9 +332,11 @@ class Trainer:
                          progress)
                 loss_sum.zero_()
                 loss_count = 0
+                samples, started = 0, time.perf_counter()  # the rate since the last log line
             if args.eval_every and self.step % args.eval_every == 0 and i + 1 != n_batches:
                 self.validate(epoch)
                 model.train()
+                samples, started = 0, time.perf_counter()  # validation is not training time
         self.validate(epoch)
 
     def gradient_sync(self, sync: bool) -> contextlib.AbstractContextManager:
@@ -335,10 +360,15 @@ class Trainer:
         self.scaler.unscale_(self.optimizer)
         if self.args.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.args.max_grad_norm)
-        scale_before = self.scaler.get_scale()
         self.scaler.step(self.optimizer)  # skipped by the scaler if gradients hold inf/NaN
-        self.scaler.update()
-        if self.scaler.get_scale() >= scale_before:  # a lowered scale means a skipped step
+        if self.scaler.is_enabled():
+            # Reading the scale waits for the GPU, so only fp16 pays for it.
+            scale_before = self.scaler.get_scale()
+            self.scaler.update()
+            stepped = self.scaler.get_scale() >= scale_before  # lowered: the step was skipped
+        else:
+            stepped = True
+        if stepped:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -348,6 +378,7 @@ class Trainer:
 
         Every rank scores its share and gets the same metrics; rank 0 alone saves and logs.
         """
+        started = time.perf_counter()
         metrics = evaluate_model(self.model, self.validation_loader, self.device,
                                  self.precision, desc="Validating")
         score = metrics[SELECTION_METRIC]
@@ -357,6 +388,7 @@ class Trainer:
             if is_main_process():
                 save_adapter(self.model, self.tokenizer, self.args.output_dir / ADAPTER_DIR)
         self.log({"epoch": epoch + 1, "validation": metrics, "best": improved})
+        self.validation_seconds += time.perf_counter() - started
         if is_main_process():
             tqdm.write(f"step {self.step}: validation accuracy {metrics['accuracy']:.4f}, "
                        f"F1 {metrics['f1']:.4f}" + ("  (best so far, saved)" if improved else ""))
@@ -397,6 +429,10 @@ def run(args: argparse.Namespace) -> dict:
     # The default folder name holds the time: take rank 0's, in case a second ticks between.
     args.output_dir = from_main_process(args.output_dir or default_output_dir(args.model))
     check_can_write(args.output_dir, "--output-dir", args.overwrite)
+    if Path(args.model).expanduser().exists():
+        # adapter_config.json records this path: an absolute one keeps the adapter loadable
+        # from any working directory.
+        args.model = str(Path(args.model).expanduser().resolve())
     check_encoder(args.model)
     # Python, numpy and torch. Rank 0 gets `seed` itself, so its LoRA init (which DDP copies
     # to every rank) is the one-process init; other ranks draw their own dropout masks.
@@ -424,6 +460,8 @@ def run(args: argparse.Namespace) -> dict:
 
     wait_for_all_ranks()  # every rank has passed its checks before rank 0 writes a file
     if is_main_process():
+        if args.overwrite:
+            remove_run_files(args.output_dir)  # start over: no stale adapter, log or plots
         args.output_dir.mkdir(parents=True, exist_ok=True)
         write_json(args.output_dir / CONFIG_FILE, {
             **{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
@@ -456,7 +494,7 @@ def run(args: argparse.Namespace) -> dict:
             trainer.train_epoch(epoch)
     finally:
         trainer.close()
-    train_seconds = time.perf_counter() - started
+    train_seconds = time.perf_counter() - started - trainer.validation_seconds
 
     # Score the best adapter exactly as evaluate.py will: loaded back from disk (once rank 0
     # has finished writing it).

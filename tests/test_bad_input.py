@@ -239,7 +239,14 @@ def test_truncated_adapter_weights(tmp_path, csv_data_dir, tiny_adapter):
     (["--lr", "-0.001"], "--lr: must be positive"),
     (["--precision", "fp16"], "--precision fp16 needs a CUDA GPU"),
     (["--num-workers", "-1"], "--num-workers: must be at least 0"),
-    (["--lora-targets", "query,kernel"], "no layer named kernel"),
+    (["--lora-targets", "query,kernel"], "no encoder linear layer named kernel"),
+    (["--lora-targets", "LayerNorm"], "no encoder linear layer named LayerNorm"),
+    (["--lora-targets", "classifier"], "no encoder linear layer named classifier"),
+    (["--validation-size", "1"], "at least 2"),
+    (["--validation-size", "2.5"], "--validation-size 2.5 is neither a fraction"),
+    (["--validation-size", "23"], "would leave fewer than 2"),
+    (["--data-seed", "-1"], "--data-seed: must be at least 0"),
+    (["--lr", "inf"], "--lr: must be a finite number"),
 ])
 def test_flag_values_no_run_can_use(train, flags, phrase):
     assert_refused(train(*flags), phrase)
@@ -263,6 +270,35 @@ def test_output_dir_that_cannot_be_created(tiny_model_dir, csv_data_dir, tmp_pat
                         "--output-dir", str(blocker / "run"))
     assert_refused(result, "cannot be created", "a-file is a file")
     assert blocker.read_text() == "not a folder"
+
+
+def test_evaluate_refuses_a_folder_as_json_and_an_existing_plot(tmp_path, csv_data_dir,
+                                                               tiny_model_dir):
+    (tmp_path / "results").mkdir()
+    result = run_script("evaluate.py", "--base", "--model", tiny_model_dir, "--data",
+                        str(csv_data_dir), "--json", str(tmp_path / "results"))
+    assert_refused(result, "--json", "is a folder; give a file name")
+    plot = tmp_path / "old.png"
+    plot.write_bytes(b"earlier plot")
+    result = run_script("evaluate.py", "--base", "--model", tiny_model_dir, "--data",
+                        str(csv_data_dir), "--plot", str(plot))
+    assert_refused(result, "--plot", "already exists")
+    assert plot.read_bytes() == b"earlier plot"
+
+
+def test_checkpoints_of_different_base_models_are_not_mixed(tmp_path, csv_data_dir,
+                                                            tiny_adapter):
+    wider = tmp_path / "wider"
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=30522, hidden_size=48, num_hidden_layers=2,
+                         num_attention_heads=2, intermediate_size=64)).save_pretrained(wider)
+    load_tokenizer(str(tiny_adapter)).save_pretrained(wider)
+    other = tmp_path / "other-adapter"
+    model = wrap_with_lora(load_base_model(str(wider)), r=4, alpha=8, dropout=0.0)
+    save_adapter(model, load_tokenizer(str(wider)), other)
+    assert_refused(evaluate(tmp_path, "--checkpoint", str(tiny_adapter), "--checkpoint",
+                            str(other), data=csv_data_dir),
+                   "trained on different base models", "separate runs")
 
 
 def test_evaluate_does_not_overwrite_earlier_results(tmp_path, csv_data_dir, tiny_model_dir):

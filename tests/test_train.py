@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
 import transformers
-from conftest import reviews, run_script
+from conftest import REPO, reviews, run_script
 
 import evaluate
 from data import PaddingCollator, make_loader, tokenize
@@ -128,6 +130,24 @@ def test_train_then_evaluate_from_the_command_line(tiny_model_dir, csv_data_dir,
         for metric in ("accuracy", "precision", "recall", "f1", "loss", "n"):
             assert row[metric] == metrics[key][metric], (key, metric)
         assert row["confusion_matrix"] == metrics[key]["confusion_matrix"]
+
+
+def test_overwrite_starts_the_run_folder_over(tiny_model_dir, csv_data_dir, tmp_path):
+    run = tmp_path / "run"
+    relative_model = os.path.relpath(tiny_model_dir, REPO)  # as a user types it
+    flags = ["--model", relative_model, "--data", str(csv_data_dir), "--output-dir", str(run),
+             "--batch-size", "4", "--validation-size", "4", "--log-every", "1"]
+    assert run_script("train.py", *flags).returncode == 0
+    first_log = (run / "log.jsonl").read_text()
+    (run / "adapter" / "stale.bin").write_bytes(b"from an older run")
+    (run / "notes.txt").write_text("mine")
+    result = run_script("train.py", *flags, "--overwrite")
+    assert result.returncode == 0, result.stderr
+    assert (run / "log.jsonl").read_text().count("\n") == first_log.count("\n")  # not appended
+    assert not (run / "adapter" / "stale.bin").exists()
+    assert (run / "notes.txt").read_text() == "mine"  # only the run's own files are replaced
+    recorded = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    assert recorded["base_model_name_or_path"] == str(Path(tiny_model_dir).resolve())
 
 
 def test_unreachable_hub_names_the_local_model_flag(tmp_path):
