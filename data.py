@@ -493,8 +493,10 @@ def make_loader(dataset: Dataset, batch_size: int, collator: PaddingCollator, *,
                                      seed=seed)
     else:
         sampler = evaluation_shard(len(dataset), batch_size, rank, world_size)
-    # The DataLoader draws its worker seed from this generator instead of torch's global one,
-    # so iterating the training data leaves the dropout random stream alone.
+    # Each pass over a DataLoader draws a worker seed: the training loader takes it from this
+    # generator, leaving the global stream (dropout) alone. Evaluation loaders still draw it
+    # from the global stream, so results are reproducible for the same flags, but adding
+    # --eval-every shifts the later dropout masks.
     generator = torch.Generator().manual_seed(seed) if shuffle else None
     return DataLoader(
         dataset.with_format(columns=["input_ids", LABEL]), batch_size=batch_size,
