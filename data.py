@@ -14,6 +14,7 @@ test reviews): ``split.shuffle(seed=data_seed).select(range(n))``.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import tempfile
@@ -25,7 +26,7 @@ from datasets import ClassLabel, Dataset, Features, Value, load_dataset
 from datasets.exceptions import DatasetGenerationError
 from datasets.fingerprint import Hasher
 from pyarrow.lib import ArrowException
-from torch.utils.data import DataLoader, DistributedSampler, get_worker_info
+from torch.utils.data import DataLoader, DistributedSampler, Sampler, get_worker_info
 
 DEFAULT_DATA = "imdb"
 DEFAULT_MAX_LENGTH = 128
@@ -475,6 +476,40 @@ def evaluation_shard(n_examples: int, batch_size: int, rank: int = 0,
             for position in range(batch * batch_size, min((batch + 1) * batch_size, n_examples))]
 
 
+class ResumableSampler(Sampler[int]):
+    """A training sampler whose next pass can start part-way through the epoch's order.
+
+    ``start_at(n)`` makes the next pass skip the first n indices, so a resumed run continues
+    mid-epoch with exactly the batches an uninterrupted run would see next, without loading
+    or computing the consumed ones. The wrapped sampler must give the same order for the same
+    epoch (``DistributedSampler`` does: its order comes from ``seed + epoch`` alone).
+    ``len()`` stays the full epoch's count, so ``len(loader)`` is always the epoch's batches.
+    """
+
+    def __init__(self, sampler: Sampler[int]):
+        self.sampler = sampler
+        self.skip = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the epoch whose order the next pass follows."""
+        self.sampler.set_epoch(epoch)
+
+    def start_at(self, n: int) -> None:
+        """Skip the first `n` indices of the next pass (this pass only)."""
+        self.skip = n
+
+    def epoch_order(self) -> list[int]:
+        """This rank's whole order for the current epoch (what a pass from the start yields)."""
+        return list(self.sampler)
+
+    def __iter__(self):
+        skip, self.skip = self.skip, 0
+        return itertools.islice(iter(self.sampler), skip, None)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
 def make_loader(dataset: Dataset, batch_size: int, collator: PaddingCollator, *,
                 shuffle: bool, seed: int = 0, num_workers: int = 0, rank: int = 0,
                 world_size: int = 1) -> DataLoader:
@@ -485,12 +520,13 @@ def make_loader(dataset: Dataset, batch_size: int, collator: PaddingCollator, *,
     (``DistributedSampler``). The ranks' i-th batches together are therefore the i-th batch of
     one process with batch_size x world_size. To even out the ranks it repeats up to
     world_size - 1 examples when their count is not a multiple of world_size.
+    ``loader.sampler.start_at(n)`` makes the next pass resume after this rank's first n.
     shuffle=False (evaluation): the examples in order, rank r scoring the whole batches that
     ``evaluation_shard`` gives it; ``loader.sampler`` lists their positions.
     """
     if shuffle:
-        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
-                                     seed=seed)
+        sampler = ResumableSampler(DistributedSampler(
+            dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed))
     else:
         sampler = evaluation_shard(len(dataset), batch_size, rank, world_size)
     # Each pass over a DataLoader draws a worker seed: the training loader takes it from this

@@ -13,21 +13,26 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import math
 import os
 import platform
+import random
 import shutil
+import signal
 import sys
 import time
 from datetime import datetime
 from pathlib import Path
 
 import datasets
+import numpy as np
 import peft
 import torch
 import torch.distributed as dist
 import transformers
+from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
@@ -92,9 +97,26 @@ DEFAULT_SEED = 42
 DEFAULT_VALIDATION_SIZE = 0.1
 # Parameters that AdamW should not decay: biases and LayerNorm weights (BERT convention).
 NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight")
+# A resumable checkpoint: CHECKPOINT_DIR is the latest, PREVIOUS_CHECKPOINT_DIR the one before
+# it; a new one is written into PARTIAL_CHECKPOINT_DIR and renamed into place when complete.
+CHECKPOINT_DIR = "checkpoint"
+PREVIOUS_CHECKPOINT_DIR = "checkpoint-previous"
+PARTIAL_CHECKPOINT_DIR = "checkpoint-partial"
+TRAINABLE_FILE = "trainable.safetensors"  # the trained weights (LoRA A/B and the head)
+TRAINING_STATE_FILE = "training_state.pt"  # optimizer, scheduler, scaler, RNG, data order
+PROGRESS_FILE = "progress.json"  # position, best score, log length, "before" metrics, config
+MANIFEST_FILE = "manifest.json"  # size and SHA-256 of the files above; written last
+DEFAULT_SAVE_EVERY = 200
+# A loss that is inf/NaN this many optimizer steps in a row stops the run (one such step is
+# skipped and forgotten: fp16 overflow, one bad batch).
+MAX_NONFINITE_STEPS = 5
+# Settings that may change when a run is resumed: where and how fast it runs, not what it
+# computes. Every other flag must match the run being resumed.
+RESUMABLE_CHANGES = frozenset({"output_dir", "overwrite", "resume", "device", "num_workers",
+                               "eval_batch_size", "log_every", "save_every"})
 # Everything a run writes into its folder (what --overwrite clears first).
 RUN_FILES = (ADAPTER_DIR, CONFIG_FILE, LOG_FILE, METRICS_FILE, REPORT_MD, CURVES_PNG,
-             COMPARISON_PNG)
+             COMPARISON_PNG, CHECKPOINT_DIR, PREVIOUS_CHECKPOINT_DIR, PARTIAL_CHECKPOINT_DIR)
 # Validation picks the best adapter by this metric (IMDB is balanced, so accuracy is fair).
 SELECTION_METRIC = "accuracy"
 
@@ -109,7 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="run folder for the adapter, metrics and logs "
                              "(default: runs/<model>-lora-<date-time>)")
     parser.add_argument("--overwrite", action="store_true",
-                        help="allow writing into an --output-dir that already holds files")
+                        help="start over in an --output-dir that already holds files "
+                             "(a finished or unfinished run's files are deleted first)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the unfinished run in --output-dir from its latest "
+                             "checkpoint (running the same command again does this too; the "
+                             "flag makes it an error when there is nothing to resume)")
     parser.add_argument("--seed", type=at_least(0), default=DEFAULT_SEED,
                         help="seed for LoRA init, dropout and batch order "
                              f"(default: {DEFAULT_SEED})")
@@ -148,6 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--log-every", type=at_least(1), default=10, metavar="STEPS",
                        help="log loss, learning rate and speed every STEPS optimizer steps "
                             "(default: 10)")
+    group.add_argument("--save-every", type=at_least(1), default=DEFAULT_SAVE_EVERY,
+                       metavar="STEPS",
+                       help="write a resumable checkpoint every STEPS optimizer steps, as well "
+                            f"as at the end of each epoch (default: {DEFAULT_SAVE_EVERY})")
     add_lora_arguments(parser)
     add_runtime_arguments(parser)
     return parser
@@ -253,10 +284,214 @@ def mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
     return total / dist.get_world_size()
 
 
-def print_main(*values: object) -> None:
+def all_ranks_true(flag: torch.Tensor) -> torch.Tensor:
+    """A boolean tensor that is True when `flag` is True on every rank (`flag` in one process)."""
+    if not is_distributed():
+        return flag
+    value = flag.to(torch.int32)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return value.bool()
+
+
+def print_main(*values: object, file=None) -> None:
     """print() on rank 0 only, so that a torchrun job prints each line once."""
     if is_main_process():
-        print(*values)
+        print(*values, file=file)
+
+
+# ---------------------------------------------------------------------------------------------
+# Resumable checkpoints: what a killed run needs to continue exactly where it stopped
+
+
+class TrainingStopped(Exception):
+    """The run stopped before the end on purpose (a signal, a diverged loss); exits with
+    `exit_code` after saying why and what to do."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def run_settings(args: argparse.Namespace, precision: str, world_size: int) -> dict:
+    """The run's flags as JSON values, with the resolved precision and the process count."""
+    return {**{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            "resolved_precision": precision, "world_size": world_size}
+
+
+def differing_settings(saved: dict, current: dict) -> list[str]:
+    """'--lr 0.002 (now 0.0005)' for every result-deciding setting that differs."""
+    differences = []
+    for key in sorted(current.keys() - RESUMABLE_CHANGES):
+        if saved.get(key, "(not recorded)") != current[key]:
+            name = key if key in ("resolved_precision", "world_size") else \
+                "--" + key.replace("_", "-")
+            differences.append(f"{name} {saved.get(key, '(not recorded)')} "
+                               f"(now {current[key]})")
+    return differences
+
+
+def plan_resume(args: argparse.Namespace, settings: dict) -> Path | None:
+    """Decide between a fresh run and resuming the one in --output-dir.
+
+    Returns the checkpoint folder to resume from, or None to start from the beginning (a new
+    folder, --overwrite, or an unfinished run killed before its first checkpoint). Refuses a
+    finished run, another run's settings and a folder that is not a run folder.
+    """
+    folder = args.output_dir
+    if args.resume and args.overwrite:
+        raise UsageError("--resume continues a run and --overwrite deletes it: pass one of them")
+    is_empty = not folder.is_dir() or not any(folder.iterdir())
+    if args.overwrite or is_empty:
+        if args.resume:
+            raise UsageError(f"--resume: --output-dir {folder} holds no run to resume")
+        check_can_write(folder, "--output-dir", args.overwrite)
+        return None
+    if (folder / METRICS_FILE).exists():
+        raise UsageError(f"--output-dir {folder} holds a finished run ({METRICS_FILE}); pass "
+                         "--overwrite to train again from scratch, or choose a new folder")
+    if not (folder / CONFIG_FILE).is_file():
+        if args.resume:
+            raise UsageError(f"--resume: --output-dir {folder} holds no run to resume "
+                             f"(no {CONFIG_FILE})")
+        check_can_write(folder, "--output-dir", overwrite=False)  # refuses: it holds files
+    check_can_write(folder, "--output-dir", overwrite=True)  # still writable?
+    try:
+        saved = json.loads((folder / CONFIG_FILE).read_text())
+    except (OSError, ValueError) as error:
+        raise UsageError(f"--output-dir {folder}: its {CONFIG_FILE} is unreadable ({error}); "
+                         "pass --overwrite to start over") from error
+    differences = differing_settings(saved, settings)
+    if differences:
+        raise UsageError(f"--output-dir {folder} holds an unfinished run with other settings: "
+                         f"{'; '.join(differences)}. Repeat its settings to resume it, or pass "
+                         "--overwrite to start over")
+    return find_checkpoint(folder)
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why the checkpoint in `folder` cannot be trusted, or None when its files match the
+    manifest (names, sizes and SHA-256 hashes)."""
+    try:
+        manifest = json.loads((folder / MANIFEST_FILE).read_text())
+    except FileNotFoundError:
+        return f"it has no {MANIFEST_FILE}, so its save did not finish"
+    except (OSError, ValueError):
+        return f"its {MANIFEST_FILE} is unreadable"
+    for name, expected in manifest.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != expected["size"]:
+            return f"{name} has {path.stat().st_size} bytes, the manifest says {expected['size']}"
+        if file_sha256(path) != expected["sha256"]:
+            return f"{name} does not match its SHA-256 hash in the manifest"
+    return None
+
+
+def find_checkpoint(run_folder: Path) -> Path | None:
+    """The newest valid checkpoint in `run_folder`; None if the run never wrote one.
+
+    A damaged latest checkpoint falls back to the previous one with a warning; when every
+    checkpoint is damaged the run is refused with the reason for each.
+    """
+    problems = []
+    for folder in (run_folder / CHECKPOINT_DIR, run_folder / PREVIOUS_CHECKPOINT_DIR):
+        if not folder.exists():
+            continue
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            for damaged, reason in problems:
+                print_main(f"warning: the checkpoint in {damaged} is damaged ({reason}); "
+                           f"resuming from the previous one in {folder}")
+            return folder
+        problems.append((folder, problem))
+    if problems:
+        reasons = "; ".join(f"{folder.name}/: {reason}" for folder, reason in problems)
+        raise UsageError(f"--output-dir {run_folder} holds no valid checkpoint ({reasons}); "
+                         "pass --overwrite to start over")
+    return None
+
+
+def file_sha256(path: Path) -> str:
+    """The SHA-256 hex digest of a file's bytes."""
+    with path.open("rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
+
+
+def sync_to_disk(path: Path) -> None:
+    """fsync a file or folder: its bytes (or its list of names) are on disk when this returns."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def write_checkpoint(folder: Path, files: dict[str, object]) -> None:
+    """Write a complete checkpoint into the new folder `folder`, every byte flushed to disk.
+
+    `files` maps file names to contents: tensors (a dict of them) go to safetensors, the rest
+    to ``torch.save`` (.pt, loadable with ``weights_only=True``) or JSON. The manifest of
+    sizes and hashes is written last: a folder without one is an unfinished save.
+    """
+    folder.mkdir(parents=True)
+    manifest = {}
+    for name, content in files.items():
+        path = folder / name
+        if name.endswith(".safetensors"):
+            save_file(content, path)
+        elif name.endswith(".pt"):
+            torch.save(content, path)
+        else:
+            write_json(path, content)
+        sync_to_disk(path)
+        manifest[name] = {"size": path.stat().st_size, "sha256": file_sha256(path)}
+    write_json(folder / MANIFEST_FILE, manifest)
+    sync_to_disk(folder / MANIFEST_FILE)
+    sync_to_disk(folder)
+
+
+def publish_checkpoint(partial: Path, run_folder: Path) -> None:
+    """Make the complete checkpoint in `partial` the latest, keeping the one it replaces.
+
+    Renames are atomic, so at every instant a kill leaves at least one complete checkpoint:
+    the latest, or (between the two renames) the previous one.
+    """
+    latest, previous = run_folder / CHECKPOINT_DIR, run_folder / PREVIOUS_CHECKPOINT_DIR
+    if latest.exists():
+        shutil.rmtree(previous, ignore_errors=True)
+        os.replace(latest, previous)
+    os.replace(partial, latest)
+    sync_to_disk(run_folder)
+
+
+def rng_states() -> dict:
+    """Every random stream the run draws from: Python, numpy, torch CPU and CUDA."""
+    name, keys, position, has_gauss, cached = np.random.get_state()
+    return {"python": random.getstate(),
+            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss,
+                      cached],
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []}
+
+
+def restore_rng_states(states: dict) -> None:
+    """Put every random stream back where ``rng_states`` found it."""
+    random.setstate(states["python"])
+    name, keys, position, has_gauss, cached = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached))
+    torch.set_rng_state(states["torch"])
+    if states["cuda"]:
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def gather_to_main(value: object) -> list:
+    """Every rank's `value`, in rank order ([value] in one process)."""
+    if not dist.is_initialized():
+        return [value]
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,7 +503,7 @@ class Trainer:
 
     Under torchrun each rank runs this same loop on its shard of every batch, through a
     ``DistributedDataParallel`` wrapper that averages the gradients across ranks in backward;
-    only rank 0 writes the log and the adapter.
+    only rank 0 writes the log, the adapter and the checkpoints.
     """
 
     def __init__(self, args: argparse.Namespace, model: torch.nn.Module, tokenizer,
@@ -282,31 +517,59 @@ class Trainer:
         self.device, self.precision = device, precision
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(model, args.lr, args.weight_decay, device)
-        steps_per_epoch = math.ceil(len(train_loader) / args.grad_accum_steps)
+        self.batches_per_epoch = len(train_loader)
+        steps_per_epoch = math.ceil(self.batches_per_epoch / args.grad_accum_steps)
         self.total_steps = steps_per_epoch * args.epochs
         self.scheduler = get_linear_schedule_with_warmup(
             self.optimizer, round(args.warmup_ratio * self.total_steps), self.total_steps)
         # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
         # A disabled scaler passes everything through, so one code path serves all precisions.
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-        self.step = 0  # optimizer steps (with fp16, steps the scaler skipped count too)
-        self.validation_seconds = 0.0  # time spent validating and saving, not training
+        self.step = 0  # optimizer steps (skipped ones, with a non-finite gradient, count too)
+        self.epoch, self.batches_done = 0, 0  # where in the data the next batch comes from
         self.best_score = -math.inf
-        self.log_file = (args.output_dir / LOG_FILE).open("w") if is_main_process() else None
+        self.before: dict | None = None  # the pre-trained model's test metrics
+        self.train_seconds = 0.0  # time spent training, not validating or checkpointing
+        self.log_bytes = 0  # the length of log.jsonl that belongs to the steps done so far
+        self.saved_step = -1  # the step of the newest checkpoint
+        # The loss since the last log line, summed on the device: reading it is a host sync.
+        self.window_loss, self.window_batches = torch.zeros((), device=device), 0
+        self.group_loss_finite = torch.ones((), dtype=torch.bool, device=device)
+        self.nonfinite_steps = 0  # consecutive optimizer steps with an inf/NaN loss
+        self.stop_signal = 0  # set by SIGINT/SIGTERM: stop after the current step
+        self.log_file = None
 
-    def train_epoch(self, epoch: int) -> None:
-        """One pass over the training batches; optimizer step every `grad_accum_steps`."""
+    # -- the loop ---------------------------------------------------------------------------
+
+    def train(self) -> None:
+        """Train from the current position (the start, or a restored checkpoint's) to the end."""
+        self.open_log()
+        try:
+            with self.stop_on_signals():
+                while self.epoch < self.args.epochs:
+                    self.train_epoch(self.epoch, start=self.batches_done)
+                    self.epoch, self.batches_done = self.epoch + 1, 0
+        finally:
+            if self.log_file is not None:
+                self.log_file.close()
+
+    def train_epoch(self, epoch: int, start: int = 0) -> None:
+        """One pass over the training batches from batch `start`; optimizer step every
+        `grad_accum_steps` batches, a checkpoint every `save_every` steps and at the end."""
         args = self.args
         model = self.model if self.ddp_model is None else self.ddp_model
-        accum, n_batches = args.grad_accum_steps, len(self.train_loader)
-        self.train_loader.sampler.set_epoch(epoch)  # a new order every epoch, the same on all ranks
+        accum, n_batches = args.grad_accum_steps, self.batches_per_epoch
+        sampler = self.train_loader.sampler
+        sampler.set_epoch(epoch)  # a new order every epoch, the same on all ranks
+        sampler.start_at(start * args.batch_size)  # resuming: skip the batches already trained
         model.train()
-        # Loss is summed on the device and read (a host sync) only when logging.
-        loss_sum, loss_count = torch.zeros((), device=self.device), 0
-        samples, started = 0, time.perf_counter()
-        progress = tqdm(self.train_loader, desc=f"epoch {epoch + 1}/{args.epochs}",
-                        dynamic_ncols=True, disable=not is_main_process())
-        for i, batch in enumerate(progress):
+        samples, window_seconds, clock = 0, 0.0, time.perf_counter()
+        # One iterator, made here: tqdm.auto would otherwise call iter() on the loader twice,
+        # starting the worker processes twice and losing the resume position to the first.
+        progress = tqdm(iter(self.train_loader), desc=f"epoch {epoch + 1}/{args.epochs}",
+                        initial=start, total=n_batches, dynamic_ncols=True,
+                        disable=not is_main_process())
+        for i, batch in enumerate(progress, start=start):
             # No-op when the collator already delivered the batch (num_workers=0).
             batch = move_to_device(batch, self.device)
             # The last group of an epoch can be short: average over the batches it really has.
@@ -316,28 +579,36 @@ class Trainer:
                 with autocast(self.device, self.precision):
                     loss = model(**batch).loss
                 self.scaler.scale(loss / group_size).backward()
-            loss_sum += loss.detach()
-            loss_count += 1
+            self.window_loss += loss.detach()
+            self.window_batches += 1
+            self.group_loss_finite &= torch.isfinite(loss.detach())
             samples += len(batch["labels"])
             if not last_of_group:
                 continue  # keep accumulating gradients
 
             self.optimizer_step()
+            self.batches_done = i + 1
+            elapsed = time.perf_counter() - clock
+            self.train_seconds += elapsed
+            window_seconds += elapsed
             if self.step % args.log_every == 0 or i + 1 == n_batches:
                 # Every rank trains as many samples per step, so the job's rate is world x ours.
-                rate = samples * self.world_size / (time.perf_counter() - started)
-                self.log({"epoch": epoch + 1,
-                          "loss": mean_over_ranks(loss_sum / loss_count).item(),
-                          "lr": self.scheduler.get_last_lr()[0], "samples_per_s": rate},
-                         progress)
-                loss_sum.zero_()
-                loss_count = 0
-                samples, started = 0, time.perf_counter()  # the rate since the last log line
+                self.log_training(epoch, samples * self.world_size / window_seconds, progress)
+                samples, window_seconds = 0, 0.0
             if args.eval_every and self.step % args.eval_every == 0 and i + 1 != n_batches:
                 self.validate(epoch)
                 model.train()
-                samples, started = 0, time.perf_counter()  # validation is not training time
+            stop = self.stop_requested()
+            if stop or (self.step % args.save_every == 0 and i + 1 != n_batches):
+                self.save_checkpoint()
+            if stop:
+                raise self.interrupted(stop)
+            clock = time.perf_counter()  # validation and saving are not training time
         self.validate(epoch)
+        self.save_checkpoint()
+        stop = self.stop_requested()
+        if stop:
+            raise self.interrupted(stop)
 
     def gradient_sync(self, sync: bool) -> contextlib.AbstractContextManager:
         """Under DDP with `sync` False, a context in which backward skips the all-reduce.
@@ -353,32 +624,47 @@ class Trainer:
     def optimizer_step(self) -> None:
         """Unscale, clip, step; the scheduler advances only when the optimizer really stepped.
 
-        Under DDP the gradients are already averaged and equal on every rank, so each rank
-        clips, steps and schedules exactly as one process would and the copies stay equal.
+        A step whose gradients hold inf/NaN is skipped (with fp16 the GradScaler does this and
+        lowers its scale); a loss that stays non-finite for MAX_NONFINITE_STEPS steps in a row
+        stops the run. Under DDP the gradients are already averaged and equal on every rank,
+        so each rank clips, steps and schedules exactly as one process would.
         """
         # Clip the true gradients: with fp16 they are still multiplied by the loss scale.
         self.scaler.unscale_(self.optimizer)
-        if self.args.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.params, self.args.max_grad_norm)
-        self.scaler.step(self.optimizer)  # skipped by the scaler if gradients hold inf/NaN
+        max_norm = self.args.max_grad_norm if self.args.max_grad_norm > 0 else math.inf
+        norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        # One host sync per step reads both flags (the GradScaler syncs on its own with fp16).
+        grads_finite, loss_finite = torch.stack(
+            [torch.isfinite(norm), all_ranks_true(self.group_loss_finite)]).tolist()
         if self.scaler.is_enabled():
-            # Reading the scale waits for the GPU, so only fp16 pays for it.
             scale_before = self.scaler.get_scale()
+            self.scaler.step(self.optimizer)  # skipped by the scaler if gradients hold inf/NaN
             self.scaler.update()
             stepped = self.scaler.get_scale() >= scale_before  # lowered: the step was skipped
         else:
-            stepped = True
+            if grads_finite:
+                self.optimizer.step()
+            stepped = grads_finite
         if stepped:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.group_loss_finite.fill_(True)
         self.step += 1
+        self.nonfinite_steps = 0 if loss_finite else self.nonfinite_steps + 1
+        if self.nonfinite_steps >= MAX_NONFINITE_STEPS:
+            where = (f"the checkpoint of step {self.saved_step} in "
+                     f"{self.args.output_dir / CHECKPOINT_DIR} is kept"
+                     if self.saved_step >= 0 else "no checkpoint was written yet")
+            raise TrainingStopped(
+                f"the training loss was inf/NaN for {self.nonfinite_steps} steps in a row (up "
+                f"to step {self.step}); stopped: {where}. Lower --lr or --max-grad-norm, or use "
+                "--precision fp32", exit_code=1)
 
     def validate(self, epoch: int) -> None:
         """Score the validation split; save the adapter when it is the best so far.
 
         Every rank scores its share and gets the same metrics; rank 0 alone saves and logs.
         """
-        started = time.perf_counter()
         metrics = evaluate_model(self.model, self.validation_loader, self.device,
                                  self.precision, desc="Validating")
         score = metrics[SELECTION_METRIC]
@@ -388,10 +674,32 @@ class Trainer:
             if is_main_process():
                 save_adapter(self.model, self.tokenizer, self.args.output_dir / ADAPTER_DIR)
         self.log({"epoch": epoch + 1, "validation": metrics, "best": improved})
-        self.validation_seconds += time.perf_counter() - started
         if is_main_process():
             tqdm.write(f"step {self.step}: validation accuracy {metrics['accuracy']:.4f}, "
                        f"F1 {metrics['f1']:.4f}" + ("  (best so far, saved)" if improved else ""))
+
+    # -- the log ----------------------------------------------------------------------------
+
+    def open_log(self) -> None:
+        """Open log.jsonl: new, or cut back to what the restored checkpoint had logged."""
+        if not is_main_process():
+            return
+        path = self.args.output_dir / LOG_FILE
+        if self.step == 0:
+            self.log_file = path.open("w")
+        else:
+            self.log_file = path.open("r+" if path.exists() else "w")
+            self.log_file.truncate(self.log_bytes)
+            self.log_file.seek(self.log_bytes)
+
+    def log_training(self, epoch: int, samples_per_s: float, progress: tqdm) -> None:
+        """Log the mean loss since the last log line (a host sync), the lr and the speed."""
+        self.log({"epoch": epoch + 1,
+                  "loss": mean_over_ranks(self.window_loss / self.window_batches).item(),
+                  "lr": self.scheduler.get_last_lr()[0], "samples_per_s": samples_per_s},
+                 progress)
+        self.window_loss.zero_()
+        self.window_batches = 0
 
     def log(self, record: dict, progress: tqdm | None = None) -> None:
         """Append a record to the log and show the training numbers on the progress bar.
@@ -407,10 +715,114 @@ class Trainer:
             progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                                  samples_s=f"{record['samples_per_s']:.1f}")
 
-    def close(self) -> None:
-        """Close the log file."""
-        if self.log_file is not None:
-            self.log_file.close()
+    # -- stopping and resuming --------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def stop_on_signals(self):
+        """SIGINT (Ctrl-C) and SIGTERM (pre-emption, ``kill``) ask the loop to stop after the
+        current optimizer step and write a checkpoint; a second Ctrl-C stops at once."""
+        def request_stop(signum: int, frame) -> None:
+            if self.stop_signal and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            self.stop_signal = signum
+            if is_main_process():
+                tqdm.write(f"{signal.Signals(signum).name}: finishing this step, then saving "
+                           "a checkpoint (Ctrl-C again to stop at once, without one)")
+
+        handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, handler in handlers.items():
+                signal.signal(s, handler)
+
+    def stop_requested(self) -> int:
+        """The signal that asked to stop (0 if none); under DDP every rank learns of it at the
+        same step, so all of them stop together."""
+        if not is_distributed():
+            return self.stop_signal
+        flag = torch.tensor(self.stop_signal, device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item())
+
+    def interrupted(self, signum: int) -> TrainingStopped:
+        """The exception that ends an interrupted run: exit code 128 + signal, as shells do."""
+        return TrainingStopped(
+            f"stopped by {signal.Signals(signum).name} at step {self.step}; the checkpoint is "
+            f"in {self.args.output_dir / CHECKPOINT_DIR}. Resume by running the same command "
+            f"again (or add --resume)", exit_code=128 + signum)
+
+    def save_checkpoint(self) -> None:
+        """Write everything needed to continue from this step, crash-safely (rank 0 writes,
+        but every rank contributes its random-number states)."""
+        if self.saved_step == self.step:
+            return
+        rng = gather_to_main(rng_states())
+        if is_main_process():
+            partial = self.args.output_dir / PARTIAL_CHECKPOINT_DIR
+            shutil.rmtree(partial, ignore_errors=True)  # a save that a kill cut short
+            write_checkpoint(partial, {
+                TRAINABLE_FILE: {name: param.detach().contiguous()
+                                 for name, param in self.model.named_parameters()
+                                 if param.requires_grad},
+                TRAINING_STATE_FILE: {
+                    "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(),
+                    "scaler": self.scaler.state_dict(), "rng": rng,
+                    "epoch_order": torch.tensor(self.train_loader.sampler.epoch_order())},
+                PROGRESS_FILE: {
+                    "step": self.step, "epoch": self.epoch, "batches_done": self.batches_done,
+                    # None: not validated yet (JSON has no -inf)
+                    "best_score": None if self.best_score == -math.inf else self.best_score,
+                    "before": self.before,
+                    "train_seconds": self.train_seconds,
+                    "window_loss": self.window_loss.item(),
+                    "window_batches": self.window_batches,
+                    "nonfinite_steps": self.nonfinite_steps,
+                    "log_bytes": self.log_file.tell(),
+                    "settings": run_settings(self.args, self.precision, self.world_size)}})
+            publish_checkpoint(partial, self.args.output_dir)
+        wait_for_all_ranks()
+        self.saved_step = self.step
+
+    def restore(self, folder: Path) -> None:
+        """Continue from the checkpoint in `folder`: weights, optimizer, scheduler, scaler,
+        position in the data, best score, log length and every random stream."""
+        tensors = load_file(folder / TRAINABLE_FILE, device=str(self.device))
+        trainable = {name for name, param in self.model.named_parameters()
+                     if param.requires_grad}
+        if set(tensors) != trainable:
+            raise UsageError(f"the checkpoint in {folder} holds other trainable weights than "
+                             "this model; pass --overwrite to start over")
+        self.model.load_state_dict(tensors, strict=False)
+        state = torch.load(folder / TRAINING_STATE_FILE, map_location="cpu", weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        progress = json.loads((folder / PROGRESS_FILE).read_text())
+        self.step = self.saved_step = progress["step"]
+        self.epoch, self.batches_done = progress["epoch"], progress["batches_done"]
+        if self.batches_done == self.batches_per_epoch:  # saved at the end of an epoch
+            self.epoch, self.batches_done = self.epoch + 1, 0
+        self.best_score = -math.inf if progress["best_score"] is None else progress["best_score"]
+        self.train_seconds = progress["train_seconds"]
+        self.window_loss.fill_(progress["window_loss"])
+        self.window_batches = progress["window_batches"]
+        self.nonfinite_steps = progress["nonfinite_steps"]
+        self.log_bytes = progress["log_bytes"]
+        if self.epoch == progress["epoch"]:  # mid-epoch: the rest of this epoch's order
+            self.check_data_order(state["epoch_order"], self.epoch)
+        restore_rng_states(state["rng"][dist.get_rank() if is_distributed() else 0])
+
+    def check_data_order(self, saved_order: torch.Tensor, epoch: int) -> None:
+        """Refuse to resume when the training data no longer comes in the checkpoint's order."""
+        self.train_loader.sampler.set_epoch(epoch)
+        same = is_main_process() and torch.equal(
+            saved_order, torch.tensor(self.train_loader.sampler.epoch_order()))
+        if not from_main_process(same):  # rank 0 holds the saved order; all ranks must agree
+            raise UsageError("the training data is not the checkpoint's: the reviews or their "
+                             "order changed since the run started; pass --overwrite to start "
+                             "over")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -427,12 +839,14 @@ def run(args: argparse.Namespace) -> dict:
     rank, world_size, device = init_distributed(args.device)
     precision = pick_precision(args.precision, device)
     # The default folder name holds the time: take rank 0's, in case a second ticks between.
+    if args.resume and args.output_dir is None:
+        raise UsageError("--resume needs the --output-dir of the run to continue")
     args.output_dir = from_main_process(args.output_dir or default_output_dir(args.model))
-    check_can_write(args.output_dir, "--output-dir", args.overwrite)
     if Path(args.model).expanduser().exists():
         # adapter_config.json records this path: an absolute one keeps the adapter loadable
         # from any working directory.
         args.model = str(Path(args.model).expanduser().resolve())
+    checkpoint = plan_resume(args, run_settings(args, precision, world_size))
     check_encoder(args.model)
     # Python, numpy and torch. Rank 0 gets `seed` itself, so its LoRA init (which DDP copies
     # to every rank) is the one-process init; other ranks draw their own dropout masks.
@@ -460,15 +874,16 @@ def run(args: argparse.Namespace) -> dict:
 
     wait_for_all_ranks()  # every rank has passed its checks before rank 0 writes a file
     if is_main_process():
-        if args.overwrite:
+        if checkpoint is None:
             remove_run_files(args.output_dir)  # start over: no stale adapter, log or plots
-        args.output_dir.mkdir(parents=True, exist_ok=True)
-        write_json(args.output_dir / CONFIG_FILE, {
-            **{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-            "resolved_device": str(device), "resolved_precision": precision,
-            "world_size": world_size,
-            "train_examples": len(train), "validation_examples": len(validation),
-            "test_examples": len(test), "versions": library_versions()})
+            args.output_dir.mkdir(parents=True, exist_ok=True)
+            write_json(args.output_dir / CONFIG_FILE, {
+                **run_settings(args, precision, world_size), "resolved_device": str(device),
+                "train_examples": len(train), "validation_examples": len(validation),
+                "test_examples": len(test), "versions": library_versions()})
+        elif checkpoint.name == PREVIOUS_CHECKPOINT_DIR:
+            # The latest is damaged: remove it, so that the next save keeps this one.
+            shutil.rmtree(args.output_dir / CHECKPOINT_DIR, ignore_errors=True)
     wait_for_all_ranks()
     if not (args.output_dir / CONFIG_FILE).is_file():
         raise UsageError(f"--output-dir {args.output_dir} is not the folder rank 0 writes: every "
@@ -479,7 +894,11 @@ def run(args: argparse.Namespace) -> dict:
                + (f" x {world_size} processes" if world_size > 1 else "")
                + f"; output in {args.output_dir}")
 
-    before = evaluate_model(model, test_loader, device, precision, desc="Scoring pre-trained")
+    if checkpoint is None:
+        before = evaluate_model(model, test_loader, device, precision,
+                                desc="Scoring pre-trained")
+    else:  # scored when the run started; the checkpoint keeps the numbers
+        before = json.loads((checkpoint / PROGRESS_FILE).read_text())["before"]
     print_main(f"Pre-trained model: test accuracy {before['accuracy']:.4f}")
 
     model = wrap_with_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout,
@@ -488,13 +907,14 @@ def run(args: argparse.Namespace) -> dict:
     print_main(f"LoRA r={args.lora_r}, alpha={args.lora_alpha:g} on {args.lora_targets}: "
                f"{format_parameter_counts(trainable, total)}")
     trainer = Trainer(args, model, tokenizer, train_loader, validation_loader, device, precision)
-    started = time.perf_counter()
-    try:
-        for epoch in range(args.epochs):
-            trainer.train_epoch(epoch)
-    finally:
-        trainer.close()
-    train_seconds = time.perf_counter() - started - trainer.validation_seconds
+    trainer.before = before
+    if checkpoint is not None:
+        trainer.restore(checkpoint)
+        print_main(f"Resuming from {checkpoint} at step {trainer.step} of "
+                   f"{trainer.total_steps} (epoch {min(trainer.epoch + 1, args.epochs)}, "
+                   f"batch {trainer.batches_done} of {trainer.batches_per_epoch})")
+    trainer.train()
+    train_seconds = trainer.train_seconds
 
     # Score the best adapter exactly as evaluate.py will: loaded back from disk (once rank 0
     # has finished writing it).
@@ -509,6 +929,10 @@ def run(args: argparse.Namespace) -> dict:
     if is_main_process():
         write_json(args.output_dir / METRICS_FILE, metrics)
         write_report(args.output_dir)
+        # Finished: the adapter holds the result, and a finished run is not resumed, so the
+        # checkpoints (which can be large) are removed.
+        for name in (CHECKPOINT_DIR, PREVIOUS_CHECKPOINT_DIR, PARTIAL_CHECKPOINT_DIR):
+            shutil.rmtree(args.output_dir / name, ignore_errors=True)
     print_main(f"\nTest reviews ({len(test)}), pre-trained vs LoRA fine-tuned:")
     print_main(format_comparison([("before", before), ("after", after)]))
     print_main(f"\nTraining took {train_seconds:.0f} s ({metrics['train_samples_per_s']:.1f} "
@@ -522,6 +946,13 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of train.py (also under torchrun)."""
     try:
         return run_command(build_parser(), run, argv)
+    except TrainingStopped as stop:
+        print_main(f"train.py: {stop}", file=sys.stderr)
+        return stop.exit_code
+    except KeyboardInterrupt:
+        print_main("train.py: interrupted; run the same command again to resume from the "
+                   "latest checkpoint, if one was written", file=sys.stderr)
+        return 128 + signal.SIGINT
     finally:
         close_distributed()
 

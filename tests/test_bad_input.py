@@ -259,8 +259,19 @@ def test_output_dir_holding_another_run_is_left_alone(tiny_model_dir, csv_data_d
     before = folder_state(run)
     result = run_script("train.py", "--model", tiny_model_dir, "--data", str(csv_data_dir),
                         "--output-dir", str(run))
-    assert_refused(result, "already holds files", "--overwrite")
+    assert_refused(result, "holds a finished run", "--overwrite")
     assert folder_state(run) == before
+
+
+def test_output_dir_holding_other_files_is_left_alone(tiny_model_dir, csv_data_dir, tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "holiday.jpg").write_bytes(b"not a run")
+    before = folder_state(folder)
+    result = run_script("train.py", "--model", tiny_model_dir, "--data", str(csv_data_dir),
+                        "--output-dir", str(folder))
+    assert_refused(result, "already holds files", "--overwrite")
+    assert folder_state(folder) == before
 
 
 def test_output_dir_that_cannot_be_created(tiny_model_dir, csv_data_dir, tmp_path):

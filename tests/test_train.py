@@ -46,8 +46,7 @@ def test_accumulating_two_half_batches_equals_one_full_batch(tiny_model_dir, tmp
                         "--grad-accum-steps", "2")
     assert trainable_state(full).keys() == trainable_state(half).keys()
     for trainer in (full, half):
-        trainer.train_epoch(0)
-        trainer.close()
+        trainer.train()
     assert full.step == half.step == 2
     expected, actual = trainable_state(full), trainable_state(half)
     for name in expected:
@@ -60,8 +59,7 @@ def test_scheduler_and_step_count_follow_optimizer_steps_including_a_short_last_
     trainer = make_trainer(tiny_model_dir, tmp_path, 16, "--batch-size", "2",
                            "--grad-accum-steps", "3", "--log-every", "1")
     assert trainer.total_steps == 3
-    trainer.train_epoch(0)
-    trainer.close()
+    trainer.train()
     assert trainer.step == 3
     assert trainer.scheduler.last_epoch == 3
     assert trainer.scheduler.get_last_lr()[0] == 0.0  # linear decay ends at zero
@@ -80,7 +78,6 @@ def test_gradient_norm_is_clipped_before_the_optimizer_step(tiny_model_dir, tmp_
     (trainer.model(**batch).loss * 1e4).backward()  # a gradient far larger than 0.5
     unclipped = torch.norm(torch.stack([p.grad.norm() for p in trainer.params])).item()
     trainer.optimizer_step()
-    trainer.close()
     assert unclipped > 5
     assert seen == [pytest.approx(0.5, rel=1e-4)]
 

@@ -1,0 +1,100 @@
+"""Run train.py in this process and interrupt it at a chosen point: a test harness.
+
+    python tests/interrupt_train.py POINT -- TRAIN_FLAGS...
+
+POINT is one of
+  kill-at-step:N       SIGKILL right after optimizer step N (between checkpoints)
+  kill-at-fsync:N      SIGKILL at the N-th fsync, i.e. in the middle of writing a checkpoint
+  kill-at-replace:N    SIGKILL before the N-th rename that publishes a checkpoint
+  kill-in-scoring      SIGKILL when training is over and the best adapter is being scored
+  signal-at-step:N:SIG send this process signal SIG (TERM or INT) right after step N
+  nan-from-step:N      every training loss after step N is NaN
+
+SIGKILL cannot be caught, so the process dies exactly as a pre-empted or OOM-killed one does.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import train
+
+
+def kill_self(sig: int = signal.SIGKILL) -> None:
+    """Send `sig` to this process."""
+    os.kill(os.getpid(), sig)
+
+
+def after_step(n: int, action) -> None:
+    """Call `action(trainer)` once optimizer step `n` is done."""
+    original = train.Trainer.optimizer_step
+
+    def optimizer_step(self) -> None:
+        original(self)
+        if self.step == n:
+            action(self)
+
+    train.Trainer.optimizer_step = optimizer_step
+
+
+def at_call(module, name: str, n: int, counts=lambda *args: True) -> None:
+    """SIGKILL this process when `module.name` is called for the n-th time (before it runs),
+    counting only the calls for which `counts(*args)` is true."""
+    original = getattr(module, name)
+    calls = [0]
+
+    def wrapper(*args, **kwargs):
+        calls[0] += bool(counts(*args))
+        if calls[0] == n:
+            kill_self()
+        return original(*args, **kwargs)
+
+    setattr(module, name, wrapper)
+
+
+def nan_losses_after(n: int) -> None:
+    """Make every training loss NaN once step `n` is done."""
+    poisoned = [False]
+    after_step(n, lambda trainer: poisoned.__setitem__(0, True))
+    original = torch.nn.CrossEntropyLoss.forward
+
+    def forward(self, logits, labels):
+        loss = original(self, logits, labels)
+        return loss * float("nan") if poisoned[0] else loss
+
+    torch.nn.CrossEntropyLoss.forward = forward
+
+
+def install(point: str) -> None:
+    """Set up the interruption that `point` names."""
+    kind, _, value = point.partition(":")
+    if kind == "kill-at-step":
+        after_step(int(value), lambda trainer: kill_self())
+    elif kind == "kill-at-fsync":
+        at_call(train, "sync_to_disk", int(value))
+    elif kind == "kill-at-replace":
+        # os.replace serves other libraries too: count the checkpoint renames only.
+        at_call(train.os, "replace", int(value),
+                counts=lambda source, target: Path(source).name.startswith("checkpoint"))
+    elif kind == "kill-in-scoring":
+        at_call(train, "load_adapted_model", 1)
+    elif kind == "signal-at-step":
+        step, sig = value.split(":")
+        after_step(int(step), lambda trainer: kill_self(getattr(signal, f"SIG{sig}")))
+    elif kind == "nan-from-step":
+        nan_losses_after(int(value))
+    else:
+        raise SystemExit(f"unknown interruption point {point!r}")
+
+
+if __name__ == "__main__":
+    point, separator, *flags = sys.argv[1:]
+    assert separator == "--", "usage: interrupt_train.py POINT -- TRAIN_FLAGS..."
+    install(point)
+    sys.exit(train.main(flags))

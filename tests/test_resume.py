@@ -1,0 +1,250 @@
+"""Exact resume: a run killed anywhere and started again ends bit for bit where an
+uninterrupted run ends; damaged checkpoints fall back or fail clearly; other settings are
+refused.
+
+Every run here is a real train.py process (tests/interrupt_train.py kills it at a chosen
+point) on a tiny BERT *with* dropout, so that the random streams really matter.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import minilm_path, reviews, run_script
+from safetensors.torch import load_file
+from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+import train
+from data import UsageError
+
+HARNESS = str(Path(__file__).resolve().parent / "interrupt_train.py")
+# 72 training reviews in batches of 4, 2 batches per optimizer step: 9 steps per epoch, 18 in
+# all; checkpoints after steps 3, 6, 9 (epoch end), 12, 15, 18; validation after 4, 8, 9, ...
+STEPS_PER_EPOCH = 9
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> dict:
+    """A tiny BERT with dropout, a data folder, and the uninterrupted reference run."""
+    root = tmp_path_factory.mktemp("resume")
+    model_dir = root / "model"
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=64,
+                        hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+    torch.manual_seed(0)
+    BertForSequenceClassification(config).bert.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    data_dir = root / "data"
+    data_dir.mkdir()
+    reviews(40).to_csv(data_dir / "train.csv", index=False)
+    reviews(8).to_csv(data_dir / "test.csv", index=False)
+    flags = ["--model", str(model_dir), "--data", str(data_dir), "--epochs", "2",
+             "--batch-size", "4", "--grad-accum-steps", "2", "--save-every", "3",
+             "--eval-every", "4", "--log-every", "2", "--lr", "5e-3",
+             "--eval-batch-size", "8"]
+    reference = root / "reference"
+    result = run_script("train.py", *flags, "--output-dir", str(reference))
+    assert result.returncode == 0, result.stderr
+    return {"root": root, "flags": flags, "reference": reference}
+
+
+def interrupted_run(setup: dict, point: str, folder: Path, *extra: str):
+    """Run train.py under the harness, interrupted at `point`, into `folder`."""
+    return run_script(HARNESS, point, "--", *setup["flags"], *extra, "--output-dir", str(folder))
+
+
+def resumed_run(setup: dict, folder: Path, *extra: str):
+    """Run the same train.py command again on `folder`; it must finish."""
+    result = run_script("train.py", *setup["flags"], *extra, "--output-dir", str(folder))
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+def training_records(folder: Path) -> list[dict]:
+    """log.jsonl without the speed field (the only one that depends on the machine's load)."""
+    records = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in record.items() if k != "samples_per_s"} for record in records]
+
+
+def assert_same_result(folder: Path, reference: Path) -> None:
+    """Same adapter tensors bit for bit, same test metrics, same log of losses."""
+    ours = load_file(folder / "adapter" / "adapter_model.safetensors")
+    theirs = load_file(reference / "adapter" / "adapter_model.safetensors")
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        assert torch.equal(ours[name], theirs[name]), name
+    metrics = json.loads((folder / "metrics.json").read_text())
+    expected = json.loads((reference / "metrics.json").read_text())
+    assert metrics["before"] == expected["before"]
+    assert metrics["after"] == expected["after"]
+    assert training_records(folder) == training_records(reference)
+
+
+def resumed_step(stdout: str) -> int:
+    """The step number in train.py's 'Resuming from ... at step N of ...' line."""
+    line = next(line for line in stdout.splitlines() if line.startswith("Resuming from"))
+    return int(line.split(" at step ")[1].split()[0])
+
+
+def test_reference_run_learns_and_cleans_up(setup):
+    """The reference really trains (else equality would prove little) and, finished, keeps
+    no checkpoints."""
+    reference = setup["reference"]
+    records = training_records(reference)
+    assert max(r["step"] for r in records) == 2 * STEPS_PER_EPOCH
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert len(set(losses)) == len(losses)  # the weights change every step
+    assert not any((reference / name).exists() for name in
+                   ("checkpoint", "checkpoint-previous", "checkpoint-partial"))
+
+
+@pytest.mark.parametrize(("point", "extra", "resumes_at"), [
+    ("kill-at-step:7", (), 6),  # between checkpoints (saved after steps 3 and 6)
+    ("kill-at-fsync:10", (), 3),  # writing the step-6 checkpoint: its files half on disk
+    ("kill-at-replace:3", (), 3),  # between the renames: step 3 is checkpoint-previous/
+    ("kill-at-step:14", ("--num-workers", "2"), 12),  # epoch 2, worker processes
+    ("kill-in-scoring", (), 18),  # training over, scoring the test reviews
+])
+def test_killed_run_resumes_to_the_identical_result(setup, tmp_path, point, extra, resumes_at):
+    """SIGKILL at any point, run the same command again: same weights, metrics and losses."""
+    folder = tmp_path / "run"
+    killed = interrupted_run(setup, point, folder, *extra)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert not (folder / "metrics.json").exists()
+    resumed = resumed_run(setup, folder, *extra)
+    assert resumed_step(resumed.stdout) == resumes_at
+    assert_same_result(folder, setup["reference"])
+
+
+@pytest.mark.parametrize(("sig", "exit_code"), [("TERM", 143), ("INT", 130)])
+def test_signal_finishes_the_step_saves_and_exits(setup, tmp_path, sig, exit_code):
+    """SIGTERM/SIGINT: the step finishes, a checkpoint of it is written, exit 143/130 with a
+    resume hint; resuming (with --resume) gives the uninterrupted result."""
+    folder = tmp_path / "run"
+    stopped = interrupted_run(setup, f"signal-at-step:5:{sig}", folder)
+    assert stopped.returncode == exit_code, stopped.stderr
+    last_line = stopped.stderr.strip().splitlines()[-1]
+    assert f"stopped by SIG{sig} at step 5" in last_line and "--resume" in last_line
+    assert json.loads((folder / "checkpoint" / "progress.json").read_text())["step"] == 5
+    if sig == "TERM":  # one full resume suffices; SIGINT takes the same path
+        resumed = resumed_run(setup, folder, "--resume")
+        assert resumed_step(resumed.stdout) == 5
+        assert_same_result(folder, setup["reference"])
+
+
+def test_loss_that_stays_nan_stops_and_keeps_the_last_good_checkpoint(setup, tmp_path):
+    """NaN losses from step 5 on: the steps are skipped (weights stay finite) and after
+    MAX_NONFINITE_STEPS of them the run stops with exit 1 and the step-6 checkpoint."""
+    folder = tmp_path / "run"
+    result = interrupted_run(setup, "nan-from-step:4", folder)
+    assert result.returncode == 1, result.stderr
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert f"inf/NaN for {train.MAX_NONFINITE_STEPS} steps in a row" in last_line
+    assert "the checkpoint of step 6" in last_line
+    assert train.checkpoint_problem(folder / "checkpoint") is None
+    weights = load_file(folder / "checkpoint" / "trainable.safetensors")
+    assert all(torch.isfinite(tensor).all() for tensor in weights.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# Damaged checkpoints and other settings
+
+
+@pytest.fixture(scope="module")
+def killed_run(setup) -> Path:
+    """A run killed after step 7: checkpoint/ holds step 6, checkpoint-previous/ step 3."""
+    folder = setup["root"] / "killed"
+    result = interrupted_run(setup, "kill-at-step:7", folder)
+    assert result.returncode == -signal.SIGKILL, result.stderr
+    return folder
+
+
+@pytest.fixture
+def killed_copy(killed_run, tmp_path) -> Path:
+    """A fresh copy of the killed run folder, free to damage."""
+    return Path(shutil.copytree(killed_run, tmp_path / "run"))
+
+
+def truncate(path: Path) -> None:
+    """Cut a file in half, as a full disk or a kill during a write does."""
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def flip_a_byte(path: Path) -> None:
+    """Change one byte in the middle of a file, keeping its size."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", [
+    lambda folder: truncate(folder / "trainable.safetensors"),
+    lambda folder: flip_a_byte(folder / "training_state.pt"),
+    lambda folder: (folder / "manifest.json").unlink(),
+    lambda folder: (folder / "progress.json").unlink(),
+], ids=["truncated-weights", "flipped-byte", "no-manifest", "missing-file"])
+def test_damaged_latest_checkpoint_falls_back_to_the_previous(killed_copy, capsys, damage):
+    damage(killed_copy / "checkpoint")
+    assert train.find_checkpoint(killed_copy) == killed_copy / "checkpoint-previous"
+    assert "warning: the checkpoint in" in capsys.readouterr().out
+
+
+def test_every_checkpoint_damaged_is_one_clear_error(killed_copy):
+    truncate(killed_copy / "checkpoint" / "trainable.safetensors")
+    flip_a_byte(killed_copy / "checkpoint-previous" / "training_state.pt")
+    with pytest.raises(UsageError) as error:
+        train.find_checkpoint(killed_copy)
+    message = str(error.value)
+    assert "holds no valid checkpoint" in message and "--overwrite" in message
+    assert "checkpoint/: trainable.safetensors has" in message
+    assert "checkpoint-previous/: training_state.pt does not match its SHA-256" in message
+
+
+def test_resume_from_the_previous_checkpoint_gives_the_identical_result(setup, killed_copy):
+    """End to end: the latest checkpoint is cut short; the run resumes from the one before
+    (with a warning) and still ends exactly as the uninterrupted run."""
+    truncate(killed_copy / "checkpoint" / "trainable.safetensors")
+    resumed = resumed_run(setup, killed_copy)
+    assert "is damaged" in resumed.stdout
+    assert resumed_step(resumed.stdout) == 3
+    assert_same_result(killed_copy, setup["reference"])
+
+
+def run_in_process(setup: dict, folder: Path, *extra: str) -> None:
+    """train.main in this process, expected to refuse with exit code 2."""
+    with pytest.raises(SystemExit) as exit_info:
+        train.main([*setup["flags"], *extra, "--output-dir", str(folder)])
+    assert exit_info.value.code == 2
+
+
+@pytest.mark.parametrize(("changed", "named"), [
+    (("--lr", "0.001"), "--lr 0.005 (now 0.001)"),
+    (("--seed", "7"), "--seed 42 (now 7)"),
+    (("--max-length", "64"), "--max-length 128 (now 64)"),
+    (("--lora-r", "4"), "--lora-r 8 (now 4)"),
+])
+def test_other_settings_are_refused_naming_them(setup, killed_copy, capsys, changed, named):
+    before = sorted(p.name for p in killed_copy.rglob("*"))
+    run_in_process(setup, killed_copy, *changed)
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "holds an unfinished run with other settings" in message and named in message
+    assert sorted(p.name for p in killed_copy.rglob("*")) == before  # nothing touched
+
+
+def test_finished_run_is_never_overwritten_silently(setup, capsys):
+    before = (setup["reference"] / "metrics.json").read_bytes()
+    run_in_process(setup, setup["reference"])
+    assert "holds a finished run" in capsys.readouterr().err
+    assert (setup["reference"] / "metrics.json").read_bytes() == before
+
+
+def test_resume_needs_a_run_to_resume(setup, tmp_path, capsys):
+    run_in_process(setup, tmp_path / "nothing-here", "--resume")
+    assert "holds no run to resume" in capsys.readouterr().err
+    assert not (tmp_path / "nothing-here").exists()
