@@ -847,6 +847,9 @@ def run(args: argparse.Namespace) -> dict:
         # from any working directory.
         args.model = str(Path(args.model).expanduser().resolve())
     checkpoint = plan_resume(args, run_settings(args, precision, world_size))
+    if checkpoint is None and not args.overwrite and (args.output_dir / CONFIG_FILE).is_file():
+        print_main(f"{args.output_dir} holds an unfinished run that was stopped before its "
+                   "first checkpoint: starting it again from the beginning")
     check_encoder(args.model)
     # Python, numpy and torch. Rank 0 gets `seed` itself, so its LoRA init (which DDP copies
     # to every rank) is the one-process init; other ranks draw their own dropout masks.
