@@ -10,7 +10,7 @@ import json
 
 import pytest
 import torch
-from conftest import reviews, run_script
+from conftest import REPO, reviews, run_script
 from datasets import Dataset
 from safetensors.torch import load_file
 
@@ -169,3 +169,26 @@ def test_the_ranks_batches_together_are_the_one_process_batch_in_every_epoch():
         orders.append([i for batch in one for i in example_ids(batch)])
     assert orders[0] != orders[1]  # a new order every epoch
     assert sorted(orders[0]) == sorted(orders[1]) == list(range(40))
+
+
+def test_a_killed_two_process_run_resumes_to_the_identical_adapter(
+        tiny_model_dir, data_dir, tmp_path, two_processes):
+    """Both ranks are SIGKILLed after step 3 (of 4); torchrun on the same command resumes
+    from the epoch-end checkpoint of step 2, each rank with its own random streams, and ends
+    with exactly the uninterrupted two-process adapter."""
+    run = tmp_path / "run"
+    flags = ["--model", tiny_model_dir, "--data", str(data_dir), "--output-dir", str(run),
+             *COMMON_FLAGS, "--batch-size", str(GLOBAL_BATCH // 2)]
+    killed = torchrun(str(REPO / "tests" / "interrupt_train.py"), "kill-at-step:3", "--",
+                      *flags)
+    assert killed.returncode != 0 and not (run / "metrics.json").exists()
+    resumed = torchrun("train.py", *flags)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.stdout.count("at step 2 of 4") == 1  # rank 0 alone says it
+    expected, actual = load_file(two_processes[0] / ADAPTER_FILE), load_file(run / ADAPTER_FILE)
+    assert all(torch.equal(actual[name], expected[name]) for name in expected)
+
+    def without_speed(run) -> list[dict]:
+        return [{k: v for k, v in r.items() if k != "samples_per_s"} for r in read_log(run)]
+
+    assert without_speed(run) == without_speed(two_processes[0])  # every loss, bit for bit
