@@ -4,6 +4,9 @@
     python train.py --model PATH --data PATH ...     # local folders, offline
     torchrun --nproc_per_node=4 train.py ...         # data parallel over 4 GPUs (see README)
 
+``--method head`` trains only the classifier head and ``--method full`` every weight, with
+the same loop and data, for comparison with LoRA.
+
 Before training the pre-trained model (seeded random head) is scored on the test reviews;
 after training the best adapter (chosen on a validation split carved out of the training
 data, never on the test set) is scored on the same reviews, and the two are shown side by side.
@@ -34,6 +37,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from data import (
     PaddingCollator,
+    Preprocessing,
     UsageError,
     add_data_arguments,
     at_least,
@@ -62,17 +66,21 @@ from evaluate import (
 )
 from lora_model import (
     ADAPTER_DIR,
+    DEFAULT_METHOD,
+    METHODS,
+    MODEL_DIR,
     add_lora_arguments,
     add_model_argument,
     check_encoder,
     check_lora_targets,
+    checkpoint_folder,
     format_parameter_counts,
-    load_adapted_model,
     load_base_model,
+    load_checkpoint,
     load_tokenizer,
     parameter_counts,
-    save_adapter,
-    wrap_with_lora,
+    prepare_model,
+    save_checkpoint,
 )
 from report import (
     COMPARISON_PNG,
@@ -84,16 +92,18 @@ from report import (
     write_report,
 )
 
-# LoRA trains few, freshly initialised weights, so it wants a far larger learning rate than
-# full fine-tuning (2e-5..5e-5): the LoRA paper used 4e-4..5e-4 for RoBERTa-base (r=8).
-DEFAULT_LR = 5e-4
+# The default --lr of each --method. Full fine-tuning nudges pre-trained weights and wants
+# 2e-5..5e-5 (BERT paper). LoRA trains few, freshly initialised weights and wants a far larger
+# step: the LoRA paper used 4e-4..5e-4 for RoBERTa-base (r=8). A linear probe trains a new head
+# alone on fixed features and takes larger steps still.
+DEFAULT_LRS = {"lora": 5e-4, "head": 1e-3, "full": 3e-5}
 DEFAULT_BATCH_SIZE = 16
 DEFAULT_SEED = 42
 DEFAULT_VALIDATION_SIZE = 0.1
 # Parameters that AdamW should not decay: biases and LayerNorm weights (BERT convention).
 NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight")
 # Everything a run writes into its folder (what --overwrite clears first).
-RUN_FILES = (ADAPTER_DIR, CONFIG_FILE, LOG_FILE, METRICS_FILE, REPORT_MD, CURVES_PNG,
+RUN_FILES = (ADAPTER_DIR, MODEL_DIR, CONFIG_FILE, LOG_FILE, METRICS_FILE, REPORT_MD, CURVES_PNG,
              COMPARISON_PNG)
 # Validation picks the best adapter by this metric (IMDB is balanced, so accuracy is fair).
 SELECTION_METRIC = "accuracy"
@@ -102,12 +112,17 @@ SELECTION_METRIC = "accuracy"
 def build_parser() -> argparse.ArgumentParser:
     """The train.py command line."""
     parser = argparse.ArgumentParser(
-        description="Fine-tune a BERT classifier with LoRA on IMDB reviews and compare it "
-                    "with the pre-trained model.")
+        description="Fine-tune a BERT classifier with LoRA on IMDB reviews (or, to compare, "
+                    "its head alone or every weight) and compare it with the pre-trained "
+                    "model.")
     add_model_argument(parser)
+    parser.add_argument("--method", choices=METHODS, default=DEFAULT_METHOD,
+                        help="what to train: " + "; ".join(
+                            f"{name} = {what}" for name, what in METHODS.items())
+                        + f" (default: {DEFAULT_METHOD})")
     parser.add_argument("--output-dir", type=Path, default=None,
-                        help="run folder for the adapter, metrics and logs "
-                             "(default: runs/<model>-lora-<date-time>)")
+                        help="run folder for the checkpoint, metrics and logs "
+                             "(default: runs/<model>-<method>-<date-time>)")
     parser.add_argument("--overwrite", action="store_true",
                         help="allow writing into an --output-dir that already holds files")
     parser.add_argument("--seed", type=at_least(0), default=DEFAULT_SEED,
@@ -132,8 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--grad-accum-steps", type=at_least(1), default=1,
                        help="batches whose gradients are averaged per optimizer step; the "
                             "effective batch is batch-size x processes x this (default: 1)")
-    group.add_argument("--lr", type=positive_float, default=DEFAULT_LR,
-                       help=f"peak AdamW learning rate (default: {DEFAULT_LR}; see README)")
+    group.add_argument("--lr", type=positive_float, default=None,
+                       help="peak AdamW learning rate (default: by --method, " + ", ".join(
+                           f"{method} {lr:g}" for method, lr in DEFAULT_LRS.items())
+                       + "; see README)")
     group.add_argument("--weight-decay", type=non_negative_float, default=0.01,
                        help="AdamW weight decay, not applied to biases and LayerNorm "
                             "(default: 0.01)")
@@ -157,10 +174,17 @@ def build_parser() -> argparse.ArgumentParser:
 # Set-up helpers
 
 
-def default_output_dir(model: str) -> Path:
-    """runs/<model name>-lora-<YYYYmmdd-HHMMSS>."""
+def default_output_dir(model: str, method: str = DEFAULT_METHOD) -> Path:
+    """runs/<model name>-<method>-<YYYYmmdd-HHMMSS>."""
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / f"{Path(model.rstrip('/')).name}-lora-{stamp}"
+    return Path("runs") / f"{Path(model.rstrip('/')).name}-{method}-{stamp}"
+
+
+def save_run_checkpoint(args: argparse.Namespace, model: torch.nn.Module, tokenizer) -> None:
+    """Save the run's best checkpoint with the preprocessing evaluate.py must repeat."""
+    folder = checkpoint_folder(args.output_dir, args.method)
+    save_checkpoint(model, tokenizer, folder, args.method)
+    Preprocessing(args.truncation, args.max_length).save(folder)
 
 
 def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float,
@@ -386,7 +410,7 @@ class Trainer:
         if improved:
             self.best_score = score
             if is_main_process():
-                save_adapter(self.model, self.tokenizer, self.args.output_dir / ADAPTER_DIR)
+                save_run_checkpoint(self.args, self.model, self.tokenizer)
         self.log({"epoch": epoch + 1, "validation": metrics, "best": improved})
         self.validation_seconds += time.perf_counter() - started
         if is_main_process():
@@ -427,7 +451,10 @@ def run(args: argparse.Namespace) -> dict:
     rank, world_size, device = init_distributed(args.device)
     precision = pick_precision(args.precision, device)
     # The default folder name holds the time: take rank 0's, in case a second ticks between.
-    args.output_dir = from_main_process(args.output_dir or default_output_dir(args.model))
+    args.output_dir = from_main_process(args.output_dir
+                                        or default_output_dir(args.model, args.method))
+    if args.lr is None:
+        args.lr = DEFAULT_LRS[args.method]
     check_can_write(args.output_dir, "--output-dir", args.overwrite)
     if Path(args.model).expanduser().exists():
         # adapter_config.json records this path: an absolute one keeps the adapter loadable
@@ -447,16 +474,18 @@ def run(args: argparse.Namespace) -> dict:
     collator = PaddingCollator(tokenizer.pad_token_id, device)
     # Every rank tokenizes (the `datasets` cache files are written atomically, so concurrent
     # ranks are safe) and loads its own share of each split.
-    train_loader = make_loader(tokenize(train, tokenizer, args.max_length), args.batch_size,
-                               collator, shuffle=True, seed=args.seed,
+    train_loader = make_loader(tokenize(train, tokenizer, args.max_length, args.truncation),
+                               args.batch_size, collator, shuffle=True, seed=args.seed,
                                num_workers=args.num_workers, rank=rank, world_size=world_size)
-    validation_loader = make_loader(tokenize(validation, tokenizer, args.max_length),
+    validation_loader = make_loader(tokenize(validation, tokenizer, args.max_length,
+                                             args.truncation),
                                     args.eval_batch_size, collator, shuffle=False,
                                     num_workers=args.num_workers, rank=rank,
                                     world_size=world_size)
     test_loader = test_loader_for(tokenizer, test, args, device, rank, world_size)
     model = load_base_model(args.model).to(device)
-    check_lora_targets(model, args.lora_targets)
+    if args.method == "lora":
+        check_lora_targets(model, args.lora_targets)
 
     wait_for_all_ranks()  # every rank has passed its checks before rank 0 writes a file
     if is_main_process():
@@ -482,11 +511,12 @@ def run(args: argparse.Namespace) -> dict:
     before = evaluate_model(model, test_loader, device, precision, desc="Scoring pre-trained")
     print_main(f"Pre-trained model: test accuracy {before['accuracy']:.4f}")
 
-    model = wrap_with_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout,
-                           args.lora_targets)
+    model = prepare_model(model, args.method, args.lora_r, args.lora_alpha, args.lora_dropout,
+                          args.lora_targets)
     trainable, total = parameter_counts(model)
-    print_main(f"LoRA r={args.lora_r}, alpha={args.lora_alpha:g} on {args.lora_targets}: "
-               f"{format_parameter_counts(trainable, total)}")
+    what = (f"LoRA r={args.lora_r}, alpha={args.lora_alpha:g} on {args.lora_targets}"
+            if args.method == "lora" else METHODS[args.method])
+    print_main(f"{what}, lr {args.lr:g}: {format_parameter_counts(trainable, total)}")
     trainer = Trainer(args, model, tokenizer, train_loader, validation_loader, device, precision)
     started = time.perf_counter()
     try:
@@ -496,10 +526,10 @@ def run(args: argparse.Namespace) -> dict:
         trainer.close()
     train_seconds = time.perf_counter() - started - trainer.validation_seconds
 
-    # Score the best adapter exactly as evaluate.py will: loaded back from disk (once rank 0
+    # Score the best checkpoint exactly as evaluate.py will: loaded back from disk (once rank 0
     # has finished writing it).
     wait_for_all_ranks()
-    best = load_adapted_model(args.output_dir / ADAPTER_DIR, args.model).to(device)
+    best = load_checkpoint(args.output_dir, args.model)[0].to(device)
     after = evaluate_model(best, test_loader, device, precision, desc="Scoring fine-tuned")
     metrics = {"before": before, "after": after,
                "parameters": {"trainable": trainable, "total": total},
@@ -509,12 +539,12 @@ def run(args: argparse.Namespace) -> dict:
     if is_main_process():
         write_json(args.output_dir / METRICS_FILE, metrics)
         write_report(args.output_dir)
-    print_main(f"\nTest reviews ({len(test)}), pre-trained vs LoRA fine-tuned:")
+    print_main(f"\nTest reviews ({len(test)}), pre-trained vs fine-tuned ({args.method}):")
     print_main(format_comparison([("before", before), ("after", after)]))
     print_main(f"\nTraining took {train_seconds:.0f} s ({metrics['train_samples_per_s']:.1f} "
                f"samples/s). Wrote {args.output_dir / METRICS_FILE} and "
-               f"{args.output_dir / REPORT_MD} with its plots; the adapter is in "
-               f"{args.output_dir / ADAPTER_DIR}")
+               f"{args.output_dir / REPORT_MD} with its plots; the checkpoint is in "
+               f"{checkpoint_folder(args.output_dir, args.method)}")
     return metrics
 
 
