@@ -17,8 +17,9 @@ import argparse
 import itertools
 import json
 import math
+import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -44,7 +45,18 @@ PAD_TO_MULTIPLE_OF = 8
 # Tokenizers without a known limit report a huge sentinel as model_max_length.
 MAX_SANE_LENGTH = 100_000
 # Bump when tokenize() changes what it writes, so stale caches are not reused.
-TOKENIZE_CACHE_VERSION = "1"
+TOKENIZE_CACHE_VERSION = "2"
+# Which tokens of a review longer than --max-length are kept. "head" (the first ones) is the
+# usual default; IMDB reviewers often give their verdict at the end, and Sun et al. (2019,
+# "How to Fine-Tune BERT for Text Classification?") found the head and the tail together best.
+TRUNCATION_MODES = ("head", "tail", "head+tail")
+DEFAULT_TRUNCATION = "head"
+# Sun et al. kept the first 128 and the last 382 of 510 tokens; head+tail keeps this share of
+# the review tokens from the head at every --max-length (at 128: 32 head + 94 tail).
+HEAD_SHARE = 128 / 510
+# Written into every checkpoint folder: how its reviews were tokenized, so that evaluate.py and
+# predict.py can tokenize the same way.
+PREPROCESSING_FILE = "preprocessing.json"
 
 FEATURES = Features({TEXT: Value("string"), LABEL: ClassLabel(names=["neg", "pos"])})
 
@@ -131,8 +143,8 @@ def check_can_write(path: Path, flag: str, overwrite: bool, kind: str = "folder"
                          f"{ancestor})") from error
 
 
-def add_data_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the data flags that train.py and evaluate.py share."""
+def add_data_arguments(parser: argparse.ArgumentParser, from_checkpoint: bool = False) -> None:
+    """Add the data flags that train.py and evaluate.py share (see add_preprocessing_arguments)."""
     group = parser.add_argument_group("data")
     group.add_argument(
         "--data", default=DEFAULT_DATA,
@@ -150,13 +162,35 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--data-seed", type=at_least(0), default=DEFAULT_DATA_SEED,
                        help="seed of the subset and validation-split shuffles "
                             f"(default: {DEFAULT_DATA_SEED})")
-    group.add_argument("--max-length", type=at_least(MIN_MAX_LENGTH), default=DEFAULT_MAX_LENGTH,
-                       help="truncate reviews to this many tokens, [CLS] and [SEP] included; "
-                            f"from {MIN_MAX_LENGTH} to the model's position limit "
-                            f"(default: {DEFAULT_MAX_LENGTH})")
+    add_preprocessing_arguments(group, from_checkpoint)
     group.add_argument("--num-workers", type=at_least(0), default=0,
                        help="DataLoader worker processes (default: 0, batches are built in "
                             "the main process, which is fastest for pre-tokenized data)")
+
+
+def add_preprocessing_arguments(parser, from_checkpoint: bool = False) -> None:
+    """Add --max-length and --truncation, which decide the token ids a model sees.
+
+    train.py (`from_checkpoint` False) records them with every checkpoint; evaluate.py and
+    predict.py (True) default to the values a checkpoint recorded.
+    """
+    recorded = "the checkpoint's, recorded by train.py"
+    parser.add_argument(
+        "--max-length", type=at_least(MIN_MAX_LENGTH),
+        default=None if from_checkpoint else DEFAULT_MAX_LENGTH,
+        help="tokens read per review, [CLS] and [SEP] included; longer reviews are truncated; "
+             f"from {MIN_MAX_LENGTH} to the model's position limit (512 for BERT) (default: "
+             + (f"{recorded}, else {DEFAULT_MAX_LENGTH})" if from_checkpoint
+                else f"{DEFAULT_MAX_LENGTH})"))
+    parser.add_argument(
+        "--truncation", choices=TRUNCATION_MODES,
+        default=None if from_checkpoint else DEFAULT_TRUNCATION,
+        help="which tokens of a longer review are kept: head = the first ones, tail = the last "
+             f"ones, head+tail = {round(100 * HEAD_SHARE)}%% of them from the head, the rest "
+             "from the tail (Sun et al. 2019: at --max-length 512, the first 128 and the last "
+             "382) "
+             "(default: " + (f"{recorded}, else {DEFAULT_TRUNCATION})" if from_checkpoint
+                             else f"{DEFAULT_TRUNCATION})"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -390,26 +424,101 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return Hasher.hash(state)
 
 
-def tokenize(split: Dataset, tokenizer, max_length: int) -> Dataset:
+def head_tail_split(max_length: int, truncation: str) -> tuple[int, int]:
+    """(tokens kept from the head, tokens kept from the tail) of a review longer than allowed.
+
+    Both count review tokens only: together they are `max_length` - 2, the room left beside
+    [CLS] and [SEP]. head+tail at 128: (32, 94); at 256: (64, 190); at 512: (128, 382).
+    """
+    room = max_length - 2
+    head = {"head": room, "tail": 0, "head+tail": round(room * HEAD_SHARE)}[truncation]
+    return head, room - head
+
+
+def truncate_ids(ids: list[int], max_length: int, truncation: str) -> list[int]:
+    """Cut one review's token ids ([CLS] review [SEP]) to `max_length` the `truncation` way.
+
+    A review that fits is returned unchanged in every mode. Every BERT-style tokenizer wraps a
+    single text as one special token, the text, one special token ([CLS] ... [SEP] for BERT,
+    <s> ... </s> for RoBERTa), and those two are always kept.
+    """
+    if len(ids) <= max_length:
+        return ids
+    head, tail = head_tail_split(max_length, truncation)
+    body = ids[1:-1]
+    return [ids[0], *body[:head], *body[len(body) - tail:], ids[-1]]
+
+
+def describe_truncation(max_length: int, truncation: str) -> str:
+    """'the first 32 and the last 94 tokens': what is read of a review longer than allowed."""
+    head, tail = head_tail_split(max_length, truncation)
+    parts = ([f"the first {head}"] if head else []) + ([f"the last {tail}"] if tail else [])
+    return " and ".join(parts) + " tokens"
+
+
+def tokenize(split: Dataset, tokenizer, max_length: int,
+             truncation: str = DEFAULT_TRUNCATION) -> Dataset:
     """Tokenize with the fast tokenizer, truncated to `max_length`, unpadded, cached on disk.
 
-    The cache key is the data's fingerprint, the tokenizer's and `max_length`, so a second run
-    over the same data with the same tokenizer reads the token ids back instead of tokenizing.
+    Each review is tokenized whole and then cut with ``truncate_ids`` (the fast tokenizer
+    tokenizes the whole text before truncating anyway, so keeping the tail costs no more).
+    The cache key is the data's fingerprint, the tokenizer's, `max_length` and `truncation`,
+    so a second run over the same data with the same settings reads the token ids back.
     """
     limit = tokenizer.model_max_length
     if limit < MAX_SANE_LENGTH and max_length > limit:
         raise UsageError(f"--max-length {max_length} is above the model's limit of {limit} "
                          "tokens; choose at most that")
     fingerprint = Hasher.hash([split._fingerprint, tokenizer_fingerprint(tokenizer),
-                               max_length, TOKENIZE_CACHE_VERSION])
+                               max_length, truncation, TOKENIZE_CACHE_VERSION])
 
     def encode(batch: dict) -> dict:
-        encoded = tokenizer(batch[TEXT], truncation=True, max_length=max_length,
-                            return_attention_mask=False, return_token_type_ids=False)
-        return {"input_ids": encoded["input_ids"]}
+        encoded = tokenizer(batch[TEXT], return_attention_mask=False,
+                            return_token_type_ids=False)
+        return {"input_ids": [truncate_ids(ids, max_length, truncation)
+                              for ids in encoded["input_ids"]]}
 
     return split.map(encode, batched=True, remove_columns=[TEXT], new_fingerprint=fingerprint,
-                     desc=f"Tokenizing (max length {max_length})")
+                     desc=f"Tokenizing (max length {max_length}, {truncation})")
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How a checkpoint's reviews were tokenized; saved beside its weights (PREPROCESSING_FILE)."""
+
+    truncation: str = DEFAULT_TRUNCATION
+    max_length: int = DEFAULT_MAX_LENGTH
+
+    def save(self, folder: Path) -> None:
+        """Write PREPROCESSING_FILE into `folder`."""
+        (Path(folder) / PREPROCESSING_FILE).write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def recorded_in(cls, folder: Path) -> Preprocessing | None:
+        """The settings saved in `folder`; None for a checkpoint saved before they were."""
+        path = Path(folder) / PREPROCESSING_FILE
+        if not path.is_file():
+            return None
+        return cls(**json.loads(path.read_text()))
+
+
+def resolve_preprocessing(recorded: Preprocessing | None, truncation: str | None,
+                          max_length: int | None, checkpoint: str | None) -> Preprocessing:
+    """The settings to score `checkpoint` with: the flags given, else the recorded ones.
+
+    A checkpoint without a record (saved before records existed) was trained with the
+    defaults. A flag that differs from the record is obeyed, since scoring at another length
+    or cut is a fair experiment, but never silently: a warning on stderr names both values
+    (unless `checkpoint` is None: the record then only supplies defaults, as for --base).
+    """
+    trained = recorded or Preprocessing()
+    chosen = Preprocessing(truncation or trained.truncation, max_length or trained.max_length)
+    for flag, used, was in (("--truncation", chosen.truncation, trained.truncation),
+                            ("--max-length", chosen.max_length, trained.max_length)):
+        if used != was and recorded is not None and checkpoint is not None:
+            print(f"warning: {checkpoint} was trained with {flag} {was}; scoring it with "
+                  f"{flag} {used} as asked", file=sys.stderr)
+    return chosen
 
 
 # ---------------------------------------------------------------------------------------------

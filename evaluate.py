@@ -1,6 +1,9 @@
-"""Score the pre-trained model and any number of LoRA checkpoints on the IMDB test reviews.
+"""Score the pre-trained model and any number of checkpoints on the IMDB test reviews.
 
     python evaluate.py --base --checkpoint runs/NAME [--checkpoint runs/OTHER ...]
+
+Each checkpoint is scored on the reviews tokenized as it was trained (its recorded
+--truncation and --max-length), unless the flags say otherwise.
 
 This file also holds what train.py shares with it: picking the device and precision, and the
 one evaluation function (``evaluate_model``) that produced every number either script prints.
@@ -27,21 +30,24 @@ from tqdm.auto import tqdm
 from data import (
     LABEL_NAMES,
     PaddingCollator,
+    Preprocessing,
     UsageError,
     add_data_arguments,
     at_least,
     check_can_write,
     load_split,
     make_loader,
+    resolve_preprocessing,
     take_subset,
     tokenize,
+    tokenizer_fingerprint,
 )
 from lora_model import (
-    adapter_base_model,
     add_model_argument,
-    find_adapter,
-    load_adapted_model,
+    checkpoint_base_model,
+    find_checkpoint,
     load_base_model,
+    load_checkpoint,
     load_tokenizer,
 )
 
@@ -223,17 +229,17 @@ def format_comparison(results: list[tuple[str, dict]]) -> str:
 def build_parser() -> argparse.ArgumentParser:
     """The evaluate.py command line."""
     parser = argparse.ArgumentParser(
-        description="Compare the pre-trained model and LoRA checkpoints on the test reviews "
-                    "(accuracy, precision, recall, F1, loss).")
+        description="Compare the pre-trained model and fine-tuned checkpoints on the test "
+                    "reviews (accuracy, precision, recall, F1, loss).")
     parser.add_argument("--checkpoint", action="append", default=[], metavar="PATH",
-                        help="a run folder (runs/NAME) or an adapter folder; repeat to compare "
-                             "several")
+                        help="a run folder (runs/NAME) or a checkpoint folder (adapter, head, "
+                             "merged or full model); repeat to compare several")
     parser.add_argument("--base", action="store_true",
                         help="also score the pre-trained model with its seeded random head, "
                              "the 'before' row of train.py")
     add_model_argument(parser, default=None, help_text=(
         "base model (Hub name or folder); default: the one recorded in the first "
-        "checkpoint's adapter_config.json"))
+        "adapter or head checkpoint"))
     parser.add_argument("--json", type=Path, metavar="PATH",
                         help="also write the results to this JSON file")
     parser.add_argument("--overwrite", action="store_true",
@@ -242,18 +248,20 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also draw the results into this image (.png, .svg or .pdf): "
                              "accuracy, precision, recall and F1 side by side, and each "
                              "model's confusion matrix")
-    add_data_arguments(parser)
+    add_data_arguments(parser, from_checkpoint=True)
     add_runtime_arguments(parser)
     return parser
 
 
 def test_loader_for(tokenizer, test_split, args, device: torch.device, rank: int = 0,
-                    world_size: int = 1):
+                    world_size: int = 1, preprocessing: Preprocessing | None = None):
     """The test reviews tokenized for `tokenizer`, in a fixed-order evaluation loader.
 
+    `preprocessing` (default: args' --truncation and --max-length) decides the token ids.
     Under torchrun it holds rank `rank`'s share of the reviews (see ``make_loader``).
     """
-    tokens = tokenize(test_split, tokenizer, args.max_length)
+    preprocessing = preprocessing or Preprocessing(args.truncation, args.max_length)
+    tokens = tokenize(test_split, tokenizer, preprocessing.max_length, preprocessing.truncation)
     collator = PaddingCollator(tokenizer.pad_token_id, device)
     return make_loader(tokens, args.eval_batch_size, collator, shuffle=False,
                        num_workers=args.num_workers, rank=rank, world_size=world_size)
@@ -269,30 +277,44 @@ def run(args: argparse.Namespace) -> list[dict]:
         raise UsageError(f"--plot {args.plot} must end in {', '.join(PLOT_FORMATS)}")
     if args.plot:
         check_can_write(args.plot, "--plot", args.overwrite, kind="file")
-    adapters = [find_adapter(path) for path in args.checkpoint]
-    bases = {adapter_base_model(adapter) for adapter in adapters}
+    checkpoints = [find_checkpoint(path) for path in args.checkpoint]
+    bases = {checkpoint_base_model(c) for c in checkpoints} - {None}
     if len(bases) > 1 and not args.model:
-        # One tokenization serves every row; adapters of different base models need their own.
+        # --model replaces every checkpoint's base model; with two there is no one choice.
         raise UsageError(f"the checkpoints were trained on different base models "
                          f"({', '.join(sorted(bases))}); evaluate them in separate runs")
-    base_name = args.model or (adapter_base_model(adapters[0]) if adapters else None)
-    if base_name is None:
-        raise UsageError("--base needs --model (or a --checkpoint to read the base model from)")
+    base_name = args.model or next(iter(bases), None)
+    if args.base and base_name is None:
+        raise UsageError("--base needs --model (or an adapter or head --checkpoint to read the "
+                         "base model from)")
     device = pick_device(args.device)
     precision = pick_precision(args.precision, device)
     test = take_subset(load_split(args.data, "test", args.text_column, args.label_column),
                        args.eval_samples, args.data_seed)
     print(f"Scoring {len(test)} test reviews on {device} in {precision}", file=sys.stderr)
 
-    loader = test_loader_for(load_tokenizer(base_name), test, args, device)
-    models = ([("base", None)] if args.base else []) + [(str(p), p) for p in adapters]
+    # The base model is scored as the first checkpoint was trained, as train.py's "before".
+    first = Preprocessing.recorded_in(checkpoints[0]) if checkpoints else None
+    models = ([("base", None)] if args.base else []) + [(str(p), p) for p in checkpoints]
+    loaders = {}  # one tokenization per tokenizer and preprocessing, shared by the rows
     rows = []
-    for name, adapter in models:
-        model = (load_base_model(base_name) if adapter is None
-                 else load_adapted_model(adapter, args.model)).to(device)
-        metrics = evaluate_model(model, loader, device, precision, desc=f"Scoring {name}")
-        rows.append({"name": name, "checkpoint": None if adapter is None else str(adapter),
-                     **metrics})
+    for name, checkpoint in models:
+        if checkpoint is None:
+            model, tokenizer = load_base_model(base_name), load_tokenizer(base_name)
+            preprocessing = resolve_preprocessing(first, args.truncation, args.max_length, None)
+        else:
+            model, tokenizer = load_checkpoint(checkpoint, args.model)
+            preprocessing = resolve_preprocessing(Preprocessing.recorded_in(checkpoint),
+                                                  args.truncation, args.max_length, name)
+        key = (tokenizer_fingerprint(tokenizer), preprocessing)
+        if key not in loaders:
+            loaders[key] = test_loader_for(tokenizer, test, args, device,
+                                           preprocessing=preprocessing)
+        metrics = evaluate_model(model.to(device), loaders[key], device, precision,
+                                 desc=f"Scoring {name}")
+        rows.append({"name": name, "checkpoint": None if checkpoint is None else str(checkpoint),
+                     **metrics, "truncation": preprocessing.truncation,
+                     "max_length": preprocessing.max_length})
         del model
     print(format_comparison([(row["name"], row) for row in rows]))
     if args.json:

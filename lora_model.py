@@ -1,5 +1,10 @@
 """The model: a BERT classifier, its LoRA adapters, and saving/loading them the standard peft way.
 
+Besides LoRA (the default) train.py can train the classifier head alone (a linear probe on the
+frozen encoder) or every weight (full fine-tuning), to show what LoRA buys; ``prepare_model``
+readies the model for each ``--method``, ``save_checkpoint`` and ``load_checkpoint`` save and
+load what each trained.
+
     python lora_model.py merge --checkpoint runs/NAME --out merged/NAME
 
 writes the fine-tuned classifier as a plain transformers model (LoRA folded into the weights),
@@ -16,12 +21,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from transformers import (
     AutoConfig,
     AutoModelForSequenceClassification,
@@ -32,6 +39,7 @@ from transformers import (
 
 from data import (
     LABEL_NAMES,
+    PREPROCESSING_FILE,
     UsageError,
     at_least,
     check_can_write,
@@ -49,6 +57,7 @@ DEFAULT_LORA_ALPHA = 32
 DEFAULT_LORA_DROPOUT = 0.1
 DEFAULT_LORA_TARGETS = "query,value"
 ADAPTER_DIR = "adapter"  # where train.py keeps the best adapter inside a run folder
+MODEL_DIR = "model"  # where it keeps the best head or fully fine-tuned model (--method head/full)
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # The classifier head is trained in full (peft's modules_to_save), never given an adapter.
@@ -60,6 +69,16 @@ BERT_STYLE_MODEL_TYPES = frozenset({"bert", "roberta", "xlm-roberta", "camembert
 MODEL_CONFIG = "config.json"  # a transformers model folder's config (merged models)
 CLASSIFIER_SUFFIX = "ForSequenceClassification"  # architectures that carry a trained head
 TOKENIZER_CONFIG = "tokenizer_config.json"
+# A --method head checkpoint: the head's weights alone, and the base model they sit on.
+HEAD_CONFIG = "head_config.json"
+HEAD_WEIGHTS = "head.safetensors"
+# What train.py trains (--method): each is a row of the README's comparison table.
+METHODS = {
+    "lora": "LoRA adapters on the frozen encoder, plus the classifier head",
+    "head": "the classifier head alone, on the frozen encoder (a linear probe)",
+    "full": "every weight (full fine-tuning)",
+}
+DEFAULT_METHOD = "lora"
 
 
 def add_model_argument(parser: argparse.ArgumentParser, default: str | None = DEFAULT_MODEL,
@@ -72,7 +91,7 @@ def add_model_argument(parser: argparse.ArgumentParser, default: str | None = DE
 
 def add_lora_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the LoRA hyper-parameter flags."""
-    group = parser.add_argument_group("LoRA")
+    group = parser.add_argument_group("LoRA", "used by --method lora only")
     group.add_argument("--lora-r", type=at_least(1), default=DEFAULT_LORA_R,
                        help=f"rank r of the update B A (default: {DEFAULT_LORA_R})")
     group.add_argument("--lora-alpha", type=positive_float, default=DEFAULT_LORA_ALPHA,
@@ -140,6 +159,22 @@ def wrap_with_lora(model: PreTrainedModel, r: int = DEFAULT_LORA_R,
     return get_peft_model(model, config)
 
 
+def is_head_parameter(name: str) -> bool:
+    """True for the classifier head's parameters ("classifier.weight", ...), not the encoder's."""
+    return name.split(".", 1)[0] in HEAD_MODULES
+
+
+def prepare_model(model: PreTrainedModel, method: str, r: int = DEFAULT_LORA_R,
+                  alpha: float = DEFAULT_LORA_ALPHA, dropout: float = DEFAULT_LORA_DROPOUT,
+                  targets: str = DEFAULT_LORA_TARGETS) -> torch.nn.Module:
+    """The model to train for `method` (see METHODS); the LoRA settings apply to "lora" only."""
+    if method == "lora":
+        return wrap_with_lora(model, r, alpha, dropout, targets)
+    for name, param in model.named_parameters():
+        param.requires_grad_(method == "full" or is_head_parameter(name))
+    return model
+
+
 def parse_targets(targets: str) -> list[str]:
     """"query, value" -> ["query", "value"]."""
     return [t.strip() for t in targets.split(",") if t.strip()]
@@ -179,6 +214,65 @@ def save_adapter(model: PeftModel, tokenizer, folder: Path) -> None:
     """
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+
+
+def checkpoint_folder(run_folder: Path, method: str) -> Path:
+    """Where train.py keeps a run's best checkpoint of `method`: adapter/ or model/."""
+    return Path(run_folder) / (ADAPTER_DIR if method == "lora" else MODEL_DIR)
+
+
+def save_checkpoint(model: torch.nn.Module, tokenizer, folder: Path, method: str) -> None:
+    """Save what `method` trained, in the smallest form that loads back exactly, with the tokenizer.
+
+    lora: peft's adapter (A, B and the head). head: the head's weights and the base model's
+    name (a few kB; the frozen encoder is the base model's). full: every weight, as a plain
+    transformers model folder, the format of a merged model.
+    """
+    if method == "lora":
+        save_adapter(model, tokenizer, folder)
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    if method == "head":
+        save_file({name: tensor.detach().cpu().contiguous()
+                   for name, tensor in model.state_dict().items() if is_head_parameter(name)},
+                  folder / HEAD_WEIGHTS)
+        (folder / HEAD_CONFIG).write_text(json.dumps(
+            {"base_model_name_or_path": model.config.name_or_path}, indent=2) + "\n")
+    else:
+        model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def checkpoint_method(folder: Path) -> str | None:
+    """The --method that saved the checkpoint in `folder` (a merged model counts as "full")."""
+    if (folder / ADAPTER_CONFIG).is_file():
+        return "lora"
+    if (folder / HEAD_CONFIG).is_file():
+        return "head"
+    return "full" if is_merged_model(folder) else None
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """The checkpoint folder for `path`: the folder itself, or a run folder's adapter/ or model/."""
+    path = Path(path)
+    if not path.exists():
+        raise UsageError(f"--checkpoint {path} does not exist")
+    for folder in (path, path / ADAPTER_DIR, path / MODEL_DIR):
+        if checkpoint_method(folder):
+            return folder
+    raise UsageError(
+        f"--checkpoint {path} is not a run folder, an adapter folder ({ADAPTER_CONFIG}), a head "
+        f"folder ({HEAD_CONFIG}) or a merged model folder (a {MODEL_CONFIG} naming a "
+        f"*{CLASSIFIER_SUFFIX} architecture, as --method full saves too)")
+
+
+def checkpoint_base_model(folder: Path) -> str | None:
+    """The base model a checkpoint builds on; None for a model folder, which holds every weight."""
+    if checkpoint_method(folder) == "lora":
+        return adapter_base_model(folder)
+    if checkpoint_method(folder) == "head":
+        return json.loads((folder / HEAD_CONFIG).read_text())["base_model_name_or_path"]
+    return None
 
 
 def find_adapter(path: str | Path) -> Path:
@@ -232,7 +326,8 @@ def check_same_vocabulary(adapter: Path, base_name: str) -> None:
     if load_tokenizer(base_name).get_vocab() != saved:
         raise UsageError(
             f"--model {base_name} has another vocabulary than the one the adapter in {adapter} "
-            f"was trained with ({adapter_base_model(adapter)!r}); pass that model with --model")
+            f"was trained with ({checkpoint_base_model(adapter)!r}); pass that model with "
+            "--model")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,27 +356,46 @@ def load_merged_model(folder: str | Path) -> PreTrainedModel:
                             "model")
 
 
+def load_head_model(folder: Path, base_model: str | None = None) -> PreTrainedModel:
+    """The base model with the trained head of a --method head checkpoint put in place."""
+    recorded = checkpoint_base_model(folder)
+    base_name = base_model or recorded
+    model = load_base_model(base_name)
+    if base_model and base_model != recorded:
+        check_same_vocabulary(folder, base_name)
+    try:
+        head = load_file(folder / HEAD_WEIGHTS)
+    except (SafetensorError, OSError) as error:
+        raise UsageError(f"{folder / HEAD_WEIGHTS} is damaged or missing ({error}); restore it "
+                         "or train again") from error
+    expected = {name: p.shape for name, p in model.state_dict().items() if is_head_parameter(name)}
+    if {name: t.shape for name, t in head.items()} != expected:
+        raise UsageError(f"the head in {folder} does not fit --model {base_name}: it was trained "
+                         f"on {recorded!r}, a model of another shape; pass that model with --model")
+    model.load_state_dict(head, strict=False)
+    return model
+
+
 def load_checkpoint(checkpoint: str | Path,
                     base_model: str | None = None) -> tuple[torch.nn.Module, object]:
-    """(model, tokenizer) for a run folder, an adapter folder or a merged model folder."""
-    path = Path(checkpoint)
-    if is_merged_model(path):
-        return load_merged_model(path), load_tokenizer(str(path))
-    try:
-        adapter = find_adapter(path)
-    except UsageError:
-        raise UsageError(
-            f"--checkpoint {path} is not a run folder, an adapter folder ({ADAPTER_CONFIG}) or "
-            f"a merged model folder (a {MODEL_CONFIG} naming a *{CLASSIFIER_SUFFIX} "
-            "architecture)") from None
-    return load_adapted_model(adapter, base_model), load_adapter_tokenizer(adapter, base_model)
+    """(model, tokenizer) for a run folder or any checkpoint folder that train.py or merge saves.
+
+    `base_model` replaces the recorded base model of an adapter or head checkpoint.
+    """
+    folder = find_checkpoint(checkpoint)
+    method = checkpoint_method(folder)
+    if method == "full":
+        return load_merged_model(folder), load_tokenizer(str(folder))
+    model = (load_adapted_model(folder, base_model) if method == "lora"
+             else load_head_model(folder, base_model))
+    return model, load_checkpoint_tokenizer(folder, base_model)
 
 
-def load_adapter_tokenizer(adapter: Path, base_model: str | None = None):
-    """The tokenizer saved beside an adapter (save_adapter puts it there), else the base's."""
-    if (adapter / TOKENIZER_CONFIG).is_file():
-        return load_tokenizer(str(adapter))
-    return load_tokenizer(base_model or adapter_base_model(adapter))
+def load_checkpoint_tokenizer(folder: Path, base_model: str | None = None):
+    """The tokenizer saved beside a checkpoint (save_checkpoint puts it there), else the base's."""
+    if (folder / TOKENIZER_CONFIG).is_file():
+        return load_tokenizer(str(folder))
+    return load_tokenizer(base_model or checkpoint_base_model(folder))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,25 +426,30 @@ def merge_adapter(checkpoint: str | Path, out: str | Path, base_model: str | Non
     The result is a plain transformers classifier: it loads with
     ``AutoModelForSequenceClassification.from_pretrained(out)`` without peft and computes the
     same logits as base model + adapter, with no extra LoRA matrix products at inference.
+    A head or full checkpoint has nothing to fold: it is saved as the same plain classifier.
     """
-    adapter = find_adapter(checkpoint)
+    folder = find_checkpoint(checkpoint)
     out = Path(out)
     # A folder holding an adapter would be read as one (transformers and peft both look for
     # adapter_config.json first), and a run folder would lose its config.json: never write
     # into either, even with --overwrite.
-    if (out / ADAPTER_CONFIG).exists() or (out / ADAPTER_DIR / ADAPTER_CONFIG).exists():
+    if (out / ADAPTER_CONFIG).exists() or (out / HEAD_CONFIG).exists() or any(
+            checkpoint_method(out / name) for name in (ADAPTER_DIR, MODEL_DIR)):
         raise UsageError(f"--out {out} holds an adapter or a run; choose a new folder for the "
                          "merged model")
     check_can_write(out, "--out", overwrite)
-    model = load_adapted_model(adapter, base_model)
+    model, tokenizer = load_checkpoint(folder, base_model)
     # merge_and_unload writes W + (alpha / r) B A into each adapted layer, puts the trained
     # head back in place of peft's wrapper, and returns the bare transformers model: that is
     # what gets saved (saving the PeftModel would write an adapter again). safe_merge checks
     # the merged weights for NaNs before replacing the originals.
-    merged = model.merge_and_unload(safe_merge=True)
+    if isinstance(model, PeftModel):
+        model = model.merge_and_unload(safe_merge=True)
     out.mkdir(parents=True, exist_ok=True)  # only now: a refused merge leaves no folder behind
-    merged.save_pretrained(out)
-    load_adapter_tokenizer(adapter, base_model).save_pretrained(out)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    if (folder / PREPROCESSING_FILE).is_file():  # how to tokenize for it travels with it
+        shutil.copyfile(folder / PREPROCESSING_FILE, out / PREPROCESSING_FILE)
     return out
 
 
@@ -346,7 +465,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "transformers model plus tokenizer, loadable with "
                     "AutoModelForSequenceClassification.from_pretrained(OUT) without peft.")
     merge.add_argument("--checkpoint", required=True, metavar="PATH",
-                       help="a run folder (runs/NAME) or an adapter folder")
+                       help="a run folder (runs/NAME) or an adapter folder; a --method head or "
+                            "full checkpoint has no LoRA update and is saved as it is")
     merge.add_argument("--out", required=True, type=Path, metavar="DIR",
                        help="folder for the merged model; must be new or empty unless "
                             "--overwrite")
@@ -354,16 +474,17 @@ def build_parser() -> argparse.ArgumentParser:
                        help="allow writing into an --out folder that already holds files")
     add_model_argument(merge, default=None, help_text=(
         "base model (Hub name or folder); default: the one recorded in the checkpoint's "
-        f"{ADAPTER_CONFIG}"))
+        f"{ADAPTER_CONFIG} or {HEAD_CONFIG}"))
     return parser
 
 
 def merge_command(args: argparse.Namespace) -> None:
     """``lora_model.py merge``: merge, then report where the model went and both sizes."""
-    adapter = find_adapter(args.checkpoint)
-    out = merge_adapter(adapter, args.out, args.model, args.overwrite)
-    print(f"Merged model saved to {out} ({format_size(folder_size(out))}; the adapter "
-          f"{adapter} is {format_size(folder_size(adapter))}). Load it with "
+    folder = find_checkpoint(args.checkpoint)
+    out = merge_adapter(folder, args.out, args.model, args.overwrite)
+    what = "adapter" if checkpoint_method(folder) == "lora" else "checkpoint"
+    print(f"Merged model saved to {out} ({format_size(folder_size(out))}; the {what} "
+          f"{folder} is {format_size(folder_size(folder))}). Load it with "
           f"AutoModelForSequenceClassification.from_pretrained({str(out)!r}).")
 
 

@@ -4,10 +4,10 @@
     python predict.py --checkpoint runs/NAME --file reviews.txt --json   # one review per line
     cat reviews.txt | python predict.py --checkpoint merged/NAME          # from standard input
 
-The checkpoint may be a run folder, an adapter folder or a merged model folder
-(``python lora_model.py merge``). Reviews are tokenized, batched and scored with the same
-code as evaluate.py; a review longer than ``--max-length`` tokens is cut there, and the output
-says so.
+The checkpoint may be a run folder, an adapter folder, a merged model folder
+(``python lora_model.py merge``) or a head or full checkpoint. Reviews are tokenized, batched
+and scored with the same code as evaluate.py, cut as the checkpoint was trained (its recorded
+``--max-length`` and ``--truncation``); the output says which reviews were cut.
 """
 
 from __future__ import annotations
@@ -23,16 +23,17 @@ import torch
 from datasets import Dataset
 
 from data import (
-    DEFAULT_MAX_LENGTH,
     FEATURES,
     LABEL,
     LABEL_NAMES,
-    MIN_MAX_LENGTH,
     TEXT,
     PaddingCollator,
+    Preprocessing,
     UsageError,
-    at_least,
+    add_preprocessing_arguments,
+    describe_truncation,
     make_loader,
+    resolve_preprocessing,
     tokenize,
 )
 from evaluate import (
@@ -42,7 +43,7 @@ from evaluate import (
     predict_logits,
     run_command,
 )
-from lora_model import ADAPTER_CONFIG, add_model_argument, load_checkpoint
+from lora_model import ADAPTER_CONFIG, add_model_argument, find_checkpoint, load_checkpoint
 
 STDIN = "-"
 # The table shows the start of each review; --json gives the whole text.
@@ -71,20 +72,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="reviews to label; without TEXT or --file, one review per line is "
                              "read from standard input")
     parser.add_argument("--checkpoint", required=True, metavar="PATH",
-                        help="a run folder (runs/NAME), an adapter folder, or a merged model "
-                             "folder from 'python lora_model.py merge'")
+                        help="a run folder (runs/NAME), an adapter folder, a merged model "
+                             "folder from 'python lora_model.py merge', or a head or full "
+                             "checkpoint folder")
     parser.add_argument("--file", type=Path, metavar="PATH",
                         help="a UTF-8 text file with one review per line (blank lines are "
                              f"skipped); '{STDIN}' reads standard input")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object per review (text, label, probability, "
                              "probabilities, tokens, truncated) instead of a table")
-    parser.add_argument("--max-length", type=at_least(MIN_MAX_LENGTH),
-                        default=DEFAULT_MAX_LENGTH,
-                        help="read at most this many tokens of each review, [CLS] and [SEP] "
-                             f"included; longer reviews are truncated (default: "
-                             f"{DEFAULT_MAX_LENGTH}, the length train.py trains with; BERT "
-                             "reads up to 512)")
+    add_preprocessing_arguments(parser, from_checkpoint=True)
     add_model_argument(parser, default=None, help_text=(
         "base model (Hub name or folder) for an adapter checkpoint; default: the one recorded "
         f"in its {ADAPTER_CONFIG}"))
@@ -142,14 +139,16 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return shifted / shifted.sum(axis=-1, keepdims=True)
 
 
-def predict_reviews(model: torch.nn.Module, tokenizer, texts: list[str], max_length: int,
-                    batch_size: int, device: torch.device, precision: str) -> list[Prediction]:
+def predict_reviews(model: torch.nn.Module, tokenizer, texts: list[str],
+                    preprocessing: Preprocessing, batch_size: int, device: torch.device,
+                    precision: str) -> list[Prediction]:
     """Label `texts` in order, with the tokenizer, collator and loop evaluate.py uses."""
     # The collator and loader expect a label column; these placeholders are never read.
     reviews = Dataset.from_dict({TEXT: texts, LABEL: [0] * len(texts)}, features=FEATURES)
     collator = PaddingCollator(tokenizer.pad_token_id, device)
-    loader = make_loader(tokenize(reviews, tokenizer, max_length), batch_size, collator,
-                         shuffle=False)
+    max_length = preprocessing.max_length
+    loader = make_loader(tokenize(reviews, tokenizer, max_length, preprocessing.truncation),
+                         batch_size, collator, shuffle=False)
     logits, _ = predict_logits(model, loader, device, precision, desc="Predicting")
     probabilities = softmax(logits.astype(np.float64))
     predictions = []
@@ -173,7 +172,7 @@ def preview(text: str, width: int = PREVIEW_CHARS) -> str:
     return one_line if len(one_line) <= width else one_line[:width - 1] + "…"
 
 
-def format_table(predictions: list[Prediction], max_length: int) -> str:
+def format_table(predictions: list[Prediction], preprocessing: Preprocessing) -> str:
     """A table: number, label, probability, tokens (marked when truncated), start of the text."""
     rows = [["#", "label", "probability", "tokens", "text"]]
     for i, prediction in enumerate(predictions, start=1):
@@ -187,15 +186,18 @@ def format_table(predictions: list[Prediction], max_length: int) -> str:
              for row in rows]
     n_truncated = sum(p.truncated for p in predictions)
     if n_truncated:
-        lines.append(f"{TRUNCATED_MARK} truncated: {truncation_note(n_truncated, max_length)}")
+        lines.append(f"{TRUNCATED_MARK} truncated: "
+                     f"{truncation_note(n_truncated, preprocessing)}")
     return "\n".join(lines)
 
 
-def truncation_note(n_truncated: int, max_length: int) -> str:
+def truncation_note(n_truncated: int, preprocessing: Preprocessing) -> str:
     """Why some texts were only partly read, and the flag that reads more."""
     reviews = "review is" if n_truncated == 1 else "reviews are"
-    return (f"{n_truncated} {reviews} longer than --max-length {max_length} tokens; only the "
-            f"first {max_length} were read (raise --max-length to read more)")
+    max_length, truncation = preprocessing.max_length, preprocessing.truncation
+    return (f"{n_truncated} {reviews} longer than --max-length {max_length} tokens; only "
+            f"{describe_truncation(max_length, truncation)} besides [CLS] and [SEP] were read "
+            f"(--truncation {truncation}; raise --max-length to read more)")
 
 
 def format_json_lines(predictions: list[Prediction]) -> str:
@@ -213,15 +215,18 @@ def run(args: argparse.Namespace) -> list[Prediction]:
     device = pick_device(args.device)
     precision = pick_precision(args.precision, device)
     model, tokenizer = load_checkpoint(args.checkpoint, args.model)
-    predictions = predict_reviews(model.to(device), tokenizer, texts, args.max_length,
+    preprocessing = resolve_preprocessing(
+        Preprocessing.recorded_in(find_checkpoint(args.checkpoint)), args.truncation,
+        args.max_length, args.checkpoint)
+    predictions = predict_reviews(model.to(device), tokenizer, texts, preprocessing,
                                   args.eval_batch_size, device, precision)
     if args.json:
         print(format_json_lines(predictions))
         n_truncated = sum(p.truncated for p in predictions)
         if n_truncated:
-            print(f"Note: {truncation_note(n_truncated, args.max_length)}", file=sys.stderr)
+            print(f"Note: {truncation_note(n_truncated, preprocessing)}", file=sys.stderr)
     else:
-        print(format_table(predictions, args.max_length))
+        print(format_table(predictions, preprocessing))
     return predictions
 
 

@@ -22,7 +22,7 @@ from matplotlib.ticker import MaxNLocator
 
 from data import LABEL_NAMES, UsageError
 from evaluate import METRIC_NAMES, run_command
-from lora_model import ADAPTER_DIR
+from lora_model import ADAPTER_DIR, METHODS, MODEL_DIR
 
 # The files of a run folder: written by train.py, read here.
 CONFIG_FILE = "config.json"
@@ -154,7 +154,7 @@ def best_validation(validation: list[dict]) -> dict | None:
 def display_name(name: str) -> str:
     """A short label for a result: a run's name for its adapter folder, else the name."""
     path = Path(name)
-    if path.name == ADAPTER_DIR and path.parent.name:
+    if path.name in (ADAPTER_DIR, MODEL_DIR) and path.parent.name:
         return path.parent.name
     return path.name or name
 
@@ -234,16 +234,18 @@ def metrics_table(before: dict, after: dict) -> str:
     return markdown_table(["metric", "before", "after", "change"], rows, "lrrr")
 
 
-def parameters_section(metrics: dict) -> str:
+def parameters_section(metrics: dict, method: str = "lora") -> str:
     """Trainable vs total parameters (count and share), or why they are missing."""
     counts = metrics.get("parameters")
     if not counts:
         return "Parameter counts were not recorded in metrics.json (a run from an older train.py)."
     trainable, total = counts["trainable"], counts["total"]
     table = markdown_table(["parameters", "count", "share"], [
-        ["trainable (LoRA matrices and classifier head)", f"{trainable:,}",
+        [f"trainable ({METHODS[method]})", f"{trainable:,}",
          f"{100 * trainable / total:.2f}%"],
         ["total", f"{total:,}", "100%"]], "lrr")
+    if method != "lora":
+        return table
     return (f"{table}\n\nThe total, as peft counts it, includes the frozen original of the "
             "classifier head beside its trained copy.")
 
@@ -270,6 +272,7 @@ def report_markdown(run_dir: Path, config: dict, metrics: dict, training: list[d
                     validation: list[dict]) -> str:
     """The text of report.md."""
     before, after = metrics["before"], metrics["after"]
+    method = config.get("method", "lora")  # runs from before --method existed were LoRA runs
     best = best_validation(validation)
     validations = f"{len(validation)} validation" + ("s" if len(validation) != 1 else "")
     chosen = (f"the adapter saved at step {best['step']}, the best validation accuracy "
@@ -285,7 +288,8 @@ def report_markdown(run_dir: Path, config: dict, metrics: dict, training: list[d
                          config.get("versions", {}).items())
     sections = [
         f"# Run report: {run_dir.name}",
-        f"LoRA fine-tuning of `{config.get('model', '?')}` on `{config.get('data', '?')}` "
+        f"Fine-tuning ({METHODS[method]}) of `{config.get('model', '?')}` on "
+        f"`{config.get('data', '?')}` "
         f"({config.get('resolved_device', '?')}, {config.get('resolved_precision', '?')}). "
         f"Regenerate with `python report.py {run_dir}`.",
         "## Test metrics",
@@ -294,7 +298,7 @@ def report_markdown(run_dir: Path, config: dict, metrics: dict, training: list[d
         metrics_table(before, after),
         f"![Before vs after: metrics and confusion matrices]({COMPARISON_PNG})",
         "## Parameters",
-        parameters_section(metrics),
+        parameters_section(metrics, method),
         "## Data",
         markdown_table(["split", "reviews"], data_rows, "lr"),
         "## Time and throughput",

@@ -4,6 +4,9 @@
     python train.py --model PATH --data PATH ...     # local folders, offline
     torchrun --nproc_per_node=4 train.py ...         # data parallel over 4 GPUs (see README)
 
+``--method head`` trains only the classifier head and ``--method full`` every weight, with
+the same loop and data, for comparison with LoRA.
+
 Before training the pre-trained model (seeded random head) is scored on the test reviews;
 after training the best adapter (chosen on a validation split carved out of the training
 data, never on the test set) is scored on the same reviews, and the two are shown side by side.
@@ -39,6 +42,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from data import (
     PaddingCollator,
+    Preprocessing,
     UsageError,
     add_data_arguments,
     at_least,
@@ -67,17 +71,21 @@ from evaluate import (
 )
 from lora_model import (
     ADAPTER_DIR,
+    DEFAULT_METHOD,
+    METHODS,
+    MODEL_DIR,
     add_lora_arguments,
     add_model_argument,
     check_encoder,
     check_lora_targets,
+    checkpoint_folder,
     format_parameter_counts,
-    load_adapted_model,
     load_base_model,
+    load_checkpoint,
     load_tokenizer,
     parameter_counts,
-    save_adapter,
-    wrap_with_lora,
+    prepare_model,
+    save_checkpoint,
 )
 from report import (
     COMPARISON_PNG,
@@ -89,9 +97,11 @@ from report import (
     write_report,
 )
 
-# LoRA trains few, freshly initialised weights, so it wants a far larger learning rate than
-# full fine-tuning (2e-5..5e-5): the LoRA paper used 4e-4..5e-4 for RoBERTa-base (r=8).
-DEFAULT_LR = 5e-4
+# The default --lr of each --method. Full fine-tuning nudges pre-trained weights and wants
+# 2e-5..5e-5 (BERT paper). LoRA trains few, freshly initialised weights and wants a far larger
+# step: the LoRA paper used 4e-4..5e-4 for RoBERTa-base (r=8). A linear probe trains a new head
+# alone on fixed features and takes larger steps still.
+DEFAULT_LRS = {"lora": 5e-4, "head": 1e-3, "full": 3e-5}
 DEFAULT_BATCH_SIZE = 16
 DEFAULT_SEED = 42
 DEFAULT_VALIDATION_SIZE = 0.1
@@ -102,7 +112,7 @@ NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight")
 CHECKPOINT_DIR = "checkpoint"
 PREVIOUS_CHECKPOINT_DIR = "checkpoint-previous"
 PARTIAL_CHECKPOINT_DIR = "checkpoint-partial"
-TRAINABLE_FILE = "trainable.safetensors"  # the trained weights (LoRA A/B and the head)
+TRAINABLE_FILE = "trainable.safetensors"  # the weights being trained (LoRA A/B + head, ...)
 TRAINING_STATE_FILE = "training_state.pt"  # optimizer, scheduler, scaler, RNG, data order
 PROGRESS_FILE = "progress.json"  # position, best score, log length, "before" metrics, config
 MANIFEST_FILE = "manifest.json"  # size and SHA-256 of the files above; written last
@@ -115,7 +125,7 @@ MAX_NONFINITE_STEPS = 5
 RESUMABLE_CHANGES = frozenset({"output_dir", "overwrite", "resume", "device", "num_workers",
                                "eval_batch_size", "log_every", "save_every"})
 # Everything a run writes into its folder (what --overwrite clears first).
-RUN_FILES = (ADAPTER_DIR, CONFIG_FILE, LOG_FILE, METRICS_FILE, REPORT_MD, CURVES_PNG,
+RUN_FILES = (ADAPTER_DIR, MODEL_DIR, CONFIG_FILE, LOG_FILE, METRICS_FILE, REPORT_MD, CURVES_PNG,
              COMPARISON_PNG, CHECKPOINT_DIR, PREVIOUS_CHECKPOINT_DIR, PARTIAL_CHECKPOINT_DIR)
 # Validation picks the best adapter by this metric (IMDB is balanced, so accuracy is fair).
 SELECTION_METRIC = "accuracy"
@@ -124,12 +134,17 @@ SELECTION_METRIC = "accuracy"
 def build_parser() -> argparse.ArgumentParser:
     """The train.py command line."""
     parser = argparse.ArgumentParser(
-        description="Fine-tune a BERT classifier with LoRA on IMDB reviews and compare it "
-                    "with the pre-trained model.")
+        description="Fine-tune a BERT classifier with LoRA on IMDB reviews (or, to compare, "
+                    "its head alone or every weight) and compare it with the pre-trained "
+                    "model.")
     add_model_argument(parser)
+    parser.add_argument("--method", choices=METHODS, default=DEFAULT_METHOD,
+                        help="what to train: " + "; ".join(
+                            f"{name} = {what}" for name, what in METHODS.items())
+                        + f" (default: {DEFAULT_METHOD})")
     parser.add_argument("--output-dir", type=Path, default=None,
-                        help="run folder for the adapter, metrics and logs "
-                             "(default: runs/<model>-lora-<date-time>)")
+                        help="run folder for the checkpoint, metrics and logs "
+                             "(default: runs/<model>-<method>-<date-time>)")
     parser.add_argument("--overwrite", action="store_true",
                         help="start over in an --output-dir that already holds files "
                              "(a finished or unfinished run's files are deleted first)")
@@ -159,8 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--grad-accum-steps", type=at_least(1), default=1,
                        help="batches whose gradients are averaged per optimizer step; the "
                             "effective batch is batch-size x processes x this (default: 1)")
-    group.add_argument("--lr", type=positive_float, default=DEFAULT_LR,
-                       help=f"peak AdamW learning rate (default: {DEFAULT_LR}; see README)")
+    group.add_argument("--lr", type=positive_float, default=None,
+                       help="peak AdamW learning rate (default: by --method, " + ", ".join(
+                           f"{method} {lr:g}" for method, lr in DEFAULT_LRS.items())
+                       + "; see README)")
     group.add_argument("--weight-decay", type=non_negative_float, default=0.01,
                        help="AdamW weight decay, not applied to biases and LayerNorm "
                             "(default: 0.01)")
@@ -188,10 +205,17 @@ def build_parser() -> argparse.ArgumentParser:
 # Set-up helpers
 
 
-def default_output_dir(model: str) -> Path:
-    """runs/<model name>-lora-<YYYYmmdd-HHMMSS>."""
+def default_output_dir(model: str, method: str = DEFAULT_METHOD) -> Path:
+    """runs/<model name>-<method>-<YYYYmmdd-HHMMSS>."""
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / f"{Path(model.rstrip('/')).name}-lora-{stamp}"
+    return Path("runs") / f"{Path(model.rstrip('/')).name}-{method}-{stamp}"
+
+
+def save_run_checkpoint(args: argparse.Namespace, model: torch.nn.Module, tokenizer) -> None:
+    """Save the run's best checkpoint with the preprocessing evaluate.py must repeat."""
+    folder = checkpoint_folder(args.output_dir, args.method)
+    save_checkpoint(model, tokenizer, folder, args.method)
+    Preprocessing(args.truncation, args.max_length).save(folder)
 
 
 def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float,
@@ -600,12 +624,12 @@ class Trainer:
                 model.train()
             stop = self.stop_requested()
             if stop or (self.step % args.save_every == 0 and i + 1 != n_batches):
-                self.save_checkpoint()
+                self.save_resumable_checkpoint()
             if stop:
                 raise self.interrupted(stop)
             clock = time.perf_counter()  # validation and saving are not training time
         self.validate(epoch)
-        self.save_checkpoint()
+        self.save_resumable_checkpoint()
         stop = self.stop_requested()
         if stop:
             raise self.interrupted(stop)
@@ -672,7 +696,7 @@ class Trainer:
         if improved:
             self.best_score = score
             if is_main_process():
-                save_adapter(self.model, self.tokenizer, self.args.output_dir / ADAPTER_DIR)
+                save_run_checkpoint(self.args, self.model, self.tokenizer)
         self.log({"epoch": epoch + 1, "validation": metrics, "best": improved})
         if is_main_process():
             tqdm.write(f"step {self.step}: validation accuracy {metrics['accuracy']:.4f}, "
@@ -752,7 +776,7 @@ class Trainer:
             f"in {self.args.output_dir / CHECKPOINT_DIR}. Resume by running the same command "
             f"again (or add --resume)", exit_code=128 + signum)
 
-    def save_checkpoint(self) -> None:
+    def save_resumable_checkpoint(self) -> None:
         """Write everything needed to continue from this step, crash-safely (rank 0 writes,
         but every rank contributes its random-number states)."""
         if self.saved_step == self.step:
@@ -841,7 +865,10 @@ def run(args: argparse.Namespace) -> dict:
     # The default folder name holds the time: take rank 0's, in case a second ticks between.
     if args.resume and args.output_dir is None:
         raise UsageError("--resume needs the --output-dir of the run to continue")
-    args.output_dir = from_main_process(args.output_dir or default_output_dir(args.model))
+    args.output_dir = from_main_process(args.output_dir
+                                        or default_output_dir(args.model, args.method))
+    if args.lr is None:
+        args.lr = DEFAULT_LRS[args.method]
     if Path(args.model).expanduser().exists():
         # adapter_config.json records this path: an absolute one keeps the adapter loadable
         # from any working directory.
@@ -864,16 +891,18 @@ def run(args: argparse.Namespace) -> dict:
     collator = PaddingCollator(tokenizer.pad_token_id, device)
     # Every rank tokenizes (the `datasets` cache files are written atomically, so concurrent
     # ranks are safe) and loads its own share of each split.
-    train_loader = make_loader(tokenize(train, tokenizer, args.max_length), args.batch_size,
-                               collator, shuffle=True, seed=args.seed,
+    train_loader = make_loader(tokenize(train, tokenizer, args.max_length, args.truncation),
+                               args.batch_size, collator, shuffle=True, seed=args.seed,
                                num_workers=args.num_workers, rank=rank, world_size=world_size)
-    validation_loader = make_loader(tokenize(validation, tokenizer, args.max_length),
+    validation_loader = make_loader(tokenize(validation, tokenizer, args.max_length,
+                                             args.truncation),
                                     args.eval_batch_size, collator, shuffle=False,
                                     num_workers=args.num_workers, rank=rank,
                                     world_size=world_size)
     test_loader = test_loader_for(tokenizer, test, args, device, rank, world_size)
     model = load_base_model(args.model).to(device)
-    check_lora_targets(model, args.lora_targets)
+    if args.method == "lora":
+        check_lora_targets(model, args.lora_targets)
 
     wait_for_all_ranks()  # every rank has passed its checks before rank 0 writes a file
     if is_main_process():
@@ -904,11 +933,12 @@ def run(args: argparse.Namespace) -> dict:
         before = json.loads((checkpoint / PROGRESS_FILE).read_text())["before"]
     print_main(f"Pre-trained model: test accuracy {before['accuracy']:.4f}")
 
-    model = wrap_with_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout,
-                           args.lora_targets)
+    model = prepare_model(model, args.method, args.lora_r, args.lora_alpha, args.lora_dropout,
+                          args.lora_targets)
     trainable, total = parameter_counts(model)
-    print_main(f"LoRA r={args.lora_r}, alpha={args.lora_alpha:g} on {args.lora_targets}: "
-               f"{format_parameter_counts(trainable, total)}")
+    what = (f"LoRA r={args.lora_r}, alpha={args.lora_alpha:g} on {args.lora_targets}"
+            if args.method == "lora" else METHODS[args.method])
+    print_main(f"{what}, lr {args.lr:g}: {format_parameter_counts(trainable, total)}")
     trainer = Trainer(args, model, tokenizer, train_loader, validation_loader, device, precision)
     trainer.before = before
     if checkpoint is not None:
@@ -919,10 +949,10 @@ def run(args: argparse.Namespace) -> dict:
     trainer.train()
     train_seconds = trainer.train_seconds
 
-    # Score the best adapter exactly as evaluate.py will: loaded back from disk (once rank 0
+    # Score the best checkpoint exactly as evaluate.py will: loaded back from disk (once rank 0
     # has finished writing it).
     wait_for_all_ranks()
-    best = load_adapted_model(args.output_dir / ADAPTER_DIR, args.model).to(device)
+    best = load_checkpoint(args.output_dir, args.model)[0].to(device)
     after = evaluate_model(best, test_loader, device, precision, desc="Scoring fine-tuned")
     metrics = {"before": before, "after": after,
                "parameters": {"trainable": trainable, "total": total},
@@ -932,16 +962,16 @@ def run(args: argparse.Namespace) -> dict:
     if is_main_process():
         write_json(args.output_dir / METRICS_FILE, metrics)
         write_report(args.output_dir)
-        # Finished: the adapter holds the result, and a finished run is not resumed, so the
-        # checkpoints (which can be large) are removed.
+        # Finished: the best checkpoint holds the result, and a finished run is not resumed,
+        # so the resumable checkpoints (which can be large) are removed.
         for name in (CHECKPOINT_DIR, PREVIOUS_CHECKPOINT_DIR, PARTIAL_CHECKPOINT_DIR):
             shutil.rmtree(args.output_dir / name, ignore_errors=True)
-    print_main(f"\nTest reviews ({len(test)}), pre-trained vs LoRA fine-tuned:")
+    print_main(f"\nTest reviews ({len(test)}), pre-trained vs fine-tuned ({args.method}):")
     print_main(format_comparison([("before", before), ("after", after)]))
     print_main(f"\nTraining took {train_seconds:.0f} s ({metrics['train_samples_per_s']:.1f} "
                f"samples/s). Wrote {args.output_dir / METRICS_FILE} and "
-               f"{args.output_dir / REPORT_MD} with its plots; the adapter is in "
-               f"{args.output_dir / ADAPTER_DIR}")
+               f"{args.output_dir / REPORT_MD} with its plots; the checkpoint is in "
+               f"{checkpoint_folder(args.output_dir, args.method)}")
     return metrics
 
 

@@ -83,7 +83,7 @@ def install(point: str) -> None:
         at_call(train.os, "replace", int(value),
                 counts=lambda source, target: Path(source).name.startswith("checkpoint"))
     elif kind == "kill-in-scoring":
-        at_call(train, "load_adapted_model", 1)
+        at_call(train, "load_checkpoint", 1)
     elif kind == "signal-at-step":
         step, sig = value.split(":")
         after_step(int(step), lambda trainer: kill_self(getattr(signal, f"SIG{sig}")))

@@ -190,7 +190,8 @@ def evaluate(tmp_path: Path, *flags: str, data: Path | None = None):
 
 def test_checkpoint_that_is_not_an_adapter(tmp_path, csv_data_dir):
     assert_refused(evaluate(tmp_path, "--checkpoint", str(csv_data_dir), data=csv_data_dir),
-                   "neither an adapter folder", "adapter_config.json")
+                   "is not a run folder, an adapter folder", "adapter_config.json",
+                   "head_config.json")
 
 
 def test_adapter_trained_on_a_model_of_another_size(tmp_path, csv_data_dir, tiny_adapter,
@@ -247,6 +248,8 @@ def test_truncated_adapter_weights(tmp_path, csv_data_dir, tiny_adapter):
     (["--validation-size", "23"], "would leave fewer than 2"),
     (["--data-seed", "-1"], "--data-seed: must be at least 0"),
     (["--lr", "inf"], "--lr: must be a finite number"),
+    (["--method", "adapter"], "--method: invalid choice: 'adapter'"),
+    (["--truncation", "middle"], "--truncation: invalid choice: 'middle'"),
 ])
 def test_flag_values_no_run_can_use(train, flags, phrase):
     assert_refused(train(*flags), phrase)

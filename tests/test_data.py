@@ -8,14 +8,20 @@ import os
 import pytest
 import torch
 from conftest import minilm_path, reviews
+from datasets import Dataset
 from transformers import AutoTokenizer
 
 from data import (
+    FEATURES,
+    TRUNCATION_MODES,
     PaddingCollator,
+    Preprocessing,
     UsageError,
+    head_tail_split,
     label_to_int,
     load_split,
     make_loader,
+    resolve_preprocessing,
     split_train_validation,
     take_subset,
     tokenize,
@@ -196,3 +202,62 @@ def test_second_tokenization_reads_the_disk_cache(tmp_path, tokenizer):
     assert second["input_ids"] == first["input_ids"]
     other = tokenize(load_split(str(tmp_path), "train"), tokenizer, max_length=12)
     assert other.cache_files[0]["filename"] != cache_file
+
+
+# --- truncation: head, tail, head+tail ------------------------------------------------------
+
+NUMBERS = " ".join(str(i) for i in range(100))  # 100 tokens: each number is one wordpiece
+
+
+def test_head_tail_split_follows_sun_et_al():
+    # Sun et al. (2019): the first 128 and the last 382 of 510 review tokens.
+    assert head_tail_split(512, "head+tail") == (128, 382)
+    assert head_tail_split(256, "head+tail") == (64, 190)
+    assert head_tail_split(128, "head+tail") == (32, 94)
+    assert head_tail_split(128, "head") == (126, 0)
+    assert head_tail_split(128, "tail") == (0, 126)
+
+
+@pytest.mark.parametrize("truncation, kept", [
+    ("head", list(range(10))),
+    ("tail", list(range(90, 100))),
+    ("head+tail", [0, 1, 2, *range(93, 100)]),  # round(10 * 128 / 510) = 3 from the head
+])
+def test_truncation_modes_keep_the_expected_tokens(tokenizer, truncation, kept):
+    data = Dataset.from_dict({"text": [NUMBERS, "1 2 3"], "label": [1, 0]}, features=FEATURES)
+    long_ids, short_ids = tokenize(data, tokenizer, max_length=12,
+                                   truncation=truncation)["input_ids"]
+    cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
+    assert long_ids == [cls, *tokenizer.convert_tokens_to_ids([str(i) for i in kept]), sep]
+    assert short_ids == tokenizer("1 2 3")["input_ids"]  # a review that fits is unchanged
+
+
+def test_head_truncation_equals_the_tokenizers_own(tokenizer):
+    texts = [NUMBERS, "short one", " ".join(["wonderful"] * 40)]
+    data = Dataset.from_dict({"text": texts, "label": [0, 1, 0]}, features=FEATURES)
+    ids = tokenize(data, tokenizer, max_length=20, truncation="head")["input_ids"]
+    assert ids == tokenizer(texts, truncation=True, max_length=20)["input_ids"]
+
+
+def test_each_truncation_mode_has_its_own_cache(tmp_path, tokenizer):
+    Dataset.from_dict({"text": [NUMBERS] * 4, "label": [0, 1] * 2}, features=FEATURES
+                      ).to_parquet(str(tmp_path / "train.parquet"))
+    split = load_split(str(tmp_path), "train")
+    files = {tokenize(split, tokenizer, 16, mode).cache_files[0]["filename"]
+             for mode in TRUNCATION_MODES}
+    assert len(files) == 3
+
+
+def test_preprocessing_record_round_trips_and_defaults_for_older_checkpoints(tmp_path,
+                                                                              capsys):
+    assert Preprocessing.recorded_in(tmp_path) is None  # saved before records existed
+    Preprocessing("head+tail", 256).save(tmp_path)
+    recorded = Preprocessing.recorded_in(tmp_path)
+    assert recorded == Preprocessing(truncation="head+tail", max_length=256)
+    assert resolve_preprocessing(recorded, None, None, "ckpt") == recorded
+    assert resolve_preprocessing(None, None, None, "ckpt") == Preprocessing("head", 128)
+    assert capsys.readouterr().err == ""
+    assert resolve_preprocessing(recorded, "head", None, "ckpt") == Preprocessing("head", 256)
+    assert capsys.readouterr().err.strip() == (
+        "warning: ckpt was trained with --truncation head+tail; scoring it with "
+        "--truncation head as asked")

@@ -121,7 +121,7 @@ def test_merge_command_reports_usage_errors_in_one_line(tmp_path, capsys):
     assert exit_info.value.code == 2
     error_line = capsys.readouterr().err.strip().splitlines()[-1]
     assert ": error: --checkpoint" in error_line
-    assert "neither an adapter folder" in error_line
+    assert "is not a run folder, an adapter folder" in error_line
     assert not (tmp_path / "merged").exists()
 
 

@@ -78,7 +78,8 @@ def test_report_numbers_match_metrics_json(tmp_path):
     assert rows["accuracy"] == ["0.5150", "0.8110", "+0.2960"]
     assert rows["loss"][2] == "-0.2619"
     assert rows["n"][:2] == ["1000", "1000"]
-    assert rows["trainable (LoRA matrices and classifier head)"] == ["74,498", "0.33%"]
+    assert rows["trainable (LoRA adapters on the frozen encoder, plus the classifier head)"] == [
+        "74,498", "0.33%"]
     assert rows["total"] == ["22,788,484", "100%"]
     assert rows["training"] == ["22,500"] and rows["test"] == ["25,000"]
     assert rows["training time"] == ["3 min 38 s (218.0 s)"]
