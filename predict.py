@@ -39,7 +39,7 @@ from evaluate import (
     add_runtime_arguments,
     pick_device,
     pick_precision,
-    predict_logits,
+    predict_in_order,
     run_command,
 )
 from lora_model import ADAPTER_CONFIG, add_model_argument, load_checkpoint
@@ -150,7 +150,7 @@ def predict_reviews(model: torch.nn.Module, tokenizer, texts: list[str], max_len
     collator = PaddingCollator(tokenizer.pad_token_id, device)
     loader = make_loader(tokenize(reviews, tokenizer, max_length), batch_size, collator,
                          shuffle=False)
-    logits, _ = predict_logits(model, loader, device, precision, desc="Predicting")
+    logits, _ = predict_in_order(model, loader, device, precision, desc="Predicting")
     probabilities = softmax(logits.astype(np.float64))
     predictions = []
     for text, probs, n_tokens in zip(texts, probabilities, token_counts(tokenizer, texts),

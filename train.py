@@ -123,6 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="validation reviews carved (stratified, seeded) out of the training "
                             "split: a fraction of the training reviews (<1) or a count (>=1) "
                             f"(default: {DEFAULT_VALIDATION_SIZE})")
+    group.add_argument("--group-by-length", action="store_true",
+                       help="batch training reviews of similar length (shuffled groups, a new "
+                            "random draw every epoch): less padding, faster with --max-length "
+                            "above 128 (default: off, plain random batches)")
     group = parser.add_argument_group("optimisation")
     group.add_argument("--epochs", type=at_least(1), default=1,
                        help="passes over the training reviews (default: 1)")
@@ -150,6 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "(default: 10)")
     add_lora_arguments(parser)
     add_runtime_arguments(parser)
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the model for training and validation; compiling "
+                             "takes minutes, so it pays only on long runs (default: off; see "
+                             "BENCHMARKS.md)")
     return parser
 
 
@@ -445,16 +453,19 @@ def run(args: argparse.Namespace) -> dict:
     test = take_subset(load_split(args.data, "test", args.text_column, args.label_column),
                        args.eval_samples, args.data_seed)
     collator = PaddingCollator(tokenizer.pad_token_id, device)
+    tokenize_started = time.perf_counter()
     # Every rank tokenizes (the `datasets` cache files are written atomically, so concurrent
     # ranks are safe) and loads its own share of each split.
     train_loader = make_loader(tokenize(train, tokenizer, args.max_length), args.batch_size,
                                collator, shuffle=True, seed=args.seed,
-                               num_workers=args.num_workers, rank=rank, world_size=world_size)
+                               num_workers=args.num_workers, rank=rank, world_size=world_size,
+                               group_by_length=args.group_by_length)
     validation_loader = make_loader(tokenize(validation, tokenizer, args.max_length),
                                     args.eval_batch_size, collator, shuffle=False,
                                     num_workers=args.num_workers, rank=rank,
                                     world_size=world_size)
     test_loader = test_loader_for(tokenizer, test, args, device, rank, world_size)
+    tokenize_seconds = time.perf_counter() - tokenize_started
     model = load_base_model(args.model).to(device)
     check_lora_targets(model, args.lora_targets)
 
@@ -479,7 +490,9 @@ def run(args: argparse.Namespace) -> dict:
                + (f" x {world_size} processes" if world_size > 1 else "")
                + f"; output in {args.output_dir}")
 
+    test_started = time.perf_counter()
     before = evaluate_model(model, test_loader, device, precision, desc="Scoring pre-trained")
+    test_seconds = {"before": time.perf_counter() - test_started}
     print_main(f"Pre-trained model: test accuracy {before['accuracy']:.4f}")
 
     model = wrap_with_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout,
@@ -487,6 +500,8 @@ def run(args: argparse.Namespace) -> dict:
     trainable, total = parameter_counts(model)
     print_main(f"LoRA r={args.lora_r}, alpha={args.lora_alpha:g} on {args.lora_targets}: "
                f"{format_parameter_counts(trainable, total)}")
+    if args.compile:
+        model.compile()  # in place: parameter names, and so the saved adapter, stay the same
     trainer = Trainer(args, model, tokenizer, train_loader, validation_loader, device, precision)
     started = time.perf_counter()
     try:
@@ -500,11 +515,15 @@ def run(args: argparse.Namespace) -> dict:
     # has finished writing it).
     wait_for_all_ranks()
     best = load_adapted_model(args.output_dir / ADAPTER_DIR, args.model).to(device)
+    test_started = time.perf_counter()
     after = evaluate_model(best, test_loader, device, precision, desc="Scoring fine-tuned")
+    test_seconds["after"] = time.perf_counter() - test_started
     metrics = {"before": before, "after": after,
                "parameters": {"trainable": trainable, "total": total},
                "train_seconds": train_seconds,
                "train_samples_per_s": len(train) * args.epochs / train_seconds,
+               "tokenize_seconds": tokenize_seconds,
+               "test_seconds": test_seconds,
                "wall_seconds": time.perf_counter() - run_started}
     if is_main_process():
         write_json(args.output_dir / METRICS_FILE, metrics)
