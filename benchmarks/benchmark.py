@@ -3,6 +3,7 @@
     python -m benchmarks.benchmark cpu --model "$MODEL" --data ../shared/data/imdb
     python -m benchmarks.benchmark cpu --quick --model TINY --data FOLDER   # under 2 minutes
     python -m benchmarks.benchmark lengths --model "$MODEL" --data ../shared/data/imdb
+    python -m benchmarks.benchmark levers --model "$MODEL" --data ../shared/data/imdb
     python -m benchmarks.benchmark gpu                                       # an H100/H200
 
 ``cpu`` runs, in one invocation and interleaved (the order rotates every repeat, so a slow
@@ -14,8 +15,9 @@ and its peak memory is its own. It reports medians and writes a Markdown table i
 ``--markdown`` (between markers, so the text around it stays).
 
 ``bare`` and ``tokenize`` are the pieces ``cpu`` starts as processes; ``lengths`` measures
-``--group-by-length`` at long sequence lengths; ``gpu`` is prepared for a GPU (random-weight
-bert-base, bf16): see ``gpu_benchmark.py``.
+``--group-by-length`` at long sequence lengths; ``levers`` times each speed lever against the
+default (``levers.py``); ``gpu`` is prepared for a GPU (random-weight bert-base, bf16): see
+``gpu_benchmark.py``.
 """
 
 from __future__ import annotations
@@ -614,6 +616,13 @@ def build_parser() -> argparse.ArgumentParser:
                                "(default: all)")
     tokenize.add_argument("--json", type=Path, required=True, help="where to write the result")
 
+    from benchmarks.levers import add_levers_arguments
+
+    levers = commands.add_parser("levers", help="each speed lever against the default",
+                                 description="See benchmarks/levers.py.")
+    common(levers, 0)
+    add_levers_arguments(levers)
+
     from benchmarks.gpu_benchmark import add_gpu_arguments
 
     gpu = commands.add_parser("gpu", help="random-weight bert-base, bf16, on a GPU",
@@ -635,8 +644,10 @@ def main(argv: list[str] | None = None) -> int:
     from evaluate import quiet_library_logs
 
     quiet_library_logs()
+    from benchmarks.levers import levers_command
+
     {"cpu": cpu_command, "lengths": lengths_command, "bare": bare_command,
-     "tokenize": tokenize_command}[args.command](args)
+     "tokenize": tokenize_command, "levers": levers_command}[args.command](args)
     return 0
 
 
