@@ -218,17 +218,26 @@ def first_batches(loader, n: int) -> list[dict]:
 
 def samples_per_second(step, batches: list[dict], device) -> float:
     """Samples per second of `step` over `batches`, after an untimed warm-up on the first."""
-    import torch
-
     step(batches[0])
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    synchronize(device)
+    return 1 / timed_per_sample(step, batches, device)
+
+
+def timed_per_sample(step, batches: list[dict], device=None) -> float:
+    """Seconds per sample of `step` over `batches` (waiting for a GPU to finish)."""
     started = time.perf_counter()
     for batch in batches:
         step(batch)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return sum(len(batch["labels"]) for batch in batches) / (time.perf_counter() - started)
+    synchronize(device)
+    return (time.perf_counter() - started) / sum(len(batch["labels"]) for batch in batches)
+
+
+def synchronize(device) -> None:
+    """Wait until a GPU has finished its queued work (no-op on the CPU)."""
+    if device is not None and device.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize(device)
 
 
 def tokenize_command(args: argparse.Namespace) -> None:
@@ -388,7 +397,8 @@ def context(args: argparse.Namespace, started: float, load_before: tuple) -> dic
             "load_average": {"start": load_before[0], "end": os.getloadavg()[0]},
             "repeats": args.repeats, "train_samples": args.train_samples,
             "eval_samples": args.eval_samples, "max_length": args.max_length,
-            "bare_batches": {"train": args.bare_train_batches, "eval": args.bare_eval_batches}}
+            "bare_batches": {"train": getattr(args, "bare_train_batches", None),
+                             "eval": getattr(args, "bare_eval_batches", None)}}
 
 
 def cpu_model() -> str:
@@ -452,17 +462,28 @@ def write_section(path: Path, name: str, text: str) -> None:
 
 
 def lengths_command(args: argparse.Namespace) -> dict:
-    """Padding with and without --group-by-length (whole training split) and two train.py runs.
+    """Padding and training speed with and without --group-by-length, at long sequences.
 
     The padding fractions are computed from the token counts of every training review with
-    the samplers train.py uses, no model needed; throughput and accuracy come from train.py
-    runs on a subset, interleaved.
+    the samplers train.py uses, no model needed. Training speed: forward+backward over one
+    whole epoch of the same ``--train-samples`` reviews, batched both ways, interleaved (a whole
+    epoch, because grouped batches come in random order, long and short). With ``--train-py``
+    also two train.py runs each way, for the effect on accuracy.
     """
     work = prepare_work_dir(args)
     started, load_before = time.perf_counter(), os.getloadavg()
     padding = padding_fractions(args)
+    speed = grouped_training_speed(args)
+    rows = [["", "random batches", "--group-by-length", "grouped / random"],
+            [f"padded tokens, all {padding['reviews']:,} training reviews",
+             f"{padding['random']:.1%}", f"{padding['grouped']:.1%}", "—"],
+            [f"padded tokens, the {args.train_samples:,} reviews timed",
+             f"{padding['subset_random']:.1%}", f"{padding['subset_grouped']:.1%}", "—"],
+            ["forward+backward samples/s (one epoch of them)",
+             f"{speed['random']:.2f}", f"{speed['grouped']:.2f}",
+             f"{speed['grouped'] / speed['random']:.2f}"]]
     runs: dict[str, list[dict]] = {"random": [], "grouped": []}
-    for repeat in range(args.repeats):
+    for repeat in range(args.repeats if args.train_py else 0):
         for name in (("random", "grouped") if repeat % 2 == 0 else ("grouped", "random")):
             folder = work / f"{repeat + 1}-{name}"
             folder.mkdir()
@@ -470,27 +491,72 @@ def lengths_command(args: argparse.Namespace) -> dict:
             runs[name].append(run_project(args, folder, *extra))
             print(f"repeat {repeat + 1} {name}: {runs[name][-1]}", flush=True)
     med = medians(runs)
-    rows = [["", "random batches", "--group-by-length", "grouped / random"],
-            [f"padded tokens, all {padding['reviews']:,} training reviews",
-             f"{padding['random']:.1%}", f"{padding['grouped']:.1%}", "—"],
-            [f"padded tokens, the {args.train_samples:,} reviews trained on",
-             f"{padding['subset_random']:.1%}", f"{padding['subset_grouped']:.1%}", "—"]]
-    for label, key, fmt in CPU_ROWS[1:]:
+    for label, key, fmt in CPU_ROWS[1:] if args.train_py else ():
         if key != "tokenize_seconds":
-            rows.append([label, fmt.format(med["random"][key]), fmt.format(med["grouped"][key]),
+            rows.append([f"train.py: {label}", fmt.format(med["random"][key]),
+                         fmt.format(med["grouped"][key]),
                          f"{med['grouped'][key] / med['random'][key]:.2f}"])
-    ctx = {**context(args, started, load_before), "bare_batches": None}
-    result = {"padding": padding, "runs": runs, "medians": med, "table": rows, "context": ctx}
+    ctx = context(args, started, load_before)
+    result = {"padding": padding, "speed": speed, "runs": runs, "medians": med, "table": rows,
+              "context": ctx}
     (work / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    runs_note = (f" train.py rows: medians of {args.repeats} interleaved runs on "
+                 f"{args.train_samples:,} training and {args.eval_samples:,} test reviews."
+                 if args.train_py else " Accuracy: not measured in this invocation (--train-py).")
     text = "\n".join([
-        f"train.py at --max-length {args.max_length}, batch 16: medians of {args.repeats} "
-        f"interleaved runs on {args.train_samples:,} training and {args.eval_samples:,} test "
-        "reviews (both evaluate alike, longest first).", "", markdown_table(rows), "",
-        *context_lines(ctx)])
+        f"--max-length {args.max_length}, batch 16, {Path(args.model).name}; forward+backward "
+        f"medians of {args.repeats} interleaved epochs of {args.train_samples:,} reviews."
+        + runs_note, "", markdown_table(rows), "", *context_lines(ctx)])
     print(text)
     if args.markdown:
         write_section(args.markdown, "lengths", text)
     return result
+
+
+def grouped_training_speed(args: argparse.Namespace) -> dict[str, float]:
+    """Samples/s of forward+backward over one epoch, random vs length-grouped batches."""
+    import transformers
+
+    from data import (
+        PaddingCollator,
+        load_split,
+        make_loader,
+        split_train_validation,
+        tokenize,
+    )
+    from evaluate import autocast, pick_device, pick_precision
+    from lora_model import load_base_model, load_tokenizer, wrap_with_lora
+    from train import DEFAULT_BATCH_SIZE, DEFAULT_SEED
+
+    device = pick_device("auto")
+    precision = pick_precision("auto", device)
+    tokenizer = load_tokenizer(args.model)
+    train, _ = split_train_validation(load_split(args.data, "train"), args.train_samples,
+                                      validation_size=0.1, seed=0)
+    tokens = tokenize(train, tokenizer, args.max_length)
+    collator = PaddingCollator(tokenizer.pad_token_id, device)
+    epochs = {}
+    for name, grouped in (("random", False), ("grouped", True)):
+        loader = make_loader(tokens, DEFAULT_BATCH_SIZE, collator, shuffle=True,
+                             seed=DEFAULT_SEED, group_by_length=grouped)
+        loader.sampler.set_epoch(0)
+        epochs[name] = list(loader)
+    transformers.set_seed(DEFAULT_SEED)
+    model = wrap_with_lora(load_base_model(args.model).to(device)).train()
+
+    def step(batch: dict) -> None:
+        with autocast(device, precision):
+            loss = model(**batch).loss
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    step(epochs["random"][0])  # warm-up
+    rates: dict[str, list[float]] = {"random": [], "grouped": []}
+    for repeat in range(args.repeats):
+        for name in (("random", "grouped") if repeat % 2 == 0 else ("grouped", "random")):
+            rates[name].append(1 / timed_per_sample(step, epochs[name]))
+            print(f"round {repeat + 1} {name}: {rates[name][-1]:.3f} samples/s", flush=True)
+    return {name: statistics.median(values) for name, values in rates.items()}
 
 
 def padding_fractions(args: argparse.Namespace) -> dict:
@@ -595,6 +661,9 @@ def build_parser() -> argparse.ArgumentParser:
     common(lengths, LENGTHS_MAX_LENGTH)
     sizes(lengths, 400, 400)
     outputs(lengths)
+    lengths.add_argument("--train-py", action="store_true",
+                         help="also run train.py with and without --group-by-length, "
+                              "--repeats times each, for the effect on accuracy (default: off)")
 
     bare = commands.add_parser("bare", help="(a piece of cpu) the bare model's throughput",
                                description=bare_command.__doc__)

@@ -36,21 +36,18 @@ def add_levers_arguments(parser: argparse.ArgumentParser) -> None:
                         help="write the table into this file between its markers")
 
 
-def timed(step, batches: list[dict]) -> float:
-    """Seconds per review of `step` over `batches` (no warm-up: the caller warms up)."""
-    started = time.perf_counter()
-    for batch in batches:
-        step(batch)
-    return (time.perf_counter() - started) / sum(len(b["labels"]) for b in batches)
-
-
 def levers_command(args: argparse.Namespace) -> dict:
     """Measure every lever; print (and write) the table."""
     import torch
     import transformers
     from torch.utils.data import DataLoader
 
-    from benchmarks.benchmark import first_batches, markdown_table, write_section
+    from benchmarks.benchmark import (
+        first_batches,
+        markdown_table,
+        timed_per_sample,
+        write_section,
+    )
     from data import (
         PaddingCollator,
         load_split,
@@ -104,7 +101,7 @@ def levers_command(args: argparse.Namespace) -> dict:
             before = torch.get_num_threads()
             torch.set_num_threads(n)
             try:
-                return timed(step, batches)
+                return timed_per_sample(step, batches)
             finally:
                 torch.set_num_threads(before)
         return run
@@ -138,7 +135,7 @@ def levers_command(args: argparse.Namespace) -> dict:
             batches, grad_mode = eval_variants[name]
             models["sdpa"].eval()
             results.setdefault(name, []).append(
-                timed(eval_step(models["sdpa"], grad_mode), eval_sets[batches]))
+                timed_per_sample(eval_step(models["sdpa"], grad_mode), eval_sets[batches]))
         print(f"round {repeat + 1}: " + ", ".join(
             f"{k[:24]} {v[-1] * 1000:.0f} ms" for k, v in results.items()), flush=True)
 
@@ -156,9 +153,9 @@ def levers_command(args: argparse.Namespace) -> dict:
     model = models["sdpa"].eval()
     small = {k: v[:BF16_BATCH] for k, v in eval_sets["order64"][0].items()}
     step = eval_step(model, torch.inference_mode)
-    fp32 = timed(step, [small])
+    fp32 = timed_per_sample(step, [small])
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        bf16 = timed(step, [small])
+        bf16 = timed_per_sample(step, [small])
     rows.append([f"evaluation: bf16 autocast (batch {BF16_BATCH}; fp32 {fp32 * 1000:.0f} ms)",
                  f"{bf16 * 1000:.0f}", f"{bf16 / fp32:.1f} x", ""])
 
@@ -169,7 +166,8 @@ def levers_command(args: argparse.Namespace) -> dict:
         step = train_step(model)
         step(train_batches[0])  # compiles forward and backward
         compile_seconds = time.perf_counter() - started
-        compiled = statistics.median(timed(step, train_batches) for _ in range(args.repeats))
+        compiled = statistics.median(timed_per_sample(step, train_batches)
+                                     for _ in range(args.repeats))
         saved = (train_default - compiled) * DEFAULT_BATCH_SIZE
         break_even = (f"pays off after {compile_seconds / saved:.0f} batches"
                       if saved > 0 else "never pays off")
