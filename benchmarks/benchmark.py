@@ -286,6 +286,8 @@ def cpu_command(args: argparse.Namespace) -> dict:
             folder.mkdir()
             runner = {"recipe": run_recipe, "project": run_project, "bare": run_bare}[name]
             runs[name].append(runner(args, folder))
+            # Kept after every run: a stopped invocation leaves what it measured.
+            (work / "runs.json").write_text(json.dumps(runs, indent=2) + "\n")
             print(f"repeat {repeat + 1}/{args.repeats} {name}: "
                   + ", ".join(f"{k} {v:.4g}" for k, v in runs[name][-1].items()
                               if isinstance(v, float)), flush=True)
@@ -401,6 +403,13 @@ def context(args: argparse.Namespace, started: float, load_before: tuple) -> dic
                              "eval": getattr(args, "bare_eval_batches", None)}}
 
 
+def model_label(model: str) -> str:
+    """A readable name for a model folder: the name its config records, else the folder's."""
+    config = Path(model) / "config.json"
+    recorded = json.loads(config.read_text()).get("_name_or_path") if config.is_file() else None
+    return Path(recorded or model).name
+
+
 def cpu_model() -> str:
     """The CPU's model name as lscpu shows it."""
     for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -504,7 +513,7 @@ def lengths_command(args: argparse.Namespace) -> dict:
                  f"{args.train_samples:,} training and {args.eval_samples:,} test reviews."
                  if args.train_py else " Accuracy: not measured in this invocation (--train-py).")
     text = "\n".join([
-        f"--max-length {args.max_length}, batch 16, {Path(args.model).name}; forward+backward "
+        f"--max-length {args.max_length}, batch 16, {model_label(args.model)}; forward+backward "
         f"medians of {args.repeats} interleaved epochs of {args.train_samples:,} reviews."
         + runs_note, "", markdown_table(rows), "", *context_lines(ctx)])
     print(text)

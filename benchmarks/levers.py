@@ -45,6 +45,7 @@ def levers_command(args: argparse.Namespace) -> dict:
     from benchmarks.benchmark import (
         first_batches,
         markdown_table,
+        model_label,
         timed_per_sample,
         write_section,
     )
@@ -178,7 +179,7 @@ def levers_command(args: argparse.Namespace) -> dict:
     text = "\n".join([
         f"Seconds per review, medians of {args.repeats} rounds: {args.train_batches} training "
         f"batches of {DEFAULT_BATCH_SIZE}, {args.eval_reviews} test reviews, length "
-        f"{args.max_length}, {Path(args.model).name}; {versions}.", "", markdown_table(rows)])
+        f"{args.max_length}, {model_label(args.model)}; {versions}.", "", markdown_table(rows)])
     print(text)
     if args.markdown:
         write_section(args.markdown, "levers", text)

@@ -9,7 +9,14 @@ import shutil
 import pytest
 from conftest import minilm_path, reviews, run_script
 
-from benchmarks.benchmark import CPU_ROWS, main, markdown_table, write_section
+from benchmarks.benchmark import (
+    CPU_ROWS,
+    build_parser,
+    lengths_command,
+    main,
+    markdown_table,
+    write_section,
+)
 from benchmarks.gpu_benchmark import forward_flops_per_sequence, gpu_command, model_config
 from benchmarks.lab_recipe import RECIPE_CHANGES
 
@@ -113,3 +120,24 @@ def test_every_benchmark_command_explains_its_flags(command, capsys):
     flags = [word for word in out.split() if word.startswith("--")]
     assert "--markdown" in flags or command in ("bare", "tokenize")
     assert out.count("(default:") >= 2
+
+
+def test_lengths_benchmark_reports_padding_and_speed_both_ways(tiny_model_dir, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    reviews(20).to_csv(data / "train.csv", index=False)
+    reviews(8).to_csv(data / "test.csv", index=False)
+    args = build_parser().parse_args(
+        ["lengths", "--model", tiny_model_dir, "--data", str(data), "--train-samples", "32",
+         "--repeats", "1", "--work-dir", str(tmp_path / "work"),
+         "--markdown", str(tmp_path / "B.md")])
+    result = lengths_command(args)
+    padding = result["padding"]
+    assert padding["reviews"] == 36
+    assert 0 <= padding["grouped"] <= padding["random"] < 1
+    assert result["speed"]["random"] > 0 and result["speed"]["grouped"] > 0
+    rows = {row[0]: row for row in result["table"]}
+    speed_row = rows["forward+backward samples/s (one epoch of them)"]
+    assert float(speed_row[3]) == pytest.approx(
+        result["speed"]["grouped"] / result["speed"]["random"], abs=0.006)
+    assert "<!-- benchmark:lengths start -->" in (tmp_path / "B.md").read_text()
