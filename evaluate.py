@@ -137,7 +137,7 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
 @torch.inference_mode()
 def predict_logits(model: torch.nn.Module, loader, device: torch.device, precision: str,
                    desc: str = "Evaluating") -> tuple[np.ndarray, np.ndarray]:
-    """Run `model` over `loader`; return (logits as float32 [n, 2], labels [n]) in order."""
+    """Run `model` over `loader`: (logits as float32 [n, 2], labels [n]) in the order scored."""
     model.eval()
     logits = [torch.empty((0, len(LABEL_NAMES)), device=device)]  # a rank may get no batch
     labels = [torch.empty(0, dtype=torch.long, device=device)]
@@ -152,23 +152,35 @@ def predict_logits(model: torch.nn.Module, loader, device: torch.device, precisi
 
 def gather_in_order(logits: np.ndarray, labels: np.ndarray,
                     positions: list[int]) -> tuple[np.ndarray, np.ndarray]:
-    """Every rank's (logits, labels) joined and put back in dataset order; unchanged in one process.
+    """Every rank's (logits, labels) joined and put back in dataset order.
 
-    `positions` are the dataset positions of this rank's rows. Each position must come from
-    exactly one rank (``evaluation_shard`` guarantees it), so nothing is counted twice.
+    `positions` are the dataset positions of this rank's rows, in the order they were scored
+    (evaluation loaders score the longest reviews first). Each position must come from exactly
+    one rank (``evaluation_shard`` guarantees it), so nothing is counted twice.
     """
-    if not is_distributed():
-        return logits, labels
-    shards: list = [None] * dist.get_world_size()
-    dist.all_gather_object(shards, (logits, labels, np.asarray(positions, dtype=np.int64)))
-    logits = np.concatenate([shard[0] for shard in shards])
-    labels = np.concatenate([shard[1] for shard in shards])
-    positions = np.concatenate([shard[2] for shard in shards])
+    positions = np.asarray(positions, dtype=np.int64)
+    if is_distributed():
+        shards: list = [None] * dist.get_world_size()
+        dist.all_gather_object(shards, (logits, labels, positions))
+        logits = np.concatenate([shard[0] for shard in shards])
+        labels = np.concatenate([shard[1] for shard in shards])
+        positions = np.concatenate([shard[2] for shard in shards])
     order = np.argsort(positions, kind="stable")
     if not np.array_equal(positions[order], np.arange(len(positions))):
         raise RuntimeError("the ranks' evaluation shards overlap or leave gaps; build the "
                            "evaluation loader with make_loader(shuffle=False, rank, world_size)")
     return logits[order], labels[order]
+
+
+def predict_in_order(model: torch.nn.Module, loader, device: torch.device, precision: str,
+                     desc: str = "Evaluating") -> tuple[np.ndarray, np.ndarray]:
+    """(logits, labels) of every example of an evaluation loader, in dataset order.
+
+    The loader scores the longest reviews first (and under torchrun only this rank's share);
+    this puts all of them back in the order of the dataset.
+    """
+    logits, labels = predict_logits(model, loader, device, precision, desc)
+    return gather_in_order(logits, labels, positions=list(loader.sampler))
 
 
 def compute_metrics(labels: np.ndarray, logits: np.ndarray) -> dict:
@@ -195,8 +207,7 @@ def evaluate_model(model: torch.nn.Module, loader, device: torch.device, precisi
     Under torchrun every rank scores its share (``make_loader`` hands out whole batches, so
     each logit is the one a single process computes) and gets the metrics of the whole set.
     """
-    logits, labels = predict_logits(model, loader, device, precision, desc)
-    logits, labels = gather_in_order(logits, labels, positions=list(loader.sampler))
+    logits, labels = predict_in_order(model, loader, device, precision, desc)
     return compute_metrics(labels, logits)
 
 

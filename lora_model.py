@@ -203,8 +203,13 @@ def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
 
 
 def format_parameter_counts(trainable: int, total: int) -> str:
-    """'trainable 74,498 of 22,788,484 parameters (0.33%)' from the two counts."""
-    return f"trainable {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)"
+    """'trainable 74,498 of 22,788,484 parameters (0.33%)' from the two counts.
+
+    Shares under 0.01% keep two significant digits (a linear probe's 770: 0.0034%), not 0.00%.
+    """
+    share = 100 * trainable / total
+    return f"trainable {trainable:,} of {total:,} parameters ({share:.2f}%)" if share >= 0.01 \
+        else f"trainable {trainable:,} of {total:,} parameters ({share:.2g}%)"
 
 
 def save_adapter(model: PeftModel, tokenizer, folder: Path) -> None:

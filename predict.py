@@ -40,7 +40,7 @@ from evaluate import (
     add_runtime_arguments,
     pick_device,
     pick_precision,
-    predict_logits,
+    predict_in_order,
     run_command,
 )
 from lora_model import ADAPTER_CONFIG, add_model_argument, find_checkpoint, load_checkpoint
@@ -149,7 +149,7 @@ def predict_reviews(model: torch.nn.Module, tokenizer, texts: list[str],
     max_length = preprocessing.max_length
     loader = make_loader(tokenize(reviews, tokenizer, max_length, preprocessing.truncation),
                          batch_size, collator, shuffle=False)
-    logits, _ = predict_logits(model, loader, device, precision, desc="Predicting")
+    logits, _ = predict_in_order(model, loader, device, precision, desc="Predicting")
     probabilities = softmax(logits.astype(np.float64))
     predictions = []
     for text, probs, n_tokens in zip(texts, probabilities, token_counts(tokenizer, texts),

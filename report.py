@@ -14,11 +14,12 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 from data import LABEL_NAMES, UsageError
 from evaluate import METRIC_NAMES, run_command
@@ -73,8 +74,21 @@ def smooth(values: list[float], weight: float = SMOOTHING) -> list[float]:
 # Figures
 
 
+def new_figure(**kwargs) -> Figure:
+    """An empty matplotlib Figure (no pyplot).
+
+    matplotlib is imported here, when a figure is drawn, not when this module is: train.py
+    imports it at start-up but draws only at the end, when the trained model has been freed.
+    """
+    from matplotlib.figure import Figure
+
+    return Figure(**kwargs)
+
+
 def save_figure(figure: Figure, path: str | Path) -> Path:
     """Render `figure` with the Agg canvas into `path` (format from its ending)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(figure)
@@ -85,7 +99,9 @@ def save_figure(figure: Figure, path: str | Path) -> Path:
 def plot_training_curves(log_path: str | Path, out: str | Path) -> Path:
     """Training loss (raw and smoothed), learning rate, and validation accuracy/F1 per step."""
     training, validation = read_log(Path(log_path))
-    figure = Figure(figsize=(9, 9), layout="constrained")
+    from matplotlib.ticker import MaxNLocator
+
+    figure = new_figure(figsize=(9, 9), layout="constrained")
     loss_axes, lr_axes, score_axes = figure.subplots(3, 1, sharex=True)
     figure.suptitle(f"Training curves: {Path(log_path).parent.name}", fontsize=14)
 
@@ -118,7 +134,7 @@ def plot_training_curves(log_path: str | Path, out: str | Path) -> Path:
 
 
 def plot_validation_scores(axes, validation: list[dict]) -> None:
-    """Validation accuracy and F1 against steps, the saved (best) adapter marked."""
+    """Validation accuracy and F1 against steps, the saved (best) checkpoint marked."""
     axes.set_title("Validation scores")
     axes.set_ylabel("score")
     if not validation:
@@ -135,7 +151,7 @@ def plot_validation_scores(axes, validation: list[dict]) -> None:
         # A ring around the point, so the accuracy marker under it stays visible.
         axes.plot(best["step"], best["validation"]["accuracy"], marker="o", markersize=16,
                   markerfacecolor="none", markeredgecolor="black", markeredgewidth=1.5,
-                  linestyle="none", label=f"saved adapter (step {best['step']})")
+                  linestyle="none", label=f"saved checkpoint (step {best['step']})")
     values = [r["validation"][m] for r in validation for m in ("accuracy", "f1")]
     # Zoom to the scores with some margin, but not far beyond the 0..1 range of a score
     # (a little room above 1.0 keeps markers of a perfect score from being clipped).
@@ -146,7 +162,7 @@ def plot_validation_scores(axes, validation: list[dict]) -> None:
 
 
 def best_validation(validation: list[dict]) -> dict | None:
-    """The validation record whose adapter was saved last (train.py marks it "best")."""
+    """The validation record whose checkpoint was saved last (train.py marks it "best")."""
     best = [r for r in validation if r.get("best")]
     return best[-1] if best else None
 
@@ -164,7 +180,7 @@ def plot_comparison(results: list[tuple[str, dict]], out: str | Path) -> Path:
     if not results:
         raise ValueError("nothing to plot")
     n = len(results)
-    figure = Figure(figsize=(max(8.0, 3.6 * n), 8.5), layout="constrained")
+    figure = new_figure(figsize=(max(8.0, 3.6 * n), 8.5), layout="constrained")
     grid = figure.add_gridspec(2, n, height_ratios=(1.1, 1))
     plot_metric_bars(figure.add_subplot(grid[0, :]), results)
     for column, (name, metrics) in enumerate(results):
@@ -275,9 +291,9 @@ def report_markdown(run_dir: Path, config: dict, metrics: dict, training: list[d
     method = config.get("method", "lora")  # runs from before --method existed were LoRA runs
     best = best_validation(validation)
     validations = f"{len(validation)} validation" + ("s" if len(validation) != 1 else "")
-    chosen = (f"the adapter saved at step {best['step']}, the best validation accuracy "
+    chosen = (f"the checkpoint saved at step {best['step']}, the best validation accuracy "
               f"({best['validation']['accuracy']:.4f}) of {validations}" if best
-              else "the best adapter by validation accuracy")
+              else "the best checkpoint by validation accuracy")
     n_steps = training[-1]["step"] if training else None
     data_rows = [[split, f"{config[key]:,}" if key in config else "not recorded"]
                  for split, key in (("training", "train_examples"),

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import hashlib
 import json
 import math
@@ -123,7 +124,7 @@ MAX_NONFINITE_STEPS = 5
 # Settings that may change when a run is resumed: where and how fast it runs, not what it
 # computes. Every other flag must match the run being resumed.
 RESUMABLE_CHANGES = frozenset({"output_dir", "overwrite", "resume", "device", "num_workers",
-                               "eval_batch_size", "log_every", "save_every"})
+                               "eval_batch_size", "log_every", "save_every", "compile"})
 # Everything a run writes into its folder (what --overwrite clears first).
 RUN_FILES = (ADAPTER_DIR, MODEL_DIR, CONFIG_FILE, LOG_FILE, METRICS_FILE, REPORT_MD, CURVES_PNG,
              COMPARISON_PNG, CHECKPOINT_DIR, PREVIOUS_CHECKPOINT_DIR, PARTIAL_CHECKPOINT_DIR)
@@ -165,6 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="validation reviews carved (stratified, seeded) out of the training "
                             "split: a fraction of the training reviews (<1) or a count (>=1) "
                             f"(default: {DEFAULT_VALIDATION_SIZE})")
+    group.add_argument("--group-by-length", action="store_true",
+                       help="batch training reviews of similar length (shuffled groups, a new "
+                            "random draw every epoch): less padding, faster with --max-length "
+                            "above 128 (default: off, plain random batches)")
     group = parser.add_argument_group("optimisation")
     group.add_argument("--epochs", type=at_least(1), default=1,
                        help="passes over the training reviews (default: 1)")
@@ -198,6 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
                             f"as at the end of each epoch (default: {DEFAULT_SAVE_EVERY})")
     add_lora_arguments(parser)
     add_runtime_arguments(parser)
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the model for training and validation; compiling "
+                             "takes minutes, so it pays only on long runs (default: off; see "
+                             "BENCHMARKS.md)")
     return parser
 
 
@@ -889,17 +898,20 @@ def run(args: argparse.Namespace) -> dict:
     test = take_subset(load_split(args.data, "test", args.text_column, args.label_column),
                        args.eval_samples, args.data_seed)
     collator = PaddingCollator(tokenizer.pad_token_id, device)
+    tokenize_started = time.perf_counter()
     # Every rank tokenizes (the `datasets` cache files are written atomically, so concurrent
     # ranks are safe) and loads its own share of each split.
     train_loader = make_loader(tokenize(train, tokenizer, args.max_length, args.truncation),
                                args.batch_size, collator, shuffle=True, seed=args.seed,
-                               num_workers=args.num_workers, rank=rank, world_size=world_size)
+                               num_workers=args.num_workers, rank=rank, world_size=world_size,
+                               group_by_length=args.group_by_length)
     validation_loader = make_loader(tokenize(validation, tokenizer, args.max_length,
                                              args.truncation),
                                     args.eval_batch_size, collator, shuffle=False,
                                     num_workers=args.num_workers, rank=rank,
                                     world_size=world_size)
     test_loader = test_loader_for(tokenizer, test, args, device, rank, world_size)
+    tokenize_seconds = time.perf_counter() - tokenize_started
     model = load_base_model(args.model).to(device)
     if args.method == "lora":
         check_lora_targets(model, args.lora_targets)
@@ -926,11 +938,14 @@ def run(args: argparse.Namespace) -> dict:
                + (f" x {world_size} processes" if world_size > 1 else "")
                + f"; output in {args.output_dir}")
 
+    test_started = time.perf_counter()
     if checkpoint is None:
         before = evaluate_model(model, test_loader, device, precision,
                                 desc="Scoring pre-trained")
+        test_seconds = {"before": time.perf_counter() - test_started}
     else:  # scored when the run started; the checkpoint keeps the numbers
         before = json.loads((checkpoint / PROGRESS_FILE).read_text())["before"]
+        test_seconds = {"before": None}
     print_main(f"Pre-trained model: test accuracy {before['accuracy']:.4f}")
 
     model = prepare_model(model, args.method, args.lora_r, args.lora_alpha, args.lora_dropout,
@@ -939,6 +954,8 @@ def run(args: argparse.Namespace) -> dict:
     what = (f"LoRA r={args.lora_r}, alpha={args.lora_alpha:g} on {args.lora_targets}"
             if args.method == "lora" else METHODS[args.method])
     print_main(f"{what}, lr {args.lr:g}: {format_parameter_counts(trainable, total)}")
+    if args.compile:
+        model.compile()  # in place: parameter names, and so the saved weights, stay the same
     trainer = Trainer(args, model, tokenizer, train_loader, validation_loader, device, precision)
     trainer.before = before
     if checkpoint is not None:
@@ -948,16 +965,24 @@ def run(args: argparse.Namespace) -> dict:
                    f"batch {trainer.batches_done} of {trainer.batches_per_epoch})")
     trainer.train()
     train_seconds = trainer.train_seconds
+    # Free the trained model and its optimizer before the best checkpoint is loaded, so that
+    # two copies of the model are never in memory together.
+    del trainer, model
+    gc.collect()
 
     # Score the best checkpoint exactly as evaluate.py will: loaded back from disk (once rank 0
     # has finished writing it).
     wait_for_all_ranks()
     best = load_checkpoint(args.output_dir, args.model)[0].to(device)
+    test_started = time.perf_counter()
     after = evaluate_model(best, test_loader, device, precision, desc="Scoring fine-tuned")
+    test_seconds["after"] = time.perf_counter() - test_started
     metrics = {"before": before, "after": after,
                "parameters": {"trainable": trainable, "total": total},
                "train_seconds": train_seconds,
                "train_samples_per_s": len(train) * args.epochs / train_seconds,
+               "tokenize_seconds": tokenize_seconds,
+               "test_seconds": test_seconds,
                "wall_seconds": time.perf_counter() - run_started}
     if is_main_process():
         write_json(args.output_dir / METRICS_FILE, metrics)

@@ -1,11 +1,15 @@
 """Every input mistake ends in one sentence on stderr, exit code 2, no traceback, nothing written.
 
-Each case runs the real command line in a subprocess, as a user would.
+The many refusals of train.py's and evaluate.py's flags, data and checkpoints call the
+scripts' main() in this process (the same code a command line runs, without 5 s of imports
+per case); the cases at the end run the real command line in a subprocess, as a user would.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -19,7 +23,32 @@ from transformers import (
     GPT2LMHeadModel,
 )
 
+import evaluate as evaluate_script
+import train as train_script
 from lora_model import load_base_model, load_tokenizer, save_adapter, wrap_with_lora
+
+
+@dataclass
+class Outcome:
+    """What a script run gives a test: exit code and output (as subprocess.run's result)."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_main(main: Callable[[list[str]], int], capsys, *argv: str) -> Outcome:
+    """Call a script's main(argv) here, as its command line would; argparse errors exit 2.
+
+    An exception that escapes main() is a traceback a user would see: it fails the test.
+    """
+    capsys.readouterr()  # drop what came before
+    try:
+        code = main(list(argv))
+    except SystemExit as stop:
+        code = stop.code
+    out = capsys.readouterr()
+    return Outcome(code, out.out, out.err)
 
 
 def folder_state(folder: Path) -> dict[str, bytes]:
@@ -41,13 +70,13 @@ def assert_refused(result, *phrases: str) -> str:
 
 
 @pytest.fixture
-def train(tiny_model_dir, csv_data_dir, tmp_path):
+def train(tiny_model_dir, csv_data_dir, tmp_path, capsys):
     """Run train.py on the tiny model and CSV data with extra flags; check run/ stays absent."""
     run = tmp_path / "run"
 
     def go(*flags: str, data: Path | str = csv_data_dir, model: str = tiny_model_dir):
-        result = run_script("train.py", "--model", model, "--data", str(data),
-                            "--output-dir", str(run), "--epochs", "1", *flags)
+        result = run_main(train_script.main, capsys, "--model", model, "--data", str(data),
+                          "--output-dir", str(run), "--epochs", "1", *flags)
         assert not run.exists(), "a refused run must not create its output folder"
         return result
 
@@ -179,23 +208,28 @@ def tiny_adapter(tiny_model_dir, tmp_path_factory) -> Path:
     return folder
 
 
-def evaluate(tmp_path: Path, *flags: str, data: Path | None = None):
+@pytest.fixture
+def evaluate(capsys):
     """evaluate.py with --json into tmp_path/out.json; check that file stays absent."""
-    out = tmp_path / "out.json"
-    result = run_script("evaluate.py", "--json", str(out),
-                        *(["--data", str(data)] if data else []), *flags)
-    assert not out.exists()
-    return result
+
+    def go(tmp_path: Path, *flags: str, data: Path | None = None):
+        out = tmp_path / "out.json"
+        result = run_main(evaluate_script.main, capsys, "--json", str(out),
+                          *(["--data", str(data)] if data else []), *flags)
+        assert not out.exists()
+        return result
+
+    return go
 
 
-def test_checkpoint_that_is_not_an_adapter(tmp_path, csv_data_dir):
+def test_checkpoint_that_is_not_an_adapter(tmp_path, csv_data_dir, evaluate):
     assert_refused(evaluate(tmp_path, "--checkpoint", str(csv_data_dir), data=csv_data_dir),
                    "is not a run folder, an adapter folder", "adapter_config.json",
                    "head_config.json")
 
 
 def test_adapter_trained_on_a_model_of_another_size(tmp_path, csv_data_dir, tiny_adapter,
-                                                    tiny_model_dir):
+                                                    tiny_model_dir, evaluate):
     wider = tmp_path / "wider"
     BertModel(BertConfig(vocab_size=30522, hidden_size=48, num_hidden_layers=2,
                          num_attention_heads=2, intermediate_size=64)).save_pretrained(wider)
@@ -204,7 +238,7 @@ def test_adapter_trained_on_a_model_of_another_size(tmp_path, csv_data_dir, tiny
                             data=csv_data_dir), "does not fit", "of another shape")
 
 
-def test_adapter_trained_with_another_vocabulary(tmp_path, csv_data_dir, tiny_adapter):
+def test_adapter_trained_with_another_vocabulary(tmp_path, csv_data_dir, tiny_adapter, evaluate):
     other = tmp_path / "other-vocab"
     other.mkdir()
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "good", "bad", "film"]
@@ -217,7 +251,7 @@ def test_adapter_trained_with_another_vocabulary(tmp_path, csv_data_dir, tiny_ad
                             data=csv_data_dir), "another vocabulary")
 
 
-def test_truncated_adapter_weights(tmp_path, csv_data_dir, tiny_adapter):
+def test_truncated_adapter_weights(tmp_path, csv_data_dir, tiny_adapter, evaluate):
     damaged = tmp_path / "damaged"
     damaged.mkdir()
     for file in tiny_adapter.iterdir():
@@ -301,7 +335,7 @@ def test_evaluate_refuses_a_folder_as_json_and_an_existing_plot(tmp_path, csv_da
 
 
 def test_checkpoints_of_different_base_models_are_not_mixed(tmp_path, csv_data_dir,
-                                                            tiny_adapter):
+                                                            tiny_adapter, evaluate):
     wider = tmp_path / "wider"
     torch.manual_seed(0)
     BertModel(BertConfig(vocab_size=30522, hidden_size=48, num_hidden_layers=2,

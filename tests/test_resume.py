@@ -122,6 +122,21 @@ def test_killed_run_resumes_to_the_identical_result(setup, tmp_path, point, extr
     assert_same_result(folder, setup["reference"])
 
 
+def test_length_grouped_run_resumes_to_the_identical_result(setup, tmp_path):
+    """--group-by-length batches come from their own sampler: a run killed in epoch 2 and
+    started again still ends identical to the uninterrupted grouped run."""
+    reference = tmp_path / "reference"
+    resumed_run(setup, reference, "--group-by-length")
+    # Another batch order than the plain reference, else this would test nothing new.
+    assert training_records(reference) != training_records(setup["reference"])
+    folder = tmp_path / "run"
+    killed = interrupted_run(setup, "kill-at-step:14", folder, "--group-by-length")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    resumed = resumed_run(setup, folder, "--group-by-length")
+    assert resumed_step(resumed.stdout) == 12
+    assert_same_result(folder, reference)
+
+
 @pytest.mark.parametrize(("sig", "exit_code"), [("TERM", 143), ("INT", 130)])
 def test_signal_finishes_the_step_saves_and_exits(setup, tmp_path, sig, exit_code):
     """SIGTERM/SIGINT: the step finishes, a checkpoint of it is written, exit 143/130 with a
