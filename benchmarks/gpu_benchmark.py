@@ -9,7 +9,7 @@ random token ids: no download, no data files and no tokenizer, so it runs offlin
 one process, interleaved over ``--repeats``:
 
 * bare: forward+backward (training) and forward (evaluation) on prepared batches, nothing else;
-* train.py's loop: ``Trainer.train_epoch`` (optimizer, clipping, schedule, logging) and
+* train.py's loop: ``Trainer.train`` (optimizer, clipping, schedule, logging) and
   ``evaluate_model``, fed by ``make_loader`` and ``PaddingCollator`` as in train.py;
 * the lab recipe: HF ``Trainer`` with ``bf16=True`` on the same token ids padded to 128
   (skipped, with a note, where ``accelerate`` is missing).
@@ -159,7 +159,7 @@ class NoTokenizer:
 
 
 def measure_project(config, device, precision: str, ids, labels) -> dict:
-    """train.py's Trainer.train_epoch and evaluate_model on loaders built as train.py builds."""
+    """train.py's Trainer.train and evaluate_model on loaders built as train.py builds."""
     from datasets import Dataset
 
     from data import PaddingCollator, make_loader
