@@ -208,8 +208,8 @@ def format_parameter_counts(trainable: int, total: int) -> str:
     Shares under 0.01% keep two significant digits (a linear probe's 770: 0.0034%), not 0.00%.
     """
     share = 100 * trainable / total
-    return f"trainable {trainable:,} of {total:,} parameters ({share:.2f}%)" if share >= 0.01 \
-        else f"trainable {trainable:,} of {total:,} parameters ({share:.2g}%)"
+    digits = ".2f" if share >= 0.01 else ".2g"
+    return f"trainable {trainable:,} of {total:,} parameters ({share:{digits}}%)"
 
 
 def save_adapter(model: PeftModel, tokenizer, folder: Path) -> None:
