@@ -249,8 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also score the pre-trained model with its seeded random head, "
                              "the 'before' row of train.py")
     add_model_argument(parser, default=None, help_text=(
-        "base model (Hub name or folder); default: the one recorded in the first "
-        "adapter or head checkpoint"))
+        "base model (Hub name or folder) for --base and for adapter and head checkpoints; "
+        "default: the one recorded in the first adapter or head checkpoint (a full or merged "
+        "checkpoint holds every weight and does not use it)"))
     parser.add_argument("--json", type=Path, metavar="PATH",
                         help="also write the results to this JSON file")
     parser.add_argument("--overwrite", action="store_true",

@@ -280,18 +280,6 @@ def checkpoint_base_model(folder: Path) -> str | None:
     return None
 
 
-def find_adapter(path: str | Path) -> Path:
-    """The adapter folder for `path`: the folder itself, or a run folder's ``adapter/``."""
-    path = Path(path)
-    if not path.exists():
-        raise UsageError(f"--checkpoint {path} does not exist")
-    for folder in (path, path / ADAPTER_DIR):
-        if (folder / ADAPTER_CONFIG).is_file():
-            return folder
-    raise UsageError(f"--checkpoint {path} is neither an adapter folder ({ADAPTER_CONFIG}) nor "
-                     f"a run folder with {ADAPTER_DIR}/{ADAPTER_CONFIG}")
-
-
 def adapter_base_model(adapter: Path) -> str:
     """The base model name or folder an adapter was trained on, from its config."""
     return json.loads((adapter / ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
@@ -304,12 +292,11 @@ def load_adapted_model(checkpoint: str | Path, base_model: str | None = None,
     peft loads adapters frozen (``is_trainable=False``), which is right for evaluation;
     pass ``trainable=True`` to continue training them.
     """
-    adapter = find_adapter(checkpoint)
-    recorded = adapter_base_model(adapter)
-    base_name = base_model or recorded
-    base = load_base_model(base_name)
-    if base_model and base_model != recorded:
-        check_same_vocabulary(adapter, base_name)
+    adapter = find_checkpoint(checkpoint)
+    if checkpoint_method(adapter) != "lora":
+        raise UsageError(f"--checkpoint {checkpoint} holds a {checkpoint_method(adapter)} "
+                         f"checkpoint, not a LoRA adapter ({ADAPTER_CONFIG})")
+    base, base_name, recorded = load_checkpoint_base(adapter, base_model)
     try:
         return PeftModel.from_pretrained(base, adapter, is_trainable=trainable)
     except SafetensorError as error:
@@ -323,15 +310,30 @@ def load_adapted_model(checkpoint: str | Path, base_model: str | None = None,
             f"{recorded!r}, a model of another shape; pass that model with --model") from error
 
 
-def check_same_vocabulary(adapter: Path, base_name: str) -> None:
-    """Refuse a base model whose vocabulary differs from the one saved with the adapter."""
-    if not (adapter / "tokenizer_config.json").is_file():
-        return  # an adapter saved without its tokenizer: nothing to compare against
-    saved = AutoTokenizer.from_pretrained(adapter).get_vocab()
+def load_checkpoint_base(folder: Path,
+                         base_model: str | None) -> tuple[PreTrainedModel, str, str]:
+    """The base model a LoRA or head checkpoint builds on: (model, its name, the recorded name).
+
+    `base_model` replaces the recorded one (a local copy of the same model, say); its vocabulary
+    must then match the tokenizer saved with the checkpoint.
+    """
+    recorded = checkpoint_base_model(folder)
+    base_name = base_model or recorded
+    model = load_base_model(base_name)
+    if base_model and base_model != recorded:
+        check_same_vocabulary(folder, base_name)
+    return model, base_name, recorded
+
+
+def check_same_vocabulary(folder: Path, base_name: str) -> None:
+    """Refuse a base model whose vocabulary differs from the one saved with the checkpoint."""
+    if not (folder / "tokenizer_config.json").is_file():
+        return  # a checkpoint saved without its tokenizer: nothing to compare against
+    saved = AutoTokenizer.from_pretrained(folder).get_vocab()
     if load_tokenizer(base_name).get_vocab() != saved:
         raise UsageError(
-            f"--model {base_name} has another vocabulary than the one the adapter in {adapter} "
-            f"was trained with ({checkpoint_base_model(adapter)!r}); pass that model with "
+            f"--model {base_name} has another vocabulary than the one the checkpoint in {folder} "
+            f"was trained with ({checkpoint_base_model(folder)!r}); pass that model with "
             "--model")
 
 
@@ -363,11 +365,7 @@ def load_merged_model(folder: str | Path) -> PreTrainedModel:
 
 def load_head_model(folder: Path, base_model: str | None = None) -> PreTrainedModel:
     """The base model with the trained head of a --method head checkpoint put in place."""
-    recorded = checkpoint_base_model(folder)
-    base_name = base_model or recorded
-    model = load_base_model(base_name)
-    if base_model and base_model != recorded:
-        check_same_vocabulary(folder, base_name)
+    model, base_name, recorded = load_checkpoint_base(folder, base_model)
     try:
         head = load_file(folder / HEAD_WEIGHTS)
     except (SafetensorError, OSError) as error:

@@ -16,10 +16,13 @@ from lora_model import (
     ADAPTER_DIR,
     HEAD_SEED,
     adapter_base_model,
-    find_adapter,
+    find_checkpoint,
     load_adapted_model,
     load_base_model,
+    load_tokenizer,
     parameter_counts,
+    prepare_model,
+    save_checkpoint,
     wrap_with_lora,
 )
 
@@ -114,10 +117,14 @@ def test_loading_for_more_training_keeps_adapters_trainable(tiny_model_dir, tmp_
 
 
 def test_adapter_records_its_base_model(tiny_model_dir, tmp_path):
-    trained_adapter(tiny_model_dir, tmp_path)
-    assert adapter_base_model(find_adapter(tmp_path)) == tiny_model_dir
+    trained_adapter(tiny_model_dir, tmp_path / ADAPTER_DIR)
+    assert adapter_base_model(find_checkpoint(tmp_path)) == tiny_model_dir
 
 
-def test_a_folder_without_adapter_is_refused(tmp_path):
-    with pytest.raises(UsageError, match="neither an adapter folder"):
-        find_adapter(tmp_path)
+def test_a_folder_without_adapter_is_refused(tiny_model_dir, tmp_path):
+    with pytest.raises(UsageError, match="is not a run folder, an adapter folder"):
+        load_adapted_model(tmp_path)
+    head = prepare_model(load_base_model(tiny_model_dir), "head")
+    save_checkpoint(head, load_tokenizer(tiny_model_dir), tmp_path / "head", "head")
+    with pytest.raises(UsageError, match="holds a head checkpoint, not a LoRA adapter"):
+        load_adapted_model(tmp_path / "head")
