@@ -475,10 +475,12 @@ def lengths_command(args: argparse.Namespace) -> dict:
 
     The padding fractions are computed from the token counts of every training review with
     the samplers train.py uses, no model needed. Training speed: forward+backward over one
-    whole epoch of the same ``--train-samples`` reviews, batched both ways, interleaved (a whole
-    epoch, because grouped batches come in random order, long and short). With ``--train-py``
-    also two train.py runs each way, for the effect on accuracy.
+    whole epoch of ``--timed-samples`` training reviews (default: ``--train-samples``), batched
+    both ways, interleaved (a whole epoch, because grouped batches come in random order, long
+    and short). With ``--train-py`` also ``--repeats`` train.py runs each way on
+    ``--train-samples`` reviews, for the effect on accuracy.
     """
+    args.timed_samples = args.timed_samples or args.train_samples
     work = prepare_work_dir(args)
     started, load_before = time.perf_counter(), os.getloadavg()
     padding = padding_fractions(args)
@@ -486,7 +488,7 @@ def lengths_command(args: argparse.Namespace) -> dict:
     rows = [["", "random batches", "--group-by-length", "grouped / random"],
             [f"padded tokens, all {padding['reviews']:,} training reviews",
              f"{padding['random']:.1%}", f"{padding['grouped']:.1%}", "—"],
-            [f"padded tokens, the {args.train_samples:,} reviews timed",
+            [f"padded tokens, the {args.timed_samples:,} reviews timed",
              f"{padding['subset_random']:.1%}", f"{padding['subset_grouped']:.1%}", "—"],
             ["forward+backward samples/s (one epoch of them)",
              f"{speed['random']:.2f}", f"{speed['grouped']:.2f}",
@@ -514,7 +516,7 @@ def lengths_command(args: argparse.Namespace) -> dict:
                  if args.train_py else " Accuracy: not measured in this invocation (--train-py).")
     text = "\n".join([
         f"--max-length {args.max_length}, batch 16, {model_label(args.model)}; forward+backward "
-        f"medians of {args.repeats} interleaved epochs of {args.train_samples:,} reviews."
+        f"medians of {args.repeats} interleaved epochs of {args.timed_samples:,} reviews."
         + runs_note, "", markdown_table(rows), "", *context_lines(ctx)])
     print(text)
     if args.markdown:
@@ -540,7 +542,7 @@ def grouped_training_speed(args: argparse.Namespace) -> dict[str, float]:
     device = pick_device("auto")
     precision = pick_precision("auto", device)
     tokenizer = load_tokenizer(args.model)
-    train, _ = split_train_validation(load_split(args.data, "train"), args.train_samples,
+    train, _ = split_train_validation(load_split(args.data, "train"), args.timed_samples,
                                       validation_size=0.1, seed=0)
     tokens = tokenize(train, tokenizer, args.max_length)
     collator = PaddingCollator(tokenizer.pad_token_id, device)
@@ -587,7 +589,7 @@ def padding_fractions(args: argparse.Namespace) -> dict:
     tokenizer = load_tokenizer(args.model)
     train_split = load_split(args.data, "train")
     result = {}
-    for name, n in (("", None), ("subset_", args.train_samples)):
+    for name, n in (("", None), ("subset_", args.timed_samples)):
         train, _ = split_train_validation(train_split, n, validation_size=0.1, seed=0)
         lengths = example_lengths(tokenize(train, tokenizer, args.max_length))
         samplers = {"random": DistributedSampler(range(len(lengths)), num_replicas=1, rank=0,
@@ -673,6 +675,10 @@ def build_parser() -> argparse.ArgumentParser:
     lengths.add_argument("--train-py", action="store_true",
                          help="also run train.py with and without --group-by-length, "
                               "--repeats times each, for the effect on accuracy (default: off)")
+    lengths.add_argument("--timed-samples", type=at_least(1), default=None, metavar="N",
+                         help="training reviews of the forward+backward timing (default: "
+                              "--train-samples); at length 512 an epoch of 2,000 takes about "
+                              "an hour on 2 CPU cores")
 
     bare = commands.add_parser("bare", help="(a piece of cpu) the bare model's throughput",
                                description=bare_command.__doc__)

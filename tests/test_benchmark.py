@@ -129,7 +129,7 @@ def test_lengths_benchmark_reports_padding_and_speed_both_ways(tiny_model_dir, t
     reviews(8).to_csv(data / "test.csv", index=False)
     args = build_parser().parse_args(
         ["lengths", "--model", tiny_model_dir, "--data", str(data), "--train-samples", "32",
-         "--repeats", "1", "--work-dir", str(tmp_path / "work"),
+         "--timed-samples", "16", "--repeats", "1", "--work-dir", str(tmp_path / "work"),
          "--markdown", str(tmp_path / "B.md")])
     result = lengths_command(args)
     padding = result["padding"]
@@ -137,6 +137,7 @@ def test_lengths_benchmark_reports_padding_and_speed_both_ways(tiny_model_dir, t
     assert 0 <= padding["grouped"] <= padding["random"] < 1
     assert result["speed"]["random"] > 0 and result["speed"]["grouped"] > 0
     rows = {row[0]: row for row in result["table"]}
+    assert "padded tokens, the 16 reviews timed" in rows
     speed_row = rows["forward+backward samples/s (one epoch of them)"]
     assert float(speed_row[3]) == pytest.approx(
         result["speed"]["grouped"] / result["speed"]["random"], abs=0.006)
