@@ -12,8 +12,10 @@ measured once each, because each costs minutes on a CPU without native bf16.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 LEVERS_TRAIN_BATCHES = 4
@@ -43,6 +45,8 @@ def levers_command(args: argparse.Namespace) -> dict:
     from torch.utils.data import DataLoader
 
     from benchmarks.benchmark import (
+        DEFAULT_TRAIN_SAMPLES,
+        cpu_model,
         first_batches,
         markdown_table,
         model_label,
@@ -61,10 +65,14 @@ def levers_command(args: argparse.Namespace) -> dict:
     from lora_model import load_base_model, load_tokenizer, wrap_with_lora
     from train import DEFAULT_BATCH_SIZE, DEFAULT_SEED, library_versions
 
+    began, load_before = time.perf_counter(), os.getloadavg()
     cpu = torch.device("cpu")
     tokenizer = load_tokenizer(args.model)
     collator = PaddingCollator(tokenizer.pad_token_id, cpu)
-    train, _ = split_train_validation(load_split(args.data, "train"), 2000, 0.1, seed=0)
+    # train.py's first batches at the cpu benchmark's size (or of all reviews, if fewer).
+    pool = load_split(args.data, "train")
+    size = DEFAULT_TRAIN_SAMPLES if len(pool) > 2 * DEFAULT_TRAIN_SAMPLES else None
+    train, _ = split_train_validation(pool, size, 0.1, seed=0)
     train_loader = make_loader(tokenize(train, tokenizer, args.max_length), DEFAULT_BATCH_SIZE,
                                collator, shuffle=True, seed=DEFAULT_SEED)
     train_loader.sampler.set_epoch(0)
@@ -148,7 +156,7 @@ def levers_command(args: argparse.Namespace) -> dict:
         for name in group:
             ms = statistics.median(results[name])
             rows.append([f"{kind}: {name}", f"{ms * 1000:.1f}", f"{ms / default:.2f} x",
-                         "default" if name.startswith("default") else ""])
+                         "default" if name.startswith("default") else "no"])
 
     # bf16 autocast, forward only, on a small batch: emulated bf16 is very slow here.
     model = models["sdpa"].eval()
@@ -158,7 +166,7 @@ def levers_command(args: argparse.Namespace) -> dict:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         bf16 = timed_per_sample(step, [small])
     rows.append([f"evaluation: bf16 autocast (batch {BF16_BATCH}; fp32 {fp32 * 1000:.0f} ms)",
-                 f"{bf16 * 1000:.0f}", f"{bf16 / fp32:.1f} x", ""])
+                 f"{bf16 * 1000:.0f}", f"{bf16 / fp32:.1f} x", "no"])
 
     if not args.skip_compile:
         model = models["sdpa"].train()
@@ -174,12 +182,16 @@ def levers_command(args: argparse.Namespace) -> dict:
                       if saved > 0 else "never pays off")
         rows.append([f"training: torch.compile (compiling took {compile_seconds:.0f} s; "
                      f"{break_even})", f"{compiled * 1000:.1f}",
-                     f"{compiled / train_default:.2f} x", ""])
+                     f"{compiled / train_default:.2f} x", "behind --compile"])
     versions = ", ".join(f"{k} {v}" for k, v in library_versions().items())
     text = "\n".join([
-        f"Seconds per review, medians of {args.repeats} rounds: {args.train_batches} training "
-        f"batches of {DEFAULT_BATCH_SIZE}, {args.eval_reviews} test reviews, length "
-        f"{args.max_length}, {model_label(args.model)}; {versions}.", "", markdown_table(rows)])
+        f"Milliseconds per review, medians of {args.repeats} rounds: {args.train_batches} "
+        f"training batches of {DEFAULT_BATCH_SIZE}, {args.eval_reviews} test reviews, length "
+        f"{args.max_length}, {model_label(args.model)}; {versions}.", "", markdown_table(rows),
+        "", f"Machine: {cpu_model()}, {os.cpu_count()} cores. Measured "
+        f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC in "
+        f"{(time.perf_counter() - began) / 60:.0f} min; load average {load_before[0]:.1f} at the "
+        f"start, {os.getloadavg()[0]:.1f} at the end (the machine is shared)."])
     print(text)
     if args.markdown:
         write_section(args.markdown, "levers", text)

@@ -142,3 +142,26 @@ def test_lengths_benchmark_reports_padding_and_speed_both_ways(tiny_model_dir, t
     assert float(speed_row[3]) == pytest.approx(
         result["speed"]["grouped"] / result["speed"]["random"], abs=0.006)
     assert "<!-- benchmark:lengths start -->" in (tmp_path / "B.md").read_text()
+
+
+def test_levers_benchmark_writes_a_row_per_lever_against_its_default(tiny_model_dir, tmp_path):
+    from benchmarks.levers import levers_command
+
+    data = tmp_path / "data"
+    data.mkdir()
+    reviews(20).to_csv(data / "train.csv", index=False)
+    reviews(8).to_csv(data / "test.csv", index=False)
+    markdown = tmp_path / "B.md"
+    args = build_parser().parse_args(
+        ["levers", "--model", tiny_model_dir, "--data", str(data), "--repeats", "1",
+         "--train-batches", "1", "--eval-reviews", "8", "--skip-compile",
+         "--markdown", str(markdown)])
+    rows = {row[0]: row for row in levers_command(args)["rows"][1:]}
+    defaults = [row for name, row in rows.items() if row[3] == "default"]
+    assert [row[2] for row in defaults] == ["1.00 x", "1.00 x"]  # training and evaluation
+    assert "training: 1 thread" in rows and "evaluation: batch 16" in rows
+    assert any(name.startswith("evaluation: bf16 autocast") for name in rows)
+    assert all(float(row[1]) > 0 for row in rows.values())
+    text = markdown.read_text()
+    assert "<!-- benchmark:levers start -->" in text and "Milliseconds per review" in text
+    assert "Machine: " in text
