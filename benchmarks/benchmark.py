@@ -393,7 +393,7 @@ def context(args: argparse.Namespace, started: float, load_before: tuple) -> dic
 
     return {"machine": cpu_model(), "cores": os.cpu_count(), "system": platform.platform(),
             "versions": library_versions(),
-            "command": "python -m benchmarks.benchmark " + shlex.join(sys.argv[1:]),
+            "command": args.command_line,
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "minutes": (time.perf_counter() - started) / 60,
             "load_average": {"start": load_before[0], "end": os.getloadavg()[0]},
@@ -627,6 +627,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Benchmark train.py against the lab recipe (HF Trainer) and the bare "
                     "model. See BENCHMARKS.md.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.set_defaults(command_line=command_line(None))  # main() records its own argv
 
     def common(sub: argparse.ArgumentParser, max_length: int) -> None:
         from data import DEFAULT_MAX_LENGTH, at_least
@@ -726,11 +727,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def command_line(argv: list[str] | None) -> str:
+    """The command that ran the benchmark with `argv` (None: this process's arguments)."""
+    return "python -m benchmarks.benchmark " + shlex.join(sys.argv[1:] if argv is None else argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m benchmarks.benchmark``."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.command_line = command_line(argv)
     if args.command == "gpu":
         from benchmarks.gpu_benchmark import gpu_command
 

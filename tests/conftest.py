@@ -1,22 +1,66 @@
-"""Shared fixtures: a tiny random BERT saved as a local model folder, and small review files."""
+"""Shared fixtures and the suite's environment: a tiny random BERT saved as a local model
+folder, small review files, and ways to run the scripts (in this process, in a forked child
+that a test may kill, or as a new interpreter).
+
+The environment is set here, before torch or `datasets` is first imported (both read it once):
+
+* a Hugging Face cache of the suite's own (``HF_HOME``), so that a test never scores a stale
+  tokenization cache from the user's earlier runs or leaves files in it;
+* one torch thread per process (``OMP_NUM_THREADS``): pytest runs one worker per core, and two
+  threads each would fight over the two cores of a CI machine; threads that wait sleep
+  (``OMP_WAIT_POLICY``) rather than spin;
+* ``LORA_TEST_ASSUME_NATIVE_BF16=1`` (evaluate.ASSUME_NATIVE_BF16_ENV), unless set otherwise:
+  `--precision auto` resolves to bf16 in every tiny-model run, so that each CPU, AVX2-only ones
+  included, proves the bf16 path. Tests that compare numbers across two ways of computing them
+  pin ``--precision fp32``; the real-data runs get the machine's own environment
+  (``MACHINE_ENV``).
+"""
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-import torch
-from datasets import Dataset
-from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+HF_HOME = tempfile.mkdtemp(prefix="lora-tests-hf-")
+atexit.register(shutil.rmtree, HF_HOME, ignore_errors=True)
+SUITE_ENV = {
+    "HF_HOME": HF_HOME,
+    "HF_DATASETS_CACHE": str(Path(HF_HOME) / "datasets"),
+    # Tests never reach the Hugging Face Hub: fail at once instead of retrying for a minute.
+    "HF_HUB_OFFLINE": "1",
+    "OMP_NUM_THREADS": "1",
+    # A process with more threads (the real-data run) sleeps at OpenMP barriers instead of
+    # spinning, leaving the core to the other worker: measured, both go faster side by side.
+    "OMP_WAIT_POLICY": "PASSIVE",
+    # The Rust tokenizer's threads do not survive a fork (run_forked); the texts are short.
+    "TOKENIZERS_PARALLELISM": "false",
+}
+os.environ.update(SUITE_ENV)
+# On unless the caller says otherwise: LORA_TEST_ASSUME_NATIVE_BF16=0 python -m pytest runs the
+# tiny-model tests at the machine's own --precision auto.
+os.environ.setdefault("LORA_TEST_ASSUME_NATIVE_BF16", "1")
+# What the real-data runs change back: the machine's own precision choice and thread count.
+MACHINE_ENV = {"LORA_TEST_ASSUME_NATIVE_BF16": None, "OMP_NUM_THREADS": None}
 
-from data import FEATURES
-from lora_model import load_base_model, load_tokenizer, save_adapter, wrap_with_lora
+import pytest  # noqa: E402  (the environment above must come first)
+import torch  # noqa: E402
+from datasets import Dataset  # noqa: E402
+from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification  # noqa: E402
 
-# Tests never reach the Hugging Face Hub: fail at once instead of retrying for a minute.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from data import FEATURES  # noqa: E402
+from evaluate import ASSUME_NATIVE_BF16_ENV  # noqa: E402
+from lora_model import load_base_model, load_tokenizer, save_adapter, wrap_with_lora  # noqa: E402
+
+assert ASSUME_NATIVE_BF16_ENV in MACHINE_ENV, "the bf16 switch is named in one place: evaluate.py"
 
 REPO = Path(__file__).resolve().parent.parent
 IMDB_DIR = REPO.parent / "shared" / "data" / "imdb"
@@ -57,22 +101,98 @@ def reviews(n_per_class: int = 12) -> Dataset:
     return Dataset.from_dict({"text": texts, "label": labels}, features=FEATURES)
 
 
+def write_review_files(folder: Path) -> Path:
+    """train.csv (24 reviews) and test.csv (16 reviews) in `folder`."""
+    reviews(12).to_csv(folder / "train.csv", index=False)
+    reviews(8).to_csv(folder / "test.csv", index=False)
+    return folder
+
+
 @pytest.fixture
 def csv_data_dir(tmp_path) -> Path:
-    """A data folder with train.csv (24 reviews) and test.csv (16 reviews)."""
-    reviews(12).to_csv(tmp_path / "train.csv", index=False)
-    reviews(8).to_csv(tmp_path / "test.csv", index=False)
-    return tmp_path
+    """A data folder with train.csv (24 reviews) and test.csv (16 reviews), free to change."""
+    return write_review_files(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def shared_data_dir(tmp_path_factory) -> Path:
+    """The same two files in one folder for the whole session: read it, never change it."""
+    return write_review_files(tmp_path_factory.mktemp("reviews"))
+
+
+@dataclass
+class Outcome:
+    """What a script run gives a test: exit code (negative: killed by that signal) and output."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_main(main: Callable[[list[str]], int], capsys, *argv: str) -> Outcome:
+    """Call a script's main(argv) in this process, as its command line would; argparse errors
+    exit 2. An exception that escapes main() is a traceback a user would see: it fails the test.
+    """
+    capsys.readouterr()  # drop what came before
+    try:
+        code = main(list(argv))
+    except SystemExit as stop:
+        code = stop.code
+    out = capsys.readouterr()
+    return Outcome(code, out.out, out.err)
+
+
+def run_forked(main: Callable[[], int], timeout: float = 300) -> Outcome:
+    """Run `main()` in a forked child process and wait for it to exit.
+
+    The child is a real process, which a test may SIGKILL or signal, that starts with every
+    library already imported: a new interpreter would spend ~10 s importing torch,
+    transformers, peft and datasets first. Its stdout and stderr are captured to files.
+    """
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        pid = os.fork()
+        if pid == 0:  # the child: never returns into pytest
+            code = 1
+            try:
+                os.dup2(out.fileno(), 1)
+                os.dup2(err.fileno(), 2)
+                sys.stdout = open(1, "w", closefd=False)
+                sys.stderr = open(2, "w", closefd=False)
+                code = main()
+            except SystemExit as stop:
+                code = stop.code if isinstance(stop.code, int) else 1
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        deadline = time.monotonic() + timeout
+        while (done := os.waitpid(pid, os.WNOHANG))[0] == 0:
+            if time.monotonic() > deadline:
+                os.kill(pid, 9)
+                os.waitpid(pid, 0)
+                pytest.fail(f"the forked run did not end within {timeout} s")
+            time.sleep(0.05)
+        texts = []
+        for file in (out, err):
+            file.seek(0)
+            texts.append(file.read().decode(errors="replace"))
+    return Outcome(os.waitstatus_to_exitcode(done[1]), *texts)
 
 
 def run_script(*args: str, env: dict | None = None, cwd: Path | None = None,
                timeout: int = 600, stdin: str = "") -> subprocess.CompletedProcess:
-    """Run one of the repository's scripts as a user would, capturing its output.
+    """Run one of the repository's scripts in a new interpreter, as a user would, capturing
+    its output. Use it where the process boundary is what a test is about (the command line
+    itself, torchrun, a clean interpreter); `run_main` and `run_forked` are much faster.
 
-    `stdin` is what the script reads on standard input (by default nothing, never the
-    terminal or pytest's own input).
+    `env` adds to the suite's environment; a None value removes that variable. `stdin` is what
+    the script reads on standard input (by default nothing, never the terminal or pytest's own
+    input).
     """
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    full_env = {**os.environ, **(env or {})}
+    full_env = {key: value for key, value in full_env.items() if value is not None}
     return subprocess.run([sys.executable, *args], capture_output=True, text=True,
                           env=full_env, cwd=cwd or REPO, timeout=timeout, input=stdin)
 
@@ -92,3 +212,18 @@ def save_random_adapter(model_dir: str, folder: Path, r: int = 4, scale: float =
                 param.add_(torch.randn(param.shape, generator=generator) * scale)
     save_adapter(model, load_tokenizer(model_dir), folder)
     return model.eval()
+
+
+# Files whose tests start first, in this order: the real-data run is the suite's long pole, and
+# the resume and torchrun files hold most of the rest of the work. pytest.ini keeps this order
+# (--no-loadscope-reorder) when it hands whole files to its workers.
+START_FIRST = ("test_real_data.py", "test_resume.py", "test_distributed.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Put the files of START_FIRST at the head of the queue, the rest in their usual order."""
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return START_FIRST.index(name) if name in START_FIRST else len(START_FIRST)
+
+    items.sort(key=rank)  # stable: the order within each file stays as written

@@ -1,6 +1,7 @@
 """Run train.py in this process and interrupt it at a chosen point: a test harness.
 
-    python tests/interrupt_train.py POINT -- TRAIN_FLAGS...
+    python tests/interrupt_train.py POINT -- TRAIN_FLAGS...     # under torchrun, say
+    interrupt_train.run(POINT, TRAIN_FLAGS)                     # in a forked test process
 
 POINT is one of
   kill-at-step:N       SIGKILL right after optimizer step N (between checkpoints)
@@ -93,8 +94,17 @@ def install(point: str) -> None:
         raise SystemExit(f"unknown interruption point {point!r}")
 
 
+def run(point: str, flags: list[str]) -> int:
+    """train.main(flags), interrupted at `point`; its exit code, if it gets to return one.
+
+    The interruption patches train.py's functions in this process for good: call it in a
+    process of its own.
+    """
+    install(point)
+    return train.main(flags)
+
+
 if __name__ == "__main__":
     point, separator, *flags = sys.argv[1:]
     assert separator == "--", "usage: interrupt_train.py POINT -- TRAIN_FLAGS..."
-    install(point)
-    sys.exit(train.main(flags))
+    sys.exit(run(point, flags))

@@ -1,20 +1,20 @@
 """Every input mistake ends in one sentence on stderr, exit code 2, no traceback, nothing written.
 
 The many refusals of train.py's and evaluate.py's flags, data and checkpoints call the
-scripts' main() in this process (the same code a command line runs, without 5 s of imports
-per case); the cases at the end run the real command line in a subprocess, as a user would.
+scripts' main() in this process (the same code a command line runs, without ~10 s of imports
+per case); one evaluate.py case at the end runs the real command line in a new interpreter,
+as a user would (test_train.py runs `python train.py` itself, test_predict.py `python
+predict.py`).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import reviews, run_script
+from conftest import reviews, run_main, run_script
 from transformers import (
     BertConfig,
     BertModel,
@@ -26,29 +26,6 @@ from transformers import (
 import evaluate as evaluate_script
 import train as train_script
 from lora_model import load_base_model, load_tokenizer, save_adapter, wrap_with_lora
-
-
-@dataclass
-class Outcome:
-    """What a script run gives a test: exit code and output (as subprocess.run's result)."""
-
-    returncode: int
-    stdout: str
-    stderr: str
-
-
-def run_main(main: Callable[[list[str]], int], capsys, *argv: str) -> Outcome:
-    """Call a script's main(argv) here, as its command line would; argparse errors exit 2.
-
-    An exception that escapes main() is a traceback a user would see: it fails the test.
-    """
-    capsys.readouterr()  # drop what came before
-    try:
-        code = main(list(argv))
-    except SystemExit as stop:
-        code = stop.code
-    out = capsys.readouterr()
-    return Outcome(code, out.out, out.err)
 
 
 def folder_state(folder: Path) -> dict[str, bytes]:
@@ -289,47 +266,50 @@ def test_flag_values_no_run_can_use(train, flags, phrase):
     assert_refused(train(*flags), phrase)
 
 
-def test_output_dir_holding_another_run_is_left_alone(tiny_model_dir, csv_data_dir, tmp_path):
+def test_output_dir_holding_another_run_is_left_alone(tiny_model_dir, csv_data_dir, tmp_path,
+                                                     capsys):
     run = tmp_path / "old-run"
     (run / "adapter").mkdir(parents=True)
     (run / "metrics.json").write_text('{"after": {"accuracy": 0.9}}')
     before = folder_state(run)
-    result = run_script("train.py", "--model", tiny_model_dir, "--data", str(csv_data_dir),
-                        "--output-dir", str(run))
+    result = run_main(train_script.main, capsys, "--model", tiny_model_dir, "--data",
+                      str(csv_data_dir), "--output-dir", str(run))
     assert_refused(result, "holds a finished run", "--overwrite")
     assert folder_state(run) == before
 
 
-def test_output_dir_holding_other_files_is_left_alone(tiny_model_dir, csv_data_dir, tmp_path):
+def test_output_dir_holding_other_files_is_left_alone(tiny_model_dir, csv_data_dir, tmp_path,
+                                                      capsys):
     folder = tmp_path / "photos"
     folder.mkdir()
     (folder / "holiday.jpg").write_bytes(b"not a run")
     before = folder_state(folder)
-    result = run_script("train.py", "--model", tiny_model_dir, "--data", str(csv_data_dir),
-                        "--output-dir", str(folder))
+    result = run_main(train_script.main, capsys, "--model", tiny_model_dir, "--data",
+                      str(csv_data_dir), "--output-dir", str(folder))
     assert_refused(result, "already holds files", "--overwrite")
     assert folder_state(folder) == before
 
 
-def test_output_dir_that_cannot_be_created(tiny_model_dir, csv_data_dir, tmp_path):
+def test_output_dir_that_cannot_be_created(tiny_model_dir, csv_data_dir, tmp_path, capsys):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    result = run_script("train.py", "--model", tiny_model_dir, "--data", str(csv_data_dir),
-                        "--output-dir", str(blocker / "run"))
+    result = run_main(train_script.main, capsys, "--model", tiny_model_dir, "--data",
+                      str(csv_data_dir), "--output-dir", str(blocker / "run"))
     assert_refused(result, "cannot be created", "a-file is a file")
     assert blocker.read_text() == "not a folder"
 
 
 def test_evaluate_refuses_a_folder_as_json_and_an_existing_plot(tmp_path, csv_data_dir,
-                                                               tiny_model_dir):
+                                                               tiny_model_dir, capsys):
+    """The --json case in a new interpreter: `python evaluate.py` itself refuses in one line."""
     (tmp_path / "results").mkdir()
     result = run_script("evaluate.py", "--base", "--model", tiny_model_dir, "--data",
                         str(csv_data_dir), "--json", str(tmp_path / "results"))
     assert_refused(result, "--json", "is a folder; give a file name")
     plot = tmp_path / "old.png"
     plot.write_bytes(b"earlier plot")
-    result = run_script("evaluate.py", "--base", "--model", tiny_model_dir, "--data",
-                        str(csv_data_dir), "--plot", str(plot))
+    result = run_main(evaluate_script.main, capsys, "--base", "--model", tiny_model_dir,
+                      "--data", str(csv_data_dir), "--plot", str(plot))
     assert_refused(result, "--plot", "already exists")
     assert plot.read_bytes() == b"earlier plot"
 
@@ -349,10 +329,11 @@ def test_checkpoints_of_different_base_models_are_not_mixed(tmp_path, csv_data_d
                    "trained on different base models", "separate runs")
 
 
-def test_evaluate_does_not_overwrite_earlier_results(tmp_path, csv_data_dir, tiny_model_dir):
+def test_evaluate_does_not_overwrite_earlier_results(tmp_path, csv_data_dir, tiny_model_dir,
+                                                     capsys):
     out = tmp_path / "results.json"
     out.write_text('{"results": []}')
-    result = run_script("evaluate.py", "--base", "--model", tiny_model_dir, "--data",
-                        str(csv_data_dir), "--json", str(out))
+    result = run_main(evaluate_script.main, capsys, "--base", "--model", tiny_model_dir,
+                      "--data", str(csv_data_dir), "--json", str(out))
     assert_refused(result, "already exists", "--overwrite")
     assert out.read_text() == '{"results": []}'

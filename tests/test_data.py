@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import minilm_path, reviews
+from conftest import HF_HOME, minilm_path, reviews
 from datasets import Dataset
 from transformers import AutoTokenizer
 
@@ -202,6 +203,10 @@ def test_second_tokenization_reads_the_disk_cache(tmp_path, tokenizer):
     assert second["input_ids"] == first["input_ids"]
     other = tokenize(load_split(str(tmp_path), "train"), tokenizer, max_length=12)
     assert other.cache_files[0]["filename"] != cache_file
+    # The suite's own cache (conftest), never the user's: no stale file from an earlier
+    # commit is scored here, and nothing is left in ~/.cache/huggingface.
+    assert Path(cache_file).is_relative_to(HF_HOME)
+    assert not Path(cache_file).is_relative_to(Path.home() / ".cache")
 
 
 # --- truncation: head, tail, head+tail ------------------------------------------------------

@@ -11,6 +11,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification
 
+import lora_model
 from data import UsageError
 from lora_model import (
     ADAPTER_DIR,
@@ -35,7 +36,7 @@ def batch_of_ids(seed: int = 0) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
-def test_base_model_head_is_the_same_whatever_the_global_rng(tiny_model_dir):
+def test_base_model_head_is_the_same_whatever_the_global_rng(tiny_model_dir, monkeypatch):
     torch.manual_seed(1)
     first = load_base_model(tiny_model_dir)
     torch.manual_seed(2)
@@ -48,7 +49,10 @@ def test_base_model_head_is_the_same_whatever_the_global_rng(tiny_model_dir):
     torch.manual_seed(3)
     load_base_model(tiny_model_dir)
     assert torch.equal(torch.rand(1), expected)
-    assert HEAD_SEED == 0
+    # HEAD_SEED alone decides the head: another seed draws another one.
+    monkeypatch.setattr(lora_model, "HEAD_SEED", HEAD_SEED + 1)
+    assert not torch.equal(load_base_model(tiny_model_dir).classifier.weight,
+                           first.classifier.weight)
 
 
 def test_lora_trains_only_adapters_and_the_classifier_head(tiny_model_dir):
@@ -111,9 +115,15 @@ def test_stock_peft_code_loads_the_adapter(tiny_model_dir, tmp_path):
 
 
 def test_loading_for_more_training_keeps_adapters_trainable(tiny_model_dir, tmp_path):
-    trained_adapter(tiny_model_dir, tmp_path)
+    saved = trained_adapter(tiny_model_dir, tmp_path)
     resumed = load_adapted_model(tmp_path, trainable=True)
-    assert parameter_counts(resumed)[0] > 0
+    # Exactly what was trained is trainable again: A and B on query and value, and the head.
+    expected = LAYERS * 2 * (R * HIDDEN + HIDDEN * R) + (HIDDEN * 2 + 2)
+    assert parameter_counts(resumed)[0] == parameter_counts(saved)[0] == expected
+    trainable = {n for n, p in resumed.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, p in saved.named_parameters() if p.requires_grad}
+    frozen = load_adapted_model(tmp_path)  # for scoring: nothing trainable
+    assert parameter_counts(frozen)[0] == 0
 
 
 def test_adapter_records_its_base_model(tiny_model_dir, tmp_path):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import reviews, run_script
+from conftest import reviews
 
 import evaluate
 import predict
@@ -35,15 +35,7 @@ QUERY = "bert.encoder.layer.0.attention.self.query.weight"
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("data")
-    reviews(12).to_csv(folder / "train.csv", index=False)
-    reviews(8).to_csv(folder / "test.csv", index=False)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def runs(tiny_model_dir, data_dir, tmp_path_factory) -> dict[str, Path]:
+def runs(tiny_model_dir, shared_data_dir, tmp_path_factory) -> dict[str, Path]:
     """A finished run folder per method, one epoch; head and full at their default --lr.
 
     LoRA gets a large --lr, so that its logits move well away from the random start and
@@ -52,11 +44,10 @@ def runs(tiny_model_dir, data_dir, tmp_path_factory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("methods")
     for method in METHODS:
         lr = ["--lr", LORA_LR] if method == "lora" else []
-        result = run_script("train.py", "--model", tiny_model_dir, "--data", str(data_dir),
-                            "--output-dir", str(folder / method), "--method", method,
-                            "--batch-size", "4", "--validation-size", "4", *lr,
-                            "--max-length", MAX_LENGTH, "--truncation", TRUNCATION)
-        assert result.returncode == 0, result.stderr[-3000:]
+        assert train.main(["--model", tiny_model_dir, "--data", str(shared_data_dir),
+                           "--output-dir", str(folder / method), "--method", method,
+                           "--batch-size", "4", "--validation-size", "4", *lr,
+                           "--max-length", MAX_LENGTH, "--truncation", TRUNCATION]) == 0
     return {method: folder / method for method in METHODS}
 
 
@@ -98,10 +89,10 @@ def test_checkpoints_record_their_truncation(runs):
                                                           "max_length": int(MAX_LENGTH)}
 
 
-def test_evaluate_scores_each_checkpoint_with_its_recorded_truncation(runs, data_dir,
+def test_evaluate_scores_each_checkpoint_with_its_recorded_truncation(runs, shared_data_dir,
                                                                      tmp_path, capsys):
     out = tmp_path / "out.json"
-    assert evaluate.main(["--base", "--data", str(data_dir), "--json", str(out),
+    assert evaluate.main(["--base", "--data", str(shared_data_dir), "--json", str(out),
                           *(flag for run in runs.values() for flag in ("--checkpoint",
                                                                        str(run)))]) == 0
     assert "warning" not in capsys.readouterr().err
@@ -115,10 +106,10 @@ def test_evaluate_scores_each_checkpoint_with_its_recorded_truncation(runs, data
         assert (row["truncation"], row["max_length"]) == (TRUNCATION, int(MAX_LENGTH))
 
 
-def test_an_explicit_truncation_is_obeyed_with_a_warning(runs, data_dir, tmp_path, capsys):
+def test_an_explicit_truncation_is_obeyed_with_a_warning(runs, shared_data_dir, tmp_path, capsys):
     out = tmp_path / "out.json"
     assert evaluate.main(["--checkpoint", str(runs["lora"]), "--truncation", "head", "--data",
-                          str(data_dir), "--json", str(out)]) == 0
+                          str(shared_data_dir), "--json", str(out)]) == 0
     assert (f"warning: {runs['lora'] / ADAPTER_DIR} was trained with --truncation head+tail; "
             "scoring it with --truncation head as asked") in capsys.readouterr().err
     [row] = read_json(out)["results"]
@@ -133,7 +124,10 @@ def test_an_explicit_truncation_is_obeyed_with_a_warning(runs, data_dir, tmp_pat
 @pytest.mark.parametrize("method", list(METHODS))
 def test_predict_and_merge_work_for_every_method(runs, method, tmp_path, capsys):
     texts = [reviews(1)["text"][0], "Great."]
-    args = predict.build_parser().parse_args(["--checkpoint", str(runs[method]), *texts])
+    # fp32: merged weights (W + BA) and the unmerged sum W x + B(A x) agree to float32's
+    # rounding (1e-5 here), but bf16 rounds each to 8 bits (differences up to ~1e-3).
+    args = predict.build_parser().parse_args(["--checkpoint", str(runs[method]),
+                                              "--precision", "fp32", *texts])
     predictions = predict.run(args)
     table = capsys.readouterr().out
     assert [p.truncated for p in predictions] == [True, False]
@@ -149,7 +143,7 @@ def test_predict_and_merge_work_for_every_method(runs, method, tmp_path, capsys)
         assert torch.allclose(load_merged_model(merged).eval()(**batch).logits,
                               model(**batch).logits, atol=1e-5)
     reread = predict.run(predict.build_parser().parse_args(["--checkpoint", str(merged),
-                                                            *texts]))
+                                                            "--precision", "fp32", *texts]))
     assert [p.probability for p in reread] == pytest.approx(
         [p.probability for p in predictions], abs=1e-5)
 

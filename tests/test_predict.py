@@ -8,9 +8,10 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import NEGATIVE, POSITIVE, reviews, run_script
+from conftest import NEGATIVE, POSITIVE, reviews, run_main, run_script
 
 import predict
+from evaluate import pick_precision
 from lora_model import (
     ADAPTER_DIR,
     load_adapted_model,
@@ -68,10 +69,11 @@ def table_rows(stdout: str) -> list[list[str]]:
     return [line.split(maxsplit=4) for line in lines[1:] if line[:1] != predict.TRUNCATED_MARK]
 
 
-def test_labels_and_probabilities_for_texts_on_the_command_line(run_dir):
+def test_labels_and_probabilities_for_texts_on_the_command_line(run_dir, capsys):
     texts = [*SHORT, LONG]
-    result = run_script("predict.py", "--checkpoint", str(run_dir), "--max-length",
-                        str(MAX_LENGTH), *texts)
+    # fp32, to compare with the plain fp32 computation to 1e-4 (bf16 rounds logits to ~1e-2).
+    result = run_main(predict.main, capsys, "--checkpoint", str(run_dir), "--max-length",
+                      str(MAX_LENGTH), "--precision", "fp32", *texts)
     assert result.returncode == 0, result.stderr
     rows = table_rows(result.stdout)
     assert [row[0] for row in rows] == ["1", "2", "3", "4"]
@@ -88,9 +90,10 @@ def test_labels_and_probabilities_for_texts_on_the_command_line(run_dir):
 
 
 def test_json_lines_from_standard_input(run_dir):
+    """In a new interpreter, reading a real pipe, as `... | python predict.py` does."""
     texts = [SHORT[0], LONG, SHORT[1]]
     result = run_script("predict.py", "--checkpoint", str(run_dir), "--json", "--max-length",
-                        str(MAX_LENGTH), "--eval-batch-size", "2",
+                        str(MAX_LENGTH), "--eval-batch-size", "2", "--precision", "fp32",
                         stdin="\n".join(texts[:2]) + "\n\n" + texts[2] + "\n")
     assert result.returncode == 0, result.stderr
     records = [json.loads(line) for line in result.stdout.splitlines()]
@@ -114,8 +117,10 @@ def test_run_adapter_and_merged_folders_give_the_same_predictions(run_dir, tmp_p
     results = {}
     for name, folder in (("run", run_dir), ("adapter", run_dir / ADAPTER_DIR),
                          ("merged", run_dir.parent / "merged")):
+        # fp32: merged and unmerged weights agree to float32's rounding, not to bf16's.
         args = predict.build_parser().parse_args(
-            ["--checkpoint", str(folder), "--file", str(reviews), "--json"])
+            ["--checkpoint", str(folder), "--file", str(reviews), "--json", "--precision",
+             "fp32"])
         results[name] = predict.run(args)
     capsys.readouterr()
     expected = [p.probabilities["positive"] for p in results["run"]]
@@ -124,6 +129,29 @@ def test_run_adapter_and_merged_folders_give_the_same_predictions(run_dir, tmp_p
         assert [p.label for p in results[name]] == [p.label for p in results["run"]]
         actual = [p.probabilities["positive"] for p in results[name]]
         assert actual == pytest.approx(expected, abs=1e-5), name
+
+
+def test_auto_precision_predictions_stay_within_its_rounding_of_fp32(run_dir, capsys):
+    """--precision auto, which the suite resolves to bf16 (conftest), against fp32: the same
+    labels, and probabilities within 0.01. bf16 keeps 8 significant bits (relative rounding
+    2^-9, 0.2%) in every matrix product; through the tiny model's two layers the logits move
+    by a few 1e-3, and a probability by at most a quarter of the logit change. (Where auto
+    resolves to fp32, the two runs are the same computation.)"""
+    texts = [*SHORT, LONG]
+    results = {}
+    for precision in ("auto", "fp32"):
+        args = predict.build_parser().parse_args(
+            ["--checkpoint", str(run_dir), "--precision", precision, *texts])
+        results[precision] = predict.run(args)
+    capsys.readouterr()
+    bf16, fp32 = results["auto"], results["fp32"]
+    assert [p.label for p in bf16] == [p.label for p in fp32]
+    differences = [abs(a.probabilities["positive"] - b.probabilities["positive"])
+                   for a, b in zip(bf16, fp32, strict=True)]
+    if pick_precision("auto", torch.device("cpu")) == "fp32":
+        assert max(differences) == 0
+    else:
+        assert 0 < max(differences) < 0.01  # bf16 really ran: it rounds otherwise than fp32
 
 
 def test_standard_input_is_read_when_no_text_or_file_is_given(run_dir, monkeypatch, capsys):

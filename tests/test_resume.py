@@ -2,8 +2,11 @@
 uninterrupted run ends; damaged checkpoints fall back or fail clearly; other settings are
 refused.
 
-Every run here is a real train.py process (tests/interrupt_train.py kills it at a chosen
-point) on a tiny BERT *with* dropout, so that the random streams really matter.
+Every interrupted run is a real process, forked from the test (tests/interrupt_train.py
+kills or signals it at a chosen point); the uninterrupted and resumed runs are train.main in
+the test's own process. All run a tiny BERT *with* dropout, so that the random streams really
+matter, at `--precision auto`, which the suite resolves to bf16 (conftest): resuming must be
+exact in mixed precision too.
 """
 
 from __future__ import annotations
@@ -13,16 +16,16 @@ import shutil
 import signal
 from pathlib import Path
 
+import interrupt_train
 import pytest
 import torch
-from conftest import minilm_path, reviews, run_script
+from conftest import Outcome, minilm_path, reviews, run_forked, run_main
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
 import train
 from data import UsageError
 
-HARNESS = str(Path(__file__).resolve().parent / "interrupt_train.py")
 # 72 training reviews in batches of 4, 2 batches per optimizer step: 9 steps per epoch, 18 in
 # all; checkpoints after steps 3, 6, 9 (epoch end), 12, 15, 18; validation after 4, 8, 9, ...
 STEPS_PER_EPOCH = 9
@@ -49,20 +52,20 @@ def setup(tmp_path_factory) -> dict:
              "--eval-every", "4", "--log-every", "2", "--lr", "5e-3",
              "--eval-batch-size", "8"]
     reference = root / "reference"
-    result = run_script("train.py", *flags, "--output-dir", str(reference))
-    assert result.returncode == 0, result.stderr
+    assert train.main([*flags, "--output-dir", str(reference)]) == 0
     return {"root": root, "flags": flags, "reference": reference}
 
 
-def interrupted_run(setup: dict, point: str, folder: Path, *extra: str):
-    """Run train.py under the harness, interrupted at `point`, into `folder`."""
-    return run_script(HARNESS, point, "--", *setup["flags"], *extra, "--output-dir", str(folder))
+def interrupted_run(setup: dict, point: str, folder: Path, *extra: str) -> Outcome:
+    """train.py interrupted at `point`, into `folder`, in a process of its own."""
+    flags = [*setup["flags"], *extra, "--output-dir", str(folder)]
+    return run_forked(lambda: interrupt_train.run(point, flags))
 
 
-def resumed_run(setup: dict, folder: Path, *extra: str):
-    """Run the same train.py command again on `folder`; it must finish."""
-    result = run_script("train.py", *setup["flags"], *extra, "--output-dir", str(folder))
-    assert result.returncode == 0, result.stderr
+def resumed_run(setup: dict, folder: Path, capsys, *extra: str) -> Outcome:
+    """The same train.py command again on `folder`, in this process; it must finish."""
+    result = run_main(train.main, capsys, *setup["flags"], *extra, "--output-dir", str(folder))
+    assert result.returncode == 0, result.stderr[-3000:]
     return result
 
 
@@ -111,34 +114,35 @@ def test_reference_run_learns_and_cleans_up(setup):
     ("kill-at-step:14", ("--num-workers", "2"), 12),  # epoch 2, worker processes
     ("kill-in-scoring", (), 18),  # training over, scoring the test reviews
 ])
-def test_killed_run_resumes_to_the_identical_result(setup, tmp_path, point, extra, resumes_at):
+def test_killed_run_resumes_to_the_identical_result(setup, tmp_path, capsys, point, extra,
+                                                    resumes_at):
     """SIGKILL at any point, run the same command again: same weights, metrics and losses."""
     folder = tmp_path / "run"
     killed = interrupted_run(setup, point, folder, *extra)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert not (folder / "metrics.json").exists()
-    resumed = resumed_run(setup, folder, *extra)
+    resumed = resumed_run(setup, folder, capsys, *extra)
     assert resumed_step(resumed.stdout) == resumes_at
     assert_same_result(folder, setup["reference"])
 
 
-def test_length_grouped_run_resumes_to_the_identical_result(setup, tmp_path):
+def test_length_grouped_run_resumes_to_the_identical_result(setup, tmp_path, capsys):
     """--group-by-length batches come from their own sampler: a run killed in epoch 2 and
     started again still ends identical to the uninterrupted grouped run."""
     reference = tmp_path / "reference"
-    resumed_run(setup, reference, "--group-by-length")
+    resumed_run(setup, reference, capsys, "--group-by-length")
     # Another batch order than the plain reference, else this would test nothing new.
     assert training_records(reference) != training_records(setup["reference"])
     folder = tmp_path / "run"
     killed = interrupted_run(setup, "kill-at-step:14", folder, "--group-by-length")
     assert killed.returncode == -signal.SIGKILL, killed.stderr
-    resumed = resumed_run(setup, folder, "--group-by-length")
+    resumed = resumed_run(setup, folder, capsys, "--group-by-length")
     assert resumed_step(resumed.stdout) == 12
     assert_same_result(folder, reference)
 
 
 @pytest.mark.parametrize(("sig", "exit_code"), [("TERM", 143), ("INT", 130)])
-def test_signal_finishes_the_step_saves_and_exits(setup, tmp_path, sig, exit_code):
+def test_signal_finishes_the_step_saves_and_exits(setup, tmp_path, capsys, sig, exit_code):
     """SIGTERM/SIGINT: the step finishes, a checkpoint of it is written, exit 143/130 with a
     resume hint; resuming (with --resume) gives the uninterrupted result."""
     folder = tmp_path / "run"
@@ -147,10 +151,9 @@ def test_signal_finishes_the_step_saves_and_exits(setup, tmp_path, sig, exit_cod
     last_line = stopped.stderr.strip().splitlines()[-1]
     assert f"stopped by SIG{sig} at step 5" in last_line and "--resume" in last_line
     assert json.loads((folder / "checkpoint" / "progress.json").read_text())["step"] == 5
-    if sig == "TERM":  # one full resume suffices; SIGINT takes the same path
-        resumed = resumed_run(setup, folder, "--resume")
-        assert resumed_step(resumed.stdout) == 5
-        assert_same_result(folder, setup["reference"])
+    resumed = resumed_run(setup, folder, capsys, "--resume")
+    assert resumed_step(resumed.stdout) == 5
+    assert_same_result(folder, setup["reference"])
 
 
 def test_loss_that_stays_nan_stops_and_keeps_the_last_good_checkpoint(setup, tmp_path):
@@ -221,11 +224,12 @@ def test_every_checkpoint_damaged_is_one_clear_error(killed_copy):
     assert "checkpoint-previous/: training_state.pt does not match its SHA-256" in message
 
 
-def test_resume_from_the_previous_checkpoint_gives_the_identical_result(setup, killed_copy):
+def test_resume_from_the_previous_checkpoint_gives_the_identical_result(setup, killed_copy,
+                                                                        capsys):
     """End to end: the latest checkpoint is cut short; the run resumes from the one before
     (with a warning) and still ends exactly as the uninterrupted run."""
     truncate(killed_copy / "checkpoint" / "trainable.safetensors")
-    resumed = resumed_run(setup, killed_copy)
+    resumed = resumed_run(setup, killed_copy, capsys)
     assert "is damaged" in resumed.stdout
     assert resumed_step(resumed.stdout) == 3
     assert_same_result(killed_copy, setup["reference"])

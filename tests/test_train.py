@@ -9,12 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from conftest import REPO, reviews, run_script
+from conftest import REPO, reviews, run_main, run_script
 
 import evaluate
+import train
 from data import PaddingCollator, make_loader, tokenize
-from lora_model import load_base_model, load_tokenizer, wrap_with_lora
-from train import Trainer, build_parser
+from lora_model import load_base_model, load_tokenizer, prepare_model
+from train import NO_DECAY, Trainer, build_parser
 
 CPU = torch.device("cpu")
 
@@ -30,8 +31,8 @@ def make_trainer(tiny_model_dir, tmp_path, n_examples: int, *flags: str) -> Trai
     collator = PaddingCollator(tokenizer.pad_token_id, CPU)
     train_loader = make_loader(tokens, args.batch_size, collator, shuffle=True, seed=args.seed)
     validation_loader = make_loader(tokens, 8, collator, shuffle=False)
-    model = wrap_with_lora(load_base_model(tiny_model_dir), args.lora_r, args.lora_alpha,
-                           args.lora_dropout, args.lora_targets)
+    model = prepare_model(load_base_model(tiny_model_dir), args.method, args.lora_r,
+                          args.lora_alpha, args.lora_dropout, args.lora_targets)
     return Trainer(args, model, tokenizer, train_loader, validation_loader, CPU, "fp32")
 
 
@@ -68,21 +69,72 @@ def test_scheduler_and_step_count_follow_optimizer_steps_including_a_short_last_
     assert records[-1]["validation"]["n"] == 16
 
 
+def gradient_norms_around_a_step(trainer: Trainer) -> tuple[float, list[float]]:
+    """Backward a loss scaled up 10,000 times, then one optimizer step: the gradient norm
+    after backward, and the norms the optimizer was handed (one per step)."""
+    def norm() -> float:
+        return torch.norm(torch.stack([p.grad.norm() for p in trainer.params])).item()
+
+    seen = []
+    trainer.optimizer.register_step_pre_hook(lambda *_: seen.append(norm()))
+    batch = next(iter(trainer.train_loader))
+    (trainer.model(**batch).loss * 1e4).backward()
+    unclipped = norm()
+    trainer.optimizer_step()
+    return unclipped, seen
+
+
 def test_gradient_norm_is_clipped_before_the_optimizer_step(tiny_model_dir, tmp_path):
     trainer = make_trainer(tiny_model_dir, tmp_path, 8, "--batch-size", "8",
                            "--max-grad-norm", "0.5")
-    seen = []
-    trainer.optimizer.register_step_pre_hook(lambda *_: seen.append(
-        torch.norm(torch.stack([p.grad.norm() for p in trainer.params])).item()))
-    batch = next(iter(trainer.train_loader))
-    (trainer.model(**batch).loss * 1e4).backward()  # a gradient far larger than 0.5
-    unclipped = torch.norm(torch.stack([p.grad.norm() for p in trainer.params])).item()
-    trainer.optimizer_step()
-    assert unclipped > 5
+    unclipped, seen = gradient_norms_around_a_step(trainer)
+    assert unclipped > 5  # far larger than 0.5
     assert seen == [pytest.approx(0.5, rel=1e-4)]
 
 
-def test_train_then_evaluate_from_the_command_line(tiny_model_dir, csv_data_dir, tmp_path):
+def test_max_grad_norm_zero_leaves_the_gradient_as_it_is(tiny_model_dir, tmp_path):
+    trainer = make_trainer(tiny_model_dir, tmp_path, 8, "--batch-size", "8",
+                           "--max-grad-norm", "0")
+    unclipped, seen = gradient_norms_around_a_step(trainer)
+    assert unclipped > 5
+    assert seen == [pytest.approx(unclipped, rel=1e-6)]
+
+
+def test_weight_decay_shrinks_weights_but_not_biases_or_layer_norm(tiny_model_dir, tmp_path):
+    # --method full: every kind of parameter is trainable. With zero gradients AdamW's
+    # update is its decoupled decay alone: w <- w x (1 - lr x weight_decay).
+    trainer = make_trainer(tiny_model_dir, tmp_path, 8, "--method", "full", "--lr", "0.1",
+                           "--weight-decay", "0.3")
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    for param in trainer.params:
+        param.grad = torch.zeros_like(param)
+    trainer.optimizer.step()
+    exempt = {n for n in before if any(key in n for key in NO_DECAY)}
+    assert any("LayerNorm.weight" in n for n in exempt) and any(".bias" in n for n in exempt)
+    for name, param in trainer.model.named_parameters():
+        expected = before[name] if name in exempt else before[name] * (1 - 0.1 * 0.3)
+        assert torch.allclose(param, expected, rtol=1e-6, atol=0), name
+    assert not torch.equal(trainer.model.classifier.weight, before["classifier.weight"])
+
+
+def test_warmup_ratio_ramps_the_learning_rate_up_then_down(tiny_model_dir, tmp_path):
+    # 16 reviews in batches of 4, 2 epochs: 8 optimizer steps; --warmup-ratio 0.5 warms up
+    # over the first 4, then decays linearly to 0 at step 8.
+    trainer = make_trainer(tiny_model_dir, tmp_path, 16, "--batch-size", "4", "--epochs", "2",
+                           "--warmup-ratio", "0.5", "--log-every", "1")
+    trainer.train()
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    lrs = [(r["step"], r["lr"]) for r in records if "lr" in r]
+    peak = 1e-2
+    expected = [(s, peak * s / 4 if s <= 4 else peak * (8 - s) / 4) for s in range(1, 9)]
+    assert [s for s, _ in lrs] == [s for s, _ in expected]
+    assert [lr for _, lr in lrs] == pytest.approx([lr for _, lr in expected], rel=1e-9)
+
+
+def test_train_then_evaluate_from_the_command_line(tiny_model_dir, csv_data_dir, tmp_path,
+                                                  capsys):
+    """`python train.py` as a user types it (a new interpreter), then evaluate.py's command
+    line (in this process: its own interpreter start is tested in test_bad_input.py)."""
     run = tmp_path / "run"
     result = run_script("train.py", "--model", tiny_model_dir, "--data", str(csv_data_dir),
                         "--output-dir", str(run), "--epochs", "2", "--batch-size", "4",
@@ -117,8 +169,8 @@ def test_train_then_evaluate_from_the_command_line(tiny_model_dir, csv_data_dir,
 
     out = tmp_path / "eval.json"
     plot = tmp_path / "plots" / "compare.png"
-    result = run_script("evaluate.py", "--base", "--checkpoint", str(run), "--data",
-                        str(csv_data_dir), "--json", str(out), "--plot", str(plot))
+    result = run_main(evaluate.main, capsys, "--base", "--checkpoint", str(run), "--data",
+                      str(csv_data_dir), "--json", str(out), "--plot", str(plot))
     assert result.returncode == 0, result.stderr
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 20_000
     rows = json.loads(out.read_text())["results"]
@@ -129,16 +181,18 @@ def test_train_then_evaluate_from_the_command_line(tiny_model_dir, csv_data_dir,
         assert row["confusion_matrix"] == metrics[key]["confusion_matrix"]
 
 
-def test_overwrite_starts_the_run_folder_over(tiny_model_dir, csv_data_dir, tmp_path):
+def test_overwrite_starts_the_run_folder_over(tiny_model_dir, csv_data_dir, tmp_path, capsys,
+                                              monkeypatch):
     run = tmp_path / "run"
+    monkeypatch.chdir(REPO)
     relative_model = os.path.relpath(tiny_model_dir, REPO)  # as a user types it
     flags = ["--model", relative_model, "--data", str(csv_data_dir), "--output-dir", str(run),
              "--batch-size", "4", "--validation-size", "4", "--log-every", "1"]
-    assert run_script("train.py", *flags).returncode == 0
+    assert run_main(train.main, capsys, *flags).returncode == 0
     first_log = (run / "log.jsonl").read_text()
     (run / "adapter" / "stale.bin").write_bytes(b"from an older run")
     (run / "notes.txt").write_text("mine")
-    result = run_script("train.py", *flags, "--overwrite")
+    result = run_main(train.main, capsys, *flags, "--overwrite")
     assert result.returncode == 0, result.stderr
     assert (run / "log.jsonl").read_text().count("\n") == first_log.count("\n")  # not appended
     assert not (run / "adapter" / "stale.bin").exists()
@@ -147,16 +201,16 @@ def test_overwrite_starts_the_run_folder_over(tiny_model_dir, csv_data_dir, tmp_
     assert recorded["base_model_name_or_path"] == str(Path(tiny_model_dir).resolve())
 
 
-def test_unreachable_hub_names_the_local_model_flag(tmp_path):
-    result = run_script("train.py", "--output-dir", str(tmp_path / "run"))
+def test_unreachable_hub_names_the_local_model_flag(tmp_path, capsys):
+    result = run_main(train.main, capsys, "--output-dir", str(tmp_path / "run"))
     assert result.returncode == 2
     assert "bert-base-uncased" in result.stderr and "--model PATH" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists()
 
 
-def test_unreachable_hub_dataset_names_the_local_data_flag(tiny_model_dir, tmp_path):
-    result = run_script("evaluate.py", "--base", "--model", tiny_model_dir)
+def test_unreachable_hub_dataset_names_the_local_data_flag(tiny_model_dir, capsys):
+    result = run_main(evaluate.main, capsys, "--base", "--model", tiny_model_dir)
     assert result.returncode == 2
     assert "'imdb'" in result.stderr and "--data PATH" in result.stderr
     assert "Traceback" not in result.stderr
