@@ -14,22 +14,27 @@ test reviews): ``split.shuffle(seed=data_seed).select(range(n))``.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
-import math
 import sys
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
-import pyarrow.compute as pc
 import torch
 from datasets import ClassLabel, Dataset, Features, Value, load_dataset
 from datasets.exceptions import DatasetGenerationError
 from datasets.fingerprint import Hasher
 from pyarrow.lib import ArrowException
-from torch.utils.data import DataLoader, DistributedSampler, Sampler, get_worker_info
+from torch.utils.data import DataLoader, DistributedSampler, get_worker_info
+
+from cli import UsageError, at_least
+from samplers import (
+    LengthGroupedSampler,
+    ResumableSampler,
+    evaluation_shard,
+    example_lengths,
+    longest_first,
+    round_up,
+)
 
 DEFAULT_DATA = "imdb"
 DEFAULT_MAX_LENGTH = 128
@@ -67,94 +72,8 @@ CHARS_PER_TOKEN = 6
 # Pre-tokenizers that split only at whitespace and punctuation, so that the tokens of a text
 # cut at a space are exactly the first tokens of the whole text.
 CLIPPABLE_PRE_TOKENIZERS = frozenset({"BertPreTokenizer"})
-# Length-grouped training batches are formed inside windows of this many global batches of
-# the epoch's random permutation: wide enough that similar lengths meet (HF Trainer's
-# group_by_length uses 50 too), narrow enough that every window is a random draw of reviews.
-LENGTH_GROUP_BATCHES = 50
 
 FEATURES = Features({TEXT: Value("string"), LABEL: ClassLabel(names=["neg", "pos"])})
-
-
-class UsageError(Exception):
-    """A mistake in the user's input; the scripts report it as one sentence and exit with 2."""
-
-
-def at_least(minimum: int):
-    """An argparse type: an integer >= `minimum` (argparse reports a bad value with exit 2)."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum} (got {value})")
-        return value
-
-    parse.__name__ = f"integer >= {minimum}"
-    return parse
-
-
-def _float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number (got {text})")
-    return value
-
-
-def positive_float(text: str) -> float:
-    """An argparse type: a float > 0."""
-    value = _float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive (got {text})")
-    return value
-
-
-def unit_fraction(text: str) -> float:
-    """An argparse type: a float in [0, 1)."""
-    value = non_negative_float(text)
-    if value >= 1:
-        raise argparse.ArgumentTypeError(f"must be below 1 (got {text})")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    """An argparse type: a float >= 0."""
-    value = _float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"cannot be negative (got {text})")
-    return value
-
-
-def check_can_write(path: Path, flag: str, overwrite: bool, kind: str = "folder") -> None:
-    """Refuse a `path` that holds earlier results (unless `overwrite`) or cannot be written.
-
-    `kind` is "folder" or "file", what the caller will write at `path`. Only checks: nothing
-    is created, so a refused run leaves no trace.
-    """
-    if kind == "folder" and path.is_file():
-        raise UsageError(f"{flag} {path} is a file; give a folder")
-    if kind == "file" and path.is_dir():
-        raise UsageError(f"{flag} {path} is a folder; give a file name")
-    if path.is_file() and not overwrite:
-        raise UsageError(f"{flag} {path} already exists; choose a new name or pass --overwrite")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise UsageError(f"{flag} {path} already holds files; choose a new folder or pass "
-                         "--overwrite")
-    ancestor = next(p for p in (path, *path.parents) if p.exists())
-    if ancestor.is_file():
-        if ancestor != path:
-            raise UsageError(f"{flag} {path} cannot be created: {ancestor} is a file")
-        ancestor = path.parent
-    try:
-        with tempfile.TemporaryFile(dir=ancestor):
-            pass
-    except OSError as error:
-        raise UsageError(f"{flag} {path} cannot be written ({error.strerror} in "
-                         f"{ancestor})") from error
 
 
 def add_data_arguments(parser: argparse.ArgumentParser, from_checkpoint: bool = False) -> None:
@@ -577,11 +496,6 @@ def resolve_preprocessing(recorded: Preprocessing | None, truncation: str | None
 # Batching
 
 
-def round_up(n: int, multiple: int) -> int:
-    """The smallest multiple of `multiple` that is >= n."""
-    return -(-n // multiple) * multiple
-
-
 def move_to_device(batch: dict[str, torch.Tensor],
                    device: torch.device) -> dict[str, torch.Tensor]:
     """Copy a batch to `device`; to CUDA through pinned memory so the copy can overlap compute.
@@ -621,124 +535,6 @@ class PaddingCollator:
         if get_worker_info() is not None:
             return batch
         return move_to_device(batch, self.device)
-
-
-def example_lengths(dataset: Dataset) -> np.ndarray:
-    """Token count of every tokenized example, in dataset order (read from Arrow, no copy)."""
-    column = dataset.with_format("arrow")["input_ids"]
-    return pc.list_value_length(column).to_numpy(zero_copy_only=False).astype(np.int64)
-
-
-def longest_first(lengths: np.ndarray) -> np.ndarray:
-    """Positions ordered by length, longest first; equal lengths keep dataset order.
-
-    Batches of similar lengths waste little padding. Longest first also means the largest
-    batch (the peak memory) comes first, so a batch size that does not fit fails at once.
-    """
-    return np.argsort(-np.asarray(lengths), kind="stable")
-
-
-def evaluation_shard(n_examples: int, batch_size: int, rank: int = 0, world_size: int = 1,
-                     order: np.ndarray | None = None) -> list[int]:
-    """Positions of the examples rank `rank` scores: whole batches rank, rank + world_size, ...
-
-    The batches are consecutive runs of `order` (dataset positions; default: dataset order).
-    Handing out whole batches (not every world_size-th example) keeps each batch, and so its
-    padding width, exactly the one a single process builds: every logit comes out bit for bit
-    the same, and no example is repeated to even out the ranks (a rank may get one batch less,
-    or none).
-    """
-    n_batches = -(-n_examples // batch_size)
-    shard = [position for batch in range(rank, n_batches, world_size)
-             for position in range(batch * batch_size, min((batch + 1) * batch_size, n_examples))]
-    return shard if order is None else [int(order[position]) for position in shard]
-
-
-class LengthGroupedSampler(Sampler[int]):
-    """Training order with batches of similar length, still a fresh random draw every epoch.
-
-    Epoch e starts from the permutation drawn from ``seed + e`` (call ``set_epoch(e)``), cut
-    into windows of ``LENGTH_GROUP_BATCHES`` global batches (batch_size x world_size reviews);
-    each window is sorted by length and cut into global batches, and the order of the full
-    global batches is shuffled (a short last one stays last, so every rank's batches line up).
-    Rank r takes positions r, r + world_size, ... of each global batch, as
-    ``DistributedSampler`` does, so the ranks' i-th batches together are the i-th batch of one
-    process with batch_size x world_size; to even out the ranks it repeats up to
-    world_size - 1 reviews. It yields single positions, so a wrapper can skip the first k.
-    """
-
-    def __init__(self, lengths: np.ndarray, batch_size: int, seed: int = 0, rank: int = 0,
-                 world_size: int = 1):
-        self.lengths = np.asarray(lengths)
-        self.global_batch = batch_size * world_size
-        self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.epoch = 0
-        self.total = round_up(len(self.lengths), world_size)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Draw epoch `epoch`'s order next (the same on every rank)."""
-        self.epoch = epoch
-
-    def global_order(self) -> list[int]:
-        """The epoch's positions for all ranks together, global batch after global batch."""
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.randperm(len(self.lengths), generator=generator).tolist()
-        order += order[:self.total - len(order)]  # repeat a few so the ranks come out even
-        window = self.global_batch * LENGTH_GROUP_BATCHES
-        batches = []
-        for start in range(0, len(order), window):
-            group = sorted(order[start:start + window], key=lambda i: -self.lengths[i])
-            batches += [group[i:i + self.global_batch]
-                        for i in range(0, len(group), self.global_batch)]
-        full = [batch for batch in batches if len(batch) == self.global_batch]
-        short = [batch for batch in batches if len(batch) < self.global_batch]
-        shuffled = [full[i] for i in torch.randperm(len(full), generator=generator).tolist()]
-        return [position for batch in shuffled + short for position in batch]
-
-    def __iter__(self):
-        """This rank's positions: its share of each global batch, in order."""
-        order = self.global_order()
-        for start in range(0, len(order), self.global_batch):
-            yield from order[start:start + self.global_batch][self.rank::self.world_size]
-
-    def __len__(self) -> int:
-        """Positions this rank yields per epoch."""
-        return self.total // self.world_size
-
-
-class ResumableSampler(Sampler[int]):
-    """A training sampler whose next pass can start part-way through the epoch's order.
-
-    ``start_at(n)`` makes the next pass skip the first n indices, so a resumed run continues
-    mid-epoch with exactly the batches an uninterrupted run would see next, without loading
-    or computing the consumed ones. The wrapped sampler must give the same order for the same
-    epoch (``DistributedSampler`` and ``LengthGroupedSampler`` do: their order comes from
-    ``seed + epoch`` alone).
-    ``len()`` stays the full epoch's count, so ``len(loader)`` is always the epoch's batches.
-    """
-
-    def __init__(self, sampler: Sampler[int]):
-        self.sampler = sampler
-        self.skip = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Choose the epoch whose order the next pass follows."""
-        self.sampler.set_epoch(epoch)
-
-    def start_at(self, n: int) -> None:
-        """Skip the first `n` indices of the next pass (this pass only)."""
-        self.skip = n
-
-    def epoch_order(self) -> list[int]:
-        """This rank's whole order for the current epoch (what a pass from the start yields)."""
-        return list(self.sampler)
-
-    def __iter__(self):
-        skip, self.skip = self.skip, 0
-        return itertools.islice(iter(self.sampler), skip, None)
-
-    def __len__(self) -> int:
-        return len(self.sampler)
 
 
 def make_loader(dataset: Dataset, batch_size: int, collator: PaddingCollator, *,

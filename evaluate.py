@@ -5,20 +5,18 @@
 Each checkpoint is scored on the reviews tokenized as it was trained (its recorded
 --truncation and --max-length), unless the flags say otherwise.
 
-This file also holds what train.py shares with it: picking the device and precision, and the
-one evaluation function (``evaluate_model``) that produced every number either script prints.
-evaluate.py runs in one process; under torchrun train.py has each rank score a share of the
-reviews, and ``evaluate_model`` gathers the shares back into one set of metrics.
+This file also holds what train.py shares with it: the one evaluation function
+(``evaluate_model``) that produced every number either script prints. evaluate.py runs in one
+process; under torchrun train.py has each rank score a share of the reviews, and
+``evaluate_model`` gathers the shares back into one set of metrics. (Not to be confused with
+Hugging Face's ``evaluate`` package, which this project does not use.)
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -28,14 +26,12 @@ import torch.nn.functional as F
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 from tqdm.auto import tqdm
 
+from cli import UsageError, check_can_write, run_command
 from data import (
     LABEL_NAMES,
     PaddingCollator,
     Preprocessing,
-    UsageError,
     add_data_arguments,
-    at_least,
-    check_can_write,
     load_split,
     make_loader,
     resolve_preprocessing,
@@ -51,97 +47,17 @@ from lora_model import (
     load_checkpoint,
     load_tokenizer,
 )
+from report import METRIC_NAMES, plot_comparison
+from runtime import (
+    add_runtime_arguments,
+    autocast,
+    is_distributed,
+    is_main_process,
+    pick_device,
+    pick_precision,
+)
 
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-DEFAULT_EVAL_BATCH_SIZE = 64
-METRIC_NAMES = ("accuracy", "precision", "recall", "f1", "loss")
 PLOT_FORMATS = (".png", ".svg", ".pdf")  # the image types --plot can write
-# Test-only switch: "1" makes the CPU count as computing bf16 natively, so that `--precision
-# auto` picks bf16 even on an AVX2-only CPU (where bf16 is emulated, slowly). The test suite
-# sets it for its tiny-model runs, so every machine proves the bf16 path.
-ASSUME_NATIVE_BF16_ENV = "LORA_TEST_ASSUME_NATIVE_BF16"
-PRECISION_HELP = (
-    "autocast precision. auto: on CUDA bf16 where the GPU supports it (Ampere and newer), else "
-    "fp16 with a GradScaler; on CPU bf16 only where the CPU computes it natively (AMX or "
-    "AVX512-BF16), else fp32, because emulated bf16 is slower than fp32 (default: auto)")
-
-
-def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the device/precision/evaluation-batch flags that both scripts share."""
-    group = parser.add_argument_group("runtime")
-    group.add_argument("--device", default="auto",
-                       help="cpu, cuda, cuda:N, or auto (CUDA when available; default: auto)")
-    group.add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
-    group.add_argument("--eval-batch-size", type=at_least(1), default=DEFAULT_EVAL_BATCH_SIZE,
-                       help="batch size for evaluation; no gradients are kept, so it can be "
-                            f"larger than the training batch (default: {DEFAULT_EVAL_BATCH_SIZE})")
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    """The device named, or CUDA when available for "auto"."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as error:
-        raise UsageError(f"--device {name!r} is not a device name ({error})") from error
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda was asked for but no CUDA GPU is available; "
-                         "use --device cpu")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} "
-                         f"GPU(s), numbered from 0")
-    return device
-
-
-def is_distributed() -> bool:
-    """True in a process that torchrun started and that joined a group of two or more."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def is_main_process() -> bool:
-    """True on rank 0, the one process that prints, shows progress and writes files."""
-    return not is_distributed() or dist.get_rank() == 0
-
-
-def cpu_has_native_bf16() -> bool:
-    """True where the CPU has bf16 matrix instructions (AMX tiles or AVX512-BF16), or where
-    the tests say to act as if it had (``ASSUME_NATIVE_BF16_ENV``)."""
-    if os.environ.get(ASSUME_NATIVE_BF16_ENV) == "1":
-        return True
-    # Private torch helpers: a torch without them is treated as having neither.
-    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
-
-
-def pick_precision(precision: str, device: torch.device) -> str:
-    """Resolve "auto" to bf16, fp16 or fp32 for `device` (see ``PRECISION_HELP``).
-
-    An explicit bf16/fp16 that the device cannot compute natively is refused rather than
-    emulated at a fraction of fp32's speed.
-    """
-    if device.type == "cuda":
-        bf16_ok, fp16_ok = torch.cuda.is_bf16_supported(), True
-    else:
-        bf16_ok, fp16_ok = cpu_has_native_bf16(), False
-    if precision == "auto":
-        return "bf16" if bf16_ok else ("fp16" if fp16_ok else "fp32")
-    if precision == "bf16" and not bf16_ok:
-        where = ("this GPU" if device.type == "cuda"
-                 else "this CPU (it has neither AMX nor AVX512-BF16)")
-        raise UsageError(f"--precision bf16 is not supported natively on {where}; use "
-                         f"--precision {'fp16' if fp16_ok else 'fp32'} or auto")
-    if precision == "fp16" and not fp16_ok:
-        raise UsageError(f"--precision fp16 needs a CUDA GPU; on {device.type} use fp32 or auto")
-    return precision
-
-
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """Mixed-precision autocast for bf16/fp16; a no-op context for fp32."""
-    if precision not in AUTOCAST_DTYPES:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision])
 
 
 @torch.inference_mode()
@@ -344,44 +260,14 @@ def run(args: argparse.Namespace) -> list[dict]:
         args.json.write_text(json.dumps({"results": rows}, indent=2) + "\n")
         print(f"Wrote {args.json}", file=sys.stderr)
     if args.plot:
-        # Imported here: matplotlib is needed only for --plot, and report.py imports this file.
-        from report import plot_comparison
-
         plot_comparison([(row["name"], row) for row in rows], args.plot)
         print(f"Wrote {args.plot}", file=sys.stderr)
     return rows
 
 
-def run_command(parser: argparse.ArgumentParser, run_args, argv: list[str] | None = None
-                ) -> int:
-    """What every script's main() does: parse the flags, quiet the libraries, run_args(args).
-
-    A mistake in the user's input (UsageError) becomes argparse's one-line error with exit
-    code 2 instead of a traceback.
-    """
-    args = parser.parse_args(argv)
-    quiet_library_logs()
-    try:
-        run_args(args)
-    except UsageError as error:
-        parser.error(str(error))
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point of evaluate.py."""
     return run_command(build_parser(), run, argv)
-
-
-def quiet_library_logs() -> None:
-    """Keep transformers' per-load reports and progress bars out of the scripts' output."""
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
-    # peft still calls a transformers method that transformers 5 renamed; harmless.
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*",
-                            category=FutureWarning)
 
 
 if __name__ == "__main__":

@@ -37,16 +37,8 @@ from transformers import (
     PreTrainedModel,
 )
 
-from data import (
-    LABEL_NAMES,
-    PREPROCESSING_FILE,
-    UsageError,
-    at_least,
-    check_can_write,
-    looks_like_path,
-    positive_float,
-    unit_fraction,
-)
+from cli import UsageError, at_least, check_can_write, positive_float, run_command, unit_fraction
+from data import LABEL_NAMES, PREPROCESSING_FILE, looks_like_path
 
 DEFAULT_MODEL = "bert-base-uncased"
 # The classifier head of the pre-trained ("before") model is random; drawing it from a fixed
@@ -493,8 +485,6 @@ def merge_command(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python lora_model.py merge ...``."""
-    from evaluate import run_command  # imported here: evaluate.py imports this module
-
     return run_command(build_parser(), merge_command, argv)
 
 

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from datasets import Dataset
 
+from cli import UsageError, run_command
 from data import (
     FEATURES,
     LABEL,
@@ -29,21 +30,15 @@ from data import (
     TEXT,
     PaddingCollator,
     Preprocessing,
-    UsageError,
     add_preprocessing_arguments,
     describe_truncation,
     make_loader,
     resolve_preprocessing,
     tokenize,
 )
-from evaluate import (
-    add_runtime_arguments,
-    pick_device,
-    pick_precision,
-    predict_in_order,
-    run_command,
-)
+from evaluate import predict_in_order
 from lora_model import ADAPTER_CONFIG, add_model_argument, find_checkpoint, load_checkpoint
+from runtime import add_runtime_arguments, pick_device, pick_precision
 
 STDIN = "-"
 # The table shows the start of each review; --json gives the whole text.

@@ -21,8 +21,8 @@ import numpy as np
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-from data import LABEL_NAMES, UsageError
-from evaluate import METRIC_NAMES, run_command
+from cli import UsageError, run_command
+from data import LABEL_NAMES
 from lora_model import ADAPTER_DIR, METHODS, MODEL_DIR
 
 # The files of a run folder: written by train.py, read here.
@@ -33,6 +33,8 @@ CURVES_PNG = "training_curves.png"
 COMPARISON_PNG = "comparison.png"
 REPORT_MD = "report.md"
 
+# The metrics every comparison table shows, in this order (evaluate.compute_metrics makes them).
+METRIC_NAMES = ("accuracy", "precision", "recall", "f1", "loss")
 PLOTTED_METRICS = ("accuracy", "precision", "recall", "f1")
 # Weight of the exponential moving average drawn over the raw training loss (TensorBoard's
 # "smoothing"): loss is logged as a mean over --log-every steps, which is still noisy.
@@ -40,6 +42,11 @@ SMOOTHING = 0.6
 DPI = 120
 # Config entries that the report shows in their own sections rather than the settings table.
 CONFIG_SHOWN_ELSEWHERE = ("versions", "train_examples", "validation_examples", "test_examples")
+
+
+def write_json(path: Path, value: object) -> None:
+    """Write `value` as indented JSON."""
+    path.write_text(json.dumps(value, indent=2) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------

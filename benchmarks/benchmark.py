@@ -162,8 +162,8 @@ def bare_command(args: argparse.Namespace) -> None:
 
     from data import PaddingCollator, load_split, make_loader, split_train_validation, tokenize
     from data import take_subset as take_reviews
-    from evaluate import autocast, pick_device, pick_precision
     from lora_model import load_base_model, load_tokenizer, wrap_with_lora
+    from runtime import autocast, pick_device, pick_precision
     from train import DEFAULT_BATCH_SIZE, DEFAULT_SEED
 
     device = pick_device("auto")
@@ -546,8 +546,8 @@ def grouped_training_speed(args: argparse.Namespace) -> dict[str, float]:
         split_train_validation,
         tokenize,
     )
-    from evaluate import autocast, pick_device, pick_precision
     from lora_model import load_base_model, load_tokenizer, wrap_with_lora
+    from runtime import autocast, pick_device, pick_precision
     from train import DEFAULT_BATCH_SIZE, DEFAULT_SEED
 
     device = pick_device("auto")
@@ -585,16 +585,9 @@ def padding_fractions(args: argparse.Namespace) -> dict:
     """Share of padded tokens in one epoch's training batches, random vs length-grouped."""
     from torch.utils.data import DistributedSampler
 
-    from data import (
-        PAD_TO_MULTIPLE_OF,
-        LengthGroupedSampler,
-        example_lengths,
-        load_split,
-        round_up,
-        split_train_validation,
-        tokenize,
-    )
+    from data import PAD_TO_MULTIPLE_OF, load_split, split_train_validation, tokenize
     from lora_model import load_tokenizer
+    from samplers import LengthGroupedSampler, example_lengths, round_up
     from train import DEFAULT_BATCH_SIZE, DEFAULT_SEED
 
     tokenizer = load_tokenizer(args.model)
@@ -630,7 +623,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.set_defaults(command_line=command_line(None))  # main() records its own argv
 
     def common(sub: argparse.ArgumentParser, max_length: int) -> None:
-        from data import DEFAULT_MAX_LENGTH, at_least
+        from cli import at_least
+        from data import DEFAULT_MAX_LENGTH
 
         sub.add_argument("--model", default=os.environ.get("BENCHMARK_MODEL"),
                          required="BENCHMARK_MODEL" not in os.environ,
@@ -641,7 +635,7 @@ def build_parser() -> argparse.ArgumentParser:
                          DEFAULT_MAX_LENGTH, help="tokens per review (default: %(default)s)")
 
     def sizes(sub: argparse.ArgumentParser, train: int, test: int) -> None:
-        from data import at_least
+        from cli import at_least
 
         sub.add_argument("--train-samples", type=at_least(1), default=train, metavar="N",
                          help="training reviews (default: %(default)s)")
@@ -649,7 +643,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="test reviews (default: %(default)s)")
 
     def outputs(sub: argparse.ArgumentParser) -> None:
-        from data import at_least
+        from cli import at_least
 
         sub.add_argument("--repeats", type=at_least(1), default=DEFAULT_REPEATS,
                          help="runs of each variant; the table shows medians "
@@ -661,7 +655,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="write the table into this file between its markers, e.g. "
                               "BENCHMARKS.md (default: only print it)")
 
-    from data import at_least
+    from cli import at_least
 
     cpu = commands.add_parser("cpu", help="recipe vs train.py vs bare model on this CPU",
                               description=cpu_command.__doc__)
@@ -743,7 +737,7 @@ def main(argv: list[str] | None = None) -> int:
 
         gpu_command(args)
         return 0
-    from evaluate import quiet_library_logs
+    from cli import quiet_library_logs
 
     quiet_library_logs()
     from benchmarks.levers import levers_command

@@ -122,7 +122,7 @@ def measure_bare(config, device, precision: str, ids, labels) -> dict:
     import torch
 
     from benchmarks.benchmark import samples_per_second
-    from evaluate import autocast
+    from runtime import autocast
 
     model = new_model(config, device)
     batches = [{"input_ids": torch.tensor(ids[i:i + GPU_BATCH_SIZE], device=device),
@@ -214,7 +214,8 @@ def gpu_command(args: argparse.Namespace) -> dict:
     import torch
 
     from benchmarks.benchmark import markdown_table, write_section
-    from evaluate import pick_device, pick_precision, quiet_library_logs
+    from cli import quiet_library_logs
+    from runtime import pick_device, pick_precision
     from train import library_versions
 
     quiet_library_logs()

@@ -29,14 +29,8 @@ from transformers import (
     TrainingArguments,
 )
 
-from data import (
-    DEFAULT_MAX_LENGTH,
-    at_least,
-    load_split,
-    positive_float,
-    split_train_validation,
-    take_subset,
-)
+from cli import at_least, positive_float
+from data import DEFAULT_MAX_LENGTH, load_split, split_train_validation, take_subset
 
 RECIPE_LR = 2e-3  # the notebook's 5e-5 barely moves MiniLM in 125 steps (see README)
 RECIPE_BATCH_SIZE = 16
@@ -141,7 +135,7 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m benchmarks.lab_recipe``."""
-    from evaluate import run_command
+    from cli import run_command
 
     return run_command(build_parser(), run, argv)
 

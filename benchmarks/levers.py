@@ -61,8 +61,8 @@ def levers_command(args: argparse.Namespace) -> dict:
         take_subset,
         tokenize,
     )
-    from evaluate import DEFAULT_EVAL_BATCH_SIZE
     from lora_model import load_base_model, load_tokenizer, wrap_with_lora
+    from runtime import DEFAULT_EVAL_BATCH_SIZE
     from train import DEFAULT_BATCH_SIZE, DEFAULT_SEED, library_versions
 
     began, load_before = time.perf_counter(), os.getloadavg()

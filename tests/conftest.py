@@ -9,7 +9,7 @@ The environment is set here, before torch or `datasets` is first imported (both 
 * one torch thread per process (``OMP_NUM_THREADS``): pytest runs one worker per core, and two
   threads each would fight over the two cores of a CI machine; threads that wait sleep
   (``OMP_WAIT_POLICY``) rather than spin;
-* ``LORA_TEST_ASSUME_NATIVE_BF16=1`` (evaluate.ASSUME_NATIVE_BF16_ENV), unless set otherwise:
+* ``LORA_TEST_ASSUME_NATIVE_BF16=1`` (runtime.ASSUME_NATIVE_BF16_ENV), unless set otherwise:
   `--precision auto` resolves to bf16 in every tiny-model run, so that each CPU, AVX2-only ones
   included, proves the bf16 path. Tests that compare numbers across two ways of computing them
   pin ``--precision fp32``; the real-data runs get the machine's own environment
@@ -57,10 +57,10 @@ from datasets import Dataset  # noqa: E402
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification  # noqa: E402
 
 from data import FEATURES  # noqa: E402
-from evaluate import ASSUME_NATIVE_BF16_ENV  # noqa: E402
 from lora_model import load_base_model, load_tokenizer, save_adapter, wrap_with_lora  # noqa: E402
+from runtime import ASSUME_NATIVE_BF16_ENV  # noqa: E402
 
-assert ASSUME_NATIVE_BF16_ENV in MACHINE_ENV, "the bf16 switch is named in one place: evaluate.py"
+assert ASSUME_NATIVE_BF16_ENV in MACHINE_ENV, "the bf16 switch is named in one place: runtime.py"
 
 REPO = Path(__file__).resolve().parent.parent
 IMDB_DIR = REPO.parent / "shared" / "data" / "imdb"

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import resumable
 import train
 
 
@@ -78,10 +79,10 @@ def install(point: str) -> None:
     if kind == "kill-at-step":
         after_step(int(value), lambda trainer: kill_self())
     elif kind == "kill-at-fsync":
-        at_call(train, "sync_to_disk", int(value))
+        at_call(resumable, "sync_to_disk", int(value))
     elif kind == "kill-at-replace":
         # os.replace serves other libraries too: count the checkpoint renames only.
-        at_call(train.os, "replace", int(value),
+        at_call(resumable.os, "replace", int(value),
                 counts=lambda source, target: Path(source).name.startswith("checkpoint"))
     elif kind == "kill-in-scoring":
         at_call(train, "load_checkpoint", 1)

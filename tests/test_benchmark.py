@@ -23,7 +23,7 @@ from benchmarks.benchmark import (
 from benchmarks.gpu_benchmark import forward_flops_per_sequence, gpu_command, model_config
 from benchmarks.lab_recipe import RECIPE_CHANGES
 from benchmarks.levers import levers_command
-from evaluate import pick_precision
+from runtime import pick_precision
 
 
 @pytest.fixture

@@ -12,12 +12,12 @@ from conftest import HF_HOME, minilm_path, reviews
 from datasets import Dataset
 from transformers import AutoTokenizer
 
+from cli import UsageError
 from data import (
     FEATURES,
     TRUNCATION_MODES,
     PaddingCollator,
     Preprocessing,
-    UsageError,
     head_tail_split,
     label_to_int,
     load_split,

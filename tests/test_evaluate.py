@@ -9,9 +9,10 @@ import pytest
 import torch
 from sklearn.metrics import f1_score, precision_score, recall_score
 
-import evaluate
-from data import UsageError
-from evaluate import compute_metrics, format_comparison, pick_device, pick_precision
+import runtime
+from cli import UsageError
+from evaluate import compute_metrics, format_comparison
+from runtime import pick_device, pick_precision
 
 
 def test_metrics_on_known_predictions():
@@ -45,14 +46,14 @@ def test_metrics_when_nothing_is_predicted_positive():
 
 def test_auto_precision_on_cpu_follows_native_bf16_support(monkeypatch):
     cpu = torch.device("cpu")
-    monkeypatch.setattr(evaluate, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: False)
     assert pick_precision("auto", cpu) == "fp32"
     with pytest.raises(UsageError, match="bf16 is not supported natively on this CPU"):
         pick_precision("bf16", cpu)
     with pytest.raises(UsageError, match="fp16 needs a CUDA GPU"):
         pick_precision("fp16", cpu)
     assert pick_precision("fp32", cpu) == "fp32"
-    monkeypatch.setattr(evaluate, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)
     assert pick_precision("auto", cpu) == "bf16"
     assert pick_precision("bf16", cpu) == "bf16"
 

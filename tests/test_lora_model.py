@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification
 
 import lora_model
-from data import UsageError
+from cli import UsageError
 from lora_model import (
     ADAPTER_DIR,
     HEAD_SEED,

@@ -11,7 +11,7 @@ from conftest import run_script, save_random_adapter
 from safetensors import safe_open
 
 import lora_model
-from data import UsageError
+from cli import UsageError
 from lora_model import (
     ADAPTER_CONFIG,
     ADAPTER_DIR,

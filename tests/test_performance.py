@@ -11,16 +11,13 @@ from datasets import Dataset
 from torch.utils.data import DataLoader
 
 from data import (
-    LENGTH_GROUP_BATCHES,
     PAD_TO_MULTIPLE_OF,
-    LengthGroupedSampler,
     PaddingCollator,
     Preprocessing,
     can_clip,
     clip_review,
     load_split,
     make_loader,
-    round_up,
     take_subset,
     tokenize,
     truncate_ids,
@@ -28,6 +25,7 @@ from data import (
 from evaluate import compute_metrics, evaluate_model, predict_logits
 from lora_model import load_base_model, load_tokenizer
 from predict import predict_reviews
+from samplers import LENGTH_GROUP_BATCHES, LengthGroupedSampler, round_up
 
 CPU = torch.device("cpu")
 

@@ -11,7 +11,6 @@ import torch
 from conftest import NEGATIVE, POSITIVE, reviews, run_main, run_script
 
 import predict
-from evaluate import pick_precision
 from lora_model import (
     ADAPTER_DIR,
     load_adapted_model,
@@ -21,6 +20,7 @@ from lora_model import (
     save_adapter,
     wrap_with_lora,
 )
+from runtime import pick_precision
 
 SHORT = [POSITIVE[0], NEGATIVE[1], POSITIVE[2]]
 LONG = " ".join([NEGATIVE[0]] * 6)  # 44 tokens, more than MAX_LENGTH

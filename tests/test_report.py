@@ -9,7 +9,7 @@ import pytest
 from matplotlib.image import imread
 
 import report
-from data import UsageError
+from cli import UsageError
 
 BEFORE = {"accuracy": 0.515, "precision": 0.515748031496063, "recall": 0.2657200811359026,
           "f1": 0.3507362784471218, "loss": 0.6929436326026917, "n": 1000,

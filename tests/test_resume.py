@@ -23,8 +23,9 @@ from conftest import Outcome, minilm_path, reviews, run_forked, run_main
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
+import resumable
 import train
-from data import UsageError
+from cli import UsageError
 
 # 72 training reviews in batches of 4, 2 batches per optimizer step: 9 steps per epoch, 18 in
 # all; checkpoints after steps 3, 6, 9 (epoch end), 12, 15, 18; validation after 4, 8, 9, ...
@@ -165,7 +166,7 @@ def test_loss_that_stays_nan_stops_and_keeps_the_last_good_checkpoint(setup, tmp
     last_line = result.stderr.strip().splitlines()[-1]
     assert f"inf/NaN for {train.MAX_NONFINITE_STEPS} steps in a row" in last_line
     assert "the checkpoint of step 6" in last_line
-    assert train.checkpoint_problem(folder / "checkpoint") is None
+    assert resumable.checkpoint_problem(folder / "checkpoint") is None
     weights = load_file(folder / "checkpoint" / "trainable.safetensors")
     assert all(torch.isfinite(tensor).all() for tensor in weights.values())
 
@@ -209,7 +210,7 @@ def flip_a_byte(path: Path) -> None:
 ], ids=["truncated-weights", "flipped-byte", "no-manifest", "missing-file"])
 def test_damaged_latest_checkpoint_falls_back_to_the_previous(killed_copy, capsys, damage):
     damage(killed_copy / "checkpoint")
-    assert train.find_checkpoint(killed_copy) == killed_copy / "checkpoint-previous"
+    assert resumable.find_checkpoint(killed_copy) == killed_copy / "checkpoint-previous"
     assert "warning: the checkpoint in" in capsys.readouterr().out
 
 
@@ -217,7 +218,7 @@ def test_every_checkpoint_damaged_is_one_clear_error(killed_copy):
     truncate(killed_copy / "checkpoint" / "trainable.safetensors")
     flip_a_byte(killed_copy / "checkpoint-previous" / "training_state.pt")
     with pytest.raises(UsageError) as error:
-        train.find_checkpoint(killed_copy)
+        resumable.find_checkpoint(killed_copy)
     message = str(error.value)
     assert "holds no valid checkpoint" in message and "--overwrite" in message
     assert "checkpoint/: trainable.safetensors has" in message

@@ -1,0 +1,114 @@
+"""Command-line plumbing that every script shares: the user-mistake exception, argparse types,
+the check that an output path may be written, and the runner that turns a mistake into one
+line on stderr with exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import tempfile
+import warnings
+from pathlib import Path
+
+import transformers
+
+
+class UsageError(Exception):
+    """A mistake in the user's input; the scripts report it as one sentence and exit with 2."""
+
+def at_least(minimum: int):
+    """An argparse type: an integer >= `minimum` (argparse reports a bad value with exit 2)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum} (got {value})")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+def _float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number (got {text})")
+    return value
+
+def positive_float(text: str) -> float:
+    """An argparse type: a float > 0."""
+    value = _float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive (got {text})")
+    return value
+
+def unit_fraction(text: str) -> float:
+    """An argparse type: a float in [0, 1)."""
+    value = non_negative_float(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"must be below 1 (got {text})")
+    return value
+
+def non_negative_float(text: str) -> float:
+    """An argparse type: a float >= 0."""
+    value = _float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"cannot be negative (got {text})")
+    return value
+
+def check_can_write(path: Path, flag: str, overwrite: bool, kind: str = "folder") -> None:
+    """Refuse a `path` that holds earlier results (unless `overwrite`) or cannot be written.
+
+    `kind` is "folder" or "file", what the caller will write at `path`. Only checks: nothing
+    is created, so a refused run leaves no trace.
+    """
+    if kind == "folder" and path.is_file():
+        raise UsageError(f"{flag} {path} is a file; give a folder")
+    if kind == "file" and path.is_dir():
+        raise UsageError(f"{flag} {path} is a folder; give a file name")
+    if path.is_file() and not overwrite:
+        raise UsageError(f"{flag} {path} already exists; choose a new name or pass --overwrite")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise UsageError(f"{flag} {path} already holds files; choose a new folder or pass "
+                         "--overwrite")
+    ancestor = next(p for p in (path, *path.parents) if p.exists())
+    if ancestor.is_file():
+        if ancestor != path:
+            raise UsageError(f"{flag} {path} cannot be created: {ancestor} is a file")
+        ancestor = path.parent
+    try:
+        with tempfile.TemporaryFile(dir=ancestor):
+            pass
+    except OSError as error:
+        raise UsageError(f"{flag} {path} cannot be written ({error.strerror} in "
+                         f"{ancestor})") from error
+
+
+def quiet_library_logs() -> None:
+    """Keep transformers' per-load reports and progress bars out of the scripts' output."""
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    # peft still calls a transformers method that transformers 5 renamed; harmless.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*",
+                            category=FutureWarning)
+
+def run_command(parser: argparse.ArgumentParser, run_args, argv: list[str] | None = None
+                ) -> int:
+    """What every script's main() does: parse the flags, quiet the libraries, run_args(args).
+
+    A mistake in the user's input (UsageError) becomes argparse's one-line error with exit
+    code 2 instead of a traceback.
+    """
+    args = parser.parse_args(argv)
+    quiet_library_logs()
+    try:
+        run_args(args)
+    except UsageError as error:
+        parser.error(str(error))
+    return 0
