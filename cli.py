@@ -13,6 +13,12 @@ from pathlib import Path
 
 import transformers
 
+# Every train.py flag declares where it is defined (``add_flag``) whether a resumed run may give
+# it another value: FIXED flags decide what the run computes and must match the run being
+# resumed; ADJUSTABLE ones only say where and how fast it runs or how often it reports.
+FIXED, ADJUSTABLE = "fixed", "adjustable"
+RESUME_RULE = "resume_rule"  # the attribute add_flag sets on the flag's argparse action
+
 
 class UsageError(Exception):
     """A mistake in the user's input; the scripts report it as one sentence and exit with 2."""
@@ -61,6 +67,23 @@ def non_negative_float(text: str) -> float:
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"cannot be negative (got {text})")
     return value
+
+def add_flag(container, rule: str, *names: str, **kwargs) -> argparse.Action:
+    """``container.add_argument(*names, **kwargs)`` for a flag with resume `rule` (FIXED or
+    ADJUSTABLE), recorded on the action it returns."""
+    if rule not in (FIXED, ADJUSTABLE):
+        raise ValueError(f"{names[0]}: the resume rule must be FIXED or ADJUSTABLE, not {rule!r}")
+    action = container.add_argument(*names, **kwargs)
+    setattr(action, RESUME_RULE, rule)
+    return action
+
+
+def resume_rules(parser: argparse.ArgumentParser) -> dict[str, str | None]:
+    """Each flag's destination and its resume rule (None: the flag declared none)."""
+    # argparse keeps every flag's action in _actions; it has no public accessor.
+    return {action.dest: getattr(action, RESUME_RULE, None) for action in parser._actions
+            if not isinstance(action, argparse._HelpAction)}
+
 
 def check_can_write(path: Path, flag: str, overwrite: bool, kind: str = "folder") -> None:
     """Refuse a `path` that holds earlier results (unless `overwrite`) or cannot be written.

@@ -26,7 +26,7 @@ from datasets.fingerprint import Hasher
 from pyarrow.lib import ArrowException
 from torch.utils.data import DataLoader, DistributedSampler, get_worker_info
 
-from cli import UsageError, at_least
+from cli import ADJUSTABLE, FIXED, UsageError, add_flag, at_least
 from samplers import (
     LengthGroupedSampler,
     ResumableSampler,
@@ -79,26 +79,26 @@ FEATURES = Features({TEXT: Value("string"), LABEL: ClassLabel(names=["neg", "pos
 def add_data_arguments(parser: argparse.ArgumentParser, from_checkpoint: bool = False) -> None:
     """Add the data flags that train.py and evaluate.py share (see add_preprocessing_arguments)."""
     group = parser.add_argument_group("data")
-    group.add_argument(
-        "--data", default=DEFAULT_DATA,
+    add_flag(
+        group, FIXED, "--data", default=DEFAULT_DATA,
         help="Hub dataset name, or a local folder: the aclImdb layout (train/{neg,pos}/*.txt, "
              "test/...) or train.* and test.* files in Parquet, CSV or JSON Lines "
              f"(default: {DEFAULT_DATA})")
-    group.add_argument("--text-column", default=TEXT,
-                       help=f"column holding the review text (default: {TEXT})")
-    group.add_argument("--label-column", default=LABEL,
-                       help="column holding the label: 0/1, neg/pos or negative/positive "
-                            f"(default: {LABEL})")
-    group.add_argument("--eval-samples", type=at_least(1), default=None, metavar="M",
-                       help="score only M test reviews: split.shuffle(seed=DATA_SEED)"
-                            ".select(range(M)) (default: the whole test split)")
-    group.add_argument("--data-seed", type=at_least(0), default=DEFAULT_DATA_SEED,
-                       help="seed of the subset and validation-split shuffles "
-                            f"(default: {DEFAULT_DATA_SEED})")
+    add_flag(group, FIXED, "--text-column", default=TEXT,
+             help=f"column holding the review text (default: {TEXT})")
+    add_flag(group, FIXED, "--label-column", default=LABEL,
+             help="column holding the label: 0/1, neg/pos or negative/positive "
+                  f"(default: {LABEL})")
+    add_flag(group, FIXED, "--eval-samples", type=at_least(1), default=None, metavar="M",
+             help="score only M test reviews: split.shuffle(seed=DATA_SEED)"
+                  ".select(range(M)) (default: the whole test split)")
+    add_flag(group, FIXED, "--data-seed", type=at_least(0), default=DEFAULT_DATA_SEED,
+             help="seed of the subset and validation-split shuffles "
+                  f"(default: {DEFAULT_DATA_SEED})")
     add_preprocessing_arguments(group, from_checkpoint)
-    group.add_argument("--num-workers", type=at_least(0), default=0,
-                       help="DataLoader worker processes (default: 0, batches are built in "
-                            "the main process, which is fastest for pre-tokenized data)")
+    add_flag(group, ADJUSTABLE, "--num-workers", type=at_least(0), default=0,
+             help="DataLoader worker processes (default: 0, batches are built in "
+                  "the main process, which is fastest for pre-tokenized data)")
 
 
 def add_preprocessing_arguments(parser, from_checkpoint: bool = False) -> None:
@@ -108,14 +108,14 @@ def add_preprocessing_arguments(parser, from_checkpoint: bool = False) -> None:
     predict.py (True) default to the values a checkpoint recorded.
     """
     recorded = "the checkpoint's, recorded by train.py"
-    parser.add_argument(
+    add_flag(parser, FIXED,
         "--max-length", type=at_least(MIN_MAX_LENGTH),
         default=None if from_checkpoint else DEFAULT_MAX_LENGTH,
         help="tokens read per review, [CLS] and [SEP] included; longer reviews are truncated; "
              f"from {MIN_MAX_LENGTH} to the model's position limit (512 for BERT) (default: "
              + (f"{recorded}, else {DEFAULT_MAX_LENGTH})" if from_checkpoint
                 else f"{DEFAULT_MAX_LENGTH})"))
-    parser.add_argument(
+    add_flag(parser, FIXED,
         "--truncation", choices=TRUNCATION_MODES,
         default=None if from_checkpoint else DEFAULT_TRUNCATION,
         help="which tokens of a longer review are kept: head = the first ones, tail = the last "
@@ -123,7 +123,7 @@ def add_preprocessing_arguments(parser, from_checkpoint: bool = False) -> None:
              "from the tail (Sun et al. 2019: at --max-length 512, the first 128 and the last "
              "382) "
              "(default: " + (f"{recorded}, else {DEFAULT_TRUNCATION})" if from_checkpoint
-                             else f"{DEFAULT_TRUNCATION})"))
+                  else f"{DEFAULT_TRUNCATION})"))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -37,7 +37,16 @@ from transformers import (
     PreTrainedModel,
 )
 
-from cli import UsageError, at_least, check_can_write, positive_float, run_command, unit_fraction
+from cli import (
+    FIXED,
+    UsageError,
+    add_flag,
+    at_least,
+    check_can_write,
+    positive_float,
+    run_command,
+    unit_fraction,
+)
 from data import LABEL_NAMES, PREPROCESSING_FILE, looks_like_path
 
 DEFAULT_MODEL = "bert-base-uncased"
@@ -76,25 +85,25 @@ DEFAULT_METHOD = "lora"
 def add_model_argument(parser: argparse.ArgumentParser, default: str | None = DEFAULT_MODEL,
                        help_text: str | None = None) -> None:
     """Add ``--model`` (a Hub model name or a local folder)."""
-    parser.add_argument(
-        "--model", default=default,
+    add_flag(
+        parser, FIXED, "--model", default=default,
         help=help_text or f"Hub model name or local model folder (default: {DEFAULT_MODEL})")
 
 
 def add_lora_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the LoRA hyper-parameter flags."""
     group = parser.add_argument_group("LoRA", "used by --method lora only")
-    group.add_argument("--lora-r", type=at_least(1), default=DEFAULT_LORA_R,
-                       help=f"rank r of the update B A (default: {DEFAULT_LORA_R})")
-    group.add_argument("--lora-alpha", type=positive_float, default=DEFAULT_LORA_ALPHA,
-                       help="scaling alpha; the update is multiplied by alpha / r "
-                            f"(default: {DEFAULT_LORA_ALPHA})")
-    group.add_argument("--lora-dropout", type=unit_fraction, default=DEFAULT_LORA_DROPOUT,
-                       help="dropout on the LoRA branch's input during training "
-                            f"(default: {DEFAULT_LORA_DROPOUT})")
-    group.add_argument("--lora-targets", default=DEFAULT_LORA_TARGETS,
-                       help="comma-separated names of the linear layers that get adapters "
-                            f"(default: {DEFAULT_LORA_TARGETS}, BERT's attention projections)")
+    add_flag(group, FIXED, "--lora-r", type=at_least(1), default=DEFAULT_LORA_R,
+             help=f"rank r of the update B A (default: {DEFAULT_LORA_R})")
+    add_flag(group, FIXED, "--lora-alpha", type=positive_float, default=DEFAULT_LORA_ALPHA,
+             help="scaling alpha; the update is multiplied by alpha / r "
+                  f"(default: {DEFAULT_LORA_ALPHA})")
+    add_flag(group, FIXED, "--lora-dropout", type=unit_fraction, default=DEFAULT_LORA_DROPOUT,
+             help="dropout on the LoRA branch's input during training "
+                  f"(default: {DEFAULT_LORA_DROPOUT})")
+    add_flag(group, FIXED, "--lora-targets", default=DEFAULT_LORA_TARGETS,
+             help="comma-separated names of the linear layers that get adapters "
+                  f"(default: {DEFAULT_LORA_TARGETS}, BERT's attention projections)")
 
 
 def _from_pretrained(loader, name: str, what: str, **kwargs):

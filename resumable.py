@@ -15,6 +15,7 @@ import json
 import os
 import random
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,10 +35,23 @@ TRAINABLE_FILE = "trainable.safetensors"  # the weights being trained (LoRA A/B 
 TRAINING_STATE_FILE = "training_state.pt"  # optimizer, scheduler, scaler, RNG, data order
 PROGRESS_FILE = "progress.json"  # position, best score, log length, "before" metrics, config
 MANIFEST_FILE = "manifest.json"  # size and SHA-256 of the files above; written last
-# Settings that may change when a run is resumed: where and how fast it runs, not what it
-# computes. Every other flag must match the run being resumed.
-RESUMABLE_CHANGES = frozenset({"output_dir", "overwrite", "resume", "device", "num_workers",
-                               "eval_batch_size", "log_every", "save_every", "compile"})
+
+
+@dataclass
+class LoopState:
+    """Where the training loop is and what it has seen so far: everything a checkpoint's
+    progress.json holds besides the settings, written and read back as one object."""
+
+    step: int = 0  # optimizer steps (skipped ones, with a non-finite gradient, count too)
+    epoch: int = 0  # where in the data the next batch comes from: the epoch ...
+    batches_done: int = 0  # ... and the batches of it already trained
+    best_score: float | None = None  # the best validation score so far; None: no validation yet
+    before: dict | None = None  # the pre-trained model's test metrics
+    train_seconds: float = 0.0  # time spent training, not validating or checkpointing
+    window_loss: float = 0.0  # the loss summed since the last log line ...
+    window_batches: int = 0  # ... over this many batches
+    nonfinite_steps: int = 0  # consecutive optimizer steps with an inf/NaN loss
+    log_bytes: int = 0  # the length of log.jsonl that belongs to the steps done so far
 
 
 def run_settings(args: argparse.Namespace, precision: str, world_size: int) -> dict:
@@ -46,10 +60,10 @@ def run_settings(args: argparse.Namespace, precision: str, world_size: int) -> d
             "resolved_precision": precision, "world_size": world_size}
 
 
-def differing_settings(saved: dict, current: dict) -> list[str]:
-    """'--lr 0.002 (now 0.0005)' for every result-deciding setting that differs."""
+def differing_settings(saved: dict, current: dict, adjustable: set[str]) -> list[str]:
+    """'--lr 0.002 (now 0.0005)' for every setting that differs, but the `adjustable` ones."""
     differences = []
-    for key in sorted(current.keys() - RESUMABLE_CHANGES):
+    for key in sorted(current.keys() - adjustable):
         if saved.get(key, "(not recorded)") != current[key]:
             name = key if key in ("resolved_precision", "world_size") else \
                 "--" + key.replace("_", "-")
@@ -58,7 +72,7 @@ def differing_settings(saved: dict, current: dict) -> list[str]:
     return differences
 
 
-def plan_resume(args: argparse.Namespace, settings: dict) -> Path | None:
+def plan_resume(args: argparse.Namespace, settings: dict, adjustable: set[str]) -> Path | None:
     """Decide between a fresh run and resuming the one in --output-dir.
 
     Returns the checkpoint folder to resume from, or None to start from the beginning (a new
@@ -88,7 +102,7 @@ def plan_resume(args: argparse.Namespace, settings: dict) -> Path | None:
     except (OSError, ValueError) as error:
         raise UsageError(f"--output-dir {folder}: its {CONFIG_FILE} is unreadable ({error}); "
                          "pass --overwrite to start over") from error
-    differences = differing_settings(saved, settings)
+    differences = differing_settings(saved, settings, adjustable)
     if differences:
         raise UsageError(f"--output-dir {folder} holds an unfinished run with other settings: "
                          f"{'; '.join(differences)}. Repeat its settings to resume it, or pass "

@@ -15,7 +15,7 @@ import datasets
 import torch
 import torch.distributed as dist
 
-from cli import UsageError, at_least
+from cli import ADJUSTABLE, FIXED, UsageError, add_flag, at_least
 
 # Test-only switch: "1" makes the CPU count as computing bf16 natively, so that `--precision
 # auto` picks bf16 even on an AVX2-only CPU (where bf16 is emulated, slowly). The test suite
@@ -37,12 +37,13 @@ PRECISION_HELP = (
 def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the device/precision/evaluation-batch flags that both scripts share."""
     group = parser.add_argument_group("runtime")
-    group.add_argument("--device", default="auto",
-                       help="cpu, cuda, cuda:N, or auto (CUDA when available; default: auto)")
-    group.add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
-    group.add_argument("--eval-batch-size", type=at_least(1), default=DEFAULT_EVAL_BATCH_SIZE,
-                       help="batch size for evaluation; no gradients are kept, so it can be "
-                            f"larger than the training batch (default: {DEFAULT_EVAL_BATCH_SIZE})")
+    add_flag(group, ADJUSTABLE, "--device", default="auto",
+             help="cpu, cuda, cuda:N, or auto (CUDA when available; default: auto)")
+    add_flag(group, FIXED, "--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
+    add_flag(group, ADJUSTABLE, "--eval-batch-size", type=at_least(1),
+             default=DEFAULT_EVAL_BATCH_SIZE,
+             help="batch size for evaluation; no gradients are kept, so it can be "
+                  f"larger than the training batch (default: {DEFAULT_EVAL_BATCH_SIZE})")
 
 def pick_device(name: str = "auto") -> torch.device:
     """The device named, or CUDA when available for "auto"."""

@@ -24,6 +24,7 @@ import shutil
 import signal
 import sys
 import time
+from dataclasses import asdict, replace
 from datetime import datetime
 from pathlib import Path
 
@@ -38,10 +39,14 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from cli import (
+    ADJUSTABLE,
+    FIXED,
     UsageError,
+    add_flag,
     at_least,
     non_negative_float,
     positive_float,
+    resume_rules,
     run_command,
     unit_fraction,
 )
@@ -92,6 +97,7 @@ from resumable import (
     PROGRESS_FILE,
     TRAINABLE_FILE,
     TRAINING_STATE_FILE,
+    LoopState,
     plan_resume,
     publish_checkpoint,
     restore_rng_states,
@@ -143,75 +149,80 @@ def build_parser() -> argparse.ArgumentParser:
                     "its head alone or every weight) and compare it with the pre-trained "
                     "model.")
     add_model_argument(parser)
-    parser.add_argument("--method", choices=METHODS, default=DEFAULT_METHOD,
-                        help="what to train: " + "; ".join(
-                            f"{name} = {what}" for name, what in METHODS.items())
-                        + f" (default: {DEFAULT_METHOD})")
-    parser.add_argument("--output-dir", type=Path, default=None,
-                        help="run folder for the checkpoint, metrics and logs "
-                             "(default: runs/<model>-<method>-<date-time>)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="start over in an --output-dir that already holds files "
-                             "(a finished or unfinished run's files are deleted first)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue the unfinished run in --output-dir from its latest "
-                             "checkpoint (running the same command again does this too; the "
-                             "flag makes it an error when there is nothing to resume)")
-    parser.add_argument("--seed", type=at_least(0), default=DEFAULT_SEED,
-                        help="seed for LoRA init, dropout and batch order "
-                             f"(default: {DEFAULT_SEED})")
+    add_flag(parser, FIXED, "--method", choices=METHODS, default=DEFAULT_METHOD,
+             help="what to train: " + "; ".join(
+                 f"{name} = {what}" for name, what in METHODS.items())
+             + f" (default: {DEFAULT_METHOD})")
+    add_flag(parser, ADJUSTABLE, "--output-dir", type=Path, default=None,
+             help="run folder for the checkpoint, metrics and logs "
+                  "(default: runs/<model>-<method>-<date-time>)")
+    add_flag(parser, ADJUSTABLE, "--overwrite", action="store_true",
+             help="start over in an --output-dir that already holds files "
+                  "(a finished or unfinished run's files are deleted first)")
+    add_flag(parser, ADJUSTABLE, "--resume", action="store_true",
+             help="continue the unfinished run in --output-dir from its latest "
+                  "checkpoint (running the same command again does this too; the "
+                  "flag makes it an error when there is nothing to resume)")
+    add_flag(parser, FIXED, "--seed", type=at_least(0), default=DEFAULT_SEED,
+             help="seed for LoRA init, dropout and batch order "
+                  f"(default: {DEFAULT_SEED})")
     add_data_arguments(parser)
     group = parser.add_argument_group("training data")
-    group.add_argument("--train-samples", type=at_least(1), default=None, metavar="N",
-                       help="train on N reviews drawn with the subset rule (default: all that "
-                            "the validation split leaves)")
-    group.add_argument("--validation-size", type=positive_float,
-                       default=DEFAULT_VALIDATION_SIZE,
-                       help="validation reviews carved (stratified, seeded) out of the training "
-                            "split: a fraction of the training reviews (<1) or a count (>=1) "
-                            f"(default: {DEFAULT_VALIDATION_SIZE})")
-    group.add_argument("--group-by-length", action="store_true",
-                       help="batch training reviews of similar length (shuffled groups, a new "
-                            "random draw every epoch): less padding, faster with --max-length "
-                            "above 128 (default: off, plain random batches)")
+    add_flag(group, FIXED, "--train-samples", type=at_least(1), default=None, metavar="N",
+             help="train on N reviews drawn with the subset rule (default: all that "
+                  "the validation split leaves)")
+    add_flag(group, FIXED, "--validation-size", type=positive_float,
+             default=DEFAULT_VALIDATION_SIZE,
+             help="validation reviews carved (stratified, seeded) out of the training "
+                  "split: a fraction of the training reviews (<1) or a count (>=1) "
+                  f"(default: {DEFAULT_VALIDATION_SIZE})")
+    add_flag(group, FIXED, "--group-by-length", action="store_true",
+             help="batch training reviews of similar length (shuffled groups, a new "
+                  "random draw every epoch): less padding, faster with --max-length "
+                  "above 128 (default: off, plain random batches)")
     group = parser.add_argument_group("optimisation")
-    group.add_argument("--epochs", type=at_least(1), default=1,
-                       help="passes over the training reviews (default: 1)")
-    group.add_argument("--batch-size", type=at_least(1), default=DEFAULT_BATCH_SIZE,
-                       help="training batch size per process (per GPU under torchrun) "
-                            f"(default: {DEFAULT_BATCH_SIZE})")
-    group.add_argument("--grad-accum-steps", type=at_least(1), default=1,
-                       help="batches whose gradients are averaged per optimizer step; the "
-                            "effective batch is batch-size x processes x this (default: 1)")
-    group.add_argument("--lr", type=positive_float, default=None,
-                       help="peak AdamW learning rate (default: by --method, " + ", ".join(
-                           f"{method} {lr:g}" for method, lr in DEFAULT_LRS.items())
-                       + "; see README)")
-    group.add_argument("--weight-decay", type=non_negative_float, default=0.01,
-                       help="AdamW weight decay, not applied to biases and LayerNorm "
-                            "(default: 0.01)")
-    group.add_argument("--warmup-ratio", type=unit_fraction, default=0.06,
-                       help="fraction of optimizer steps with linear warm-up, then linear "
-                            "decay to 0 (default: 0.06)")
-    group.add_argument("--max-grad-norm", type=non_negative_float, default=1.0,
-                       help="clip the gradient norm to this; 0 disables (default: 1.0)")
-    group.add_argument("--eval-every", type=at_least(1), default=None, metavar="STEPS",
-                       help="also validate every STEPS optimizer steps (default: only at the "
-                            "end of each epoch)")
-    group.add_argument("--log-every", type=at_least(1), default=10, metavar="STEPS",
-                       help="log loss, learning rate and speed every STEPS optimizer steps "
-                            "(default: 10)")
-    group.add_argument("--save-every", type=at_least(1), default=DEFAULT_SAVE_EVERY,
-                       metavar="STEPS",
-                       help="write a resumable checkpoint every STEPS optimizer steps, as well "
-                            f"as at the end of each epoch (default: {DEFAULT_SAVE_EVERY})")
+    add_flag(group, FIXED, "--epochs", type=at_least(1), default=1,
+             help="passes over the training reviews (default: 1)")
+    add_flag(group, FIXED, "--batch-size", type=at_least(1), default=DEFAULT_BATCH_SIZE,
+             help="training batch size per process (per GPU under torchrun) "
+                  f"(default: {DEFAULT_BATCH_SIZE})")
+    add_flag(group, FIXED, "--grad-accum-steps", type=at_least(1), default=1,
+             help="batches whose gradients are averaged per optimizer step; the "
+                  "effective batch is batch-size x processes x this (default: 1)")
+    add_flag(group, FIXED, "--lr", type=positive_float, default=None,
+             help="peak AdamW learning rate (default: by --method, " + ", ".join(
+                 f"{method} {lr:g}" for method, lr in DEFAULT_LRS.items())
+             + "; see README)")
+    add_flag(group, FIXED, "--weight-decay", type=non_negative_float, default=0.01,
+             help="AdamW weight decay, not applied to biases and LayerNorm "
+                  "(default: 0.01)")
+    add_flag(group, FIXED, "--warmup-ratio", type=unit_fraction, default=0.06,
+             help="fraction of optimizer steps with linear warm-up, then linear "
+                  "decay to 0 (default: 0.06)")
+    add_flag(group, FIXED, "--max-grad-norm", type=non_negative_float, default=1.0,
+             help="clip the gradient norm to this; 0 disables (default: 1.0)")
+    add_flag(group, FIXED, "--eval-every", type=at_least(1), default=None, metavar="STEPS",
+             help="also validate every STEPS optimizer steps (default: only at the "
+                  "end of each epoch)")
+    add_flag(group, ADJUSTABLE, "--log-every", type=at_least(1), default=10, metavar="STEPS",
+             help="log loss, learning rate and speed every STEPS optimizer steps "
+                  "(default: 10)")
+    add_flag(group, ADJUSTABLE, "--save-every", type=at_least(1), default=DEFAULT_SAVE_EVERY,
+             metavar="STEPS",
+             help="write a resumable checkpoint every STEPS optimizer steps, as well "
+                  f"as at the end of each epoch (default: {DEFAULT_SAVE_EVERY})")
     add_lora_arguments(parser)
     add_runtime_arguments(parser)
-    parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the model for training and validation; compiling "
-                             "takes minutes, so it pays only on long runs (default: off; see "
-                             "BENCHMARKS.md)")
+    add_flag(parser, ADJUSTABLE, "--compile", action="store_true",
+             help="torch.compile the model for training and validation; compiling "
+                  "takes minutes, so it pays only on long runs (default: off; see "
+                  "BENCHMARKS.md)")
     return parser
+
+
+# The flags a resumed run may change, as each declares where it is defined (add_flag).
+ADJUSTABLE_ON_RESUME = {dest for dest, rule in resume_rules(build_parser()).items()
+                        if rule == ADJUSTABLE}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,17 +312,12 @@ class Trainer:
         # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
         # A disabled scaler passes everything through, so one code path serves all precisions.
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-        self.step = 0  # optimizer steps (skipped ones, with a non-finite gradient, count too)
-        self.epoch, self.batches_done = 0, 0  # where in the data the next batch comes from
-        self.best_score = -math.inf
-        self.before: dict | None = None  # the pre-trained model's test metrics
-        self.train_seconds = 0.0  # time spent training, not validating or checkpointing
-        self.log_bytes = 0  # the length of log.jsonl that belongs to the steps done so far
+        self.state = LoopState()  # where the loop is: saved and restored as a whole
         self.saved_step = -1  # the step of the newest checkpoint
-        # The loss since the last log line, summed on the device: reading it is a host sync.
-        self.window_loss, self.window_batches = torch.zeros((), device=device), 0
+        # state.window_loss as the loop adds to it: summed on the device (reading it is a host
+        # sync), copied into the state when a checkpoint is written.
+        self.window_loss = torch.zeros((), device=device)
         self.group_loss_finite = torch.ones((), dtype=torch.bool, device=device)
-        self.nonfinite_steps = 0  # consecutive optimizer steps with an inf/NaN loss
         self.stop_signal = 0  # set by SIGINT/SIGTERM: stop after the current step
         self.log_file = None
 
@@ -322,9 +328,9 @@ class Trainer:
         self.open_log()
         try:
             with self.stop_on_signals():
-                while self.epoch < self.args.epochs:
-                    self.train_epoch(self.epoch, start=self.batches_done)
-                    self.epoch, self.batches_done = self.epoch + 1, 0
+                while self.state.epoch < self.args.epochs:
+                    self.train_epoch(self.state.epoch, start=self.state.batches_done)
+                    self.state.epoch, self.state.batches_done = self.state.epoch + 1, 0
         finally:
             if self.log_file is not None:
                 self.log_file.close()
@@ -356,26 +362,26 @@ class Trainer:
                     loss = model(**batch).loss
                 self.scaler.scale(loss / group_size).backward()
             self.window_loss += loss.detach()
-            self.window_batches += 1
+            self.state.window_batches += 1
             self.group_loss_finite &= torch.isfinite(loss.detach())
             samples += len(batch["labels"])
             if not last_of_group:
                 continue  # keep accumulating gradients
 
             self.optimizer_step()
-            self.batches_done = i + 1
+            self.state.batches_done = i + 1
             elapsed = time.perf_counter() - clock
-            self.train_seconds += elapsed
+            self.state.train_seconds += elapsed
             window_seconds += elapsed
-            if self.step % args.log_every == 0 or i + 1 == n_batches:
+            if self.state.step % args.log_every == 0 or i + 1 == n_batches:
                 # Every rank trains as many samples per step, so the job's rate is world x ours.
                 self.log_training(epoch, samples * self.world_size / window_seconds, progress)
                 samples, window_seconds = 0, 0.0
-            if args.eval_every and self.step % args.eval_every == 0 and i + 1 != n_batches:
+            if args.eval_every and self.state.step % args.eval_every == 0 and i + 1 != n_batches:
                 self.validate(epoch)
                 model.train()
             stop = self.stop_requested()
-            if stop or (self.step % args.save_every == 0 and i + 1 != n_batches):
+            if stop or (self.state.step % args.save_every == 0 and i + 1 != n_batches):
                 self.save_resumable_checkpoint()
             if stop:
                 raise self.interrupted(stop)
@@ -425,16 +431,16 @@ class Trainer:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.group_loss_finite.fill_(True)
-        self.step += 1
-        self.nonfinite_steps = 0 if loss_finite else self.nonfinite_steps + 1
-        if self.nonfinite_steps >= MAX_NONFINITE_STEPS:
+        self.state.step += 1
+        self.state.nonfinite_steps = 0 if loss_finite else self.state.nonfinite_steps + 1
+        if self.state.nonfinite_steps >= MAX_NONFINITE_STEPS:
             where = (f"the checkpoint of step {self.saved_step} in "
                      f"{self.args.output_dir / CHECKPOINT_DIR} is kept"
                      if self.saved_step >= 0 else "no checkpoint was written yet")
             raise TrainingStopped(
-                f"the training loss was inf/NaN for {self.nonfinite_steps} steps in a row (up "
-                f"to step {self.step}); stopped: {where}. Lower --lr or --max-grad-norm, or use "
-                "--precision fp32", exit_code=1)
+                f"the training loss was inf/NaN for {self.state.nonfinite_steps} steps in a row "
+                f"(up to step {self.state.step}); stopped: {where}. Lower --lr or "
+                "--max-grad-norm, or use --precision fp32", exit_code=1)
 
     def validate(self, epoch: int) -> None:
         """Score the validation split; save the adapter when it is the best so far.
@@ -444,14 +450,14 @@ class Trainer:
         metrics = evaluate_model(self.model, self.validation_loader, self.device,
                                  self.precision, desc="Validating")
         score = metrics[SELECTION_METRIC]
-        improved = score > self.best_score
+        improved = self.state.best_score is None or score > self.state.best_score
         if improved:
-            self.best_score = score
+            self.state.best_score = score
             if is_main_process():
                 save_run_checkpoint(self.args, self.model, self.tokenizer)
         self.log({"epoch": epoch + 1, "validation": metrics, "best": improved})
         if is_main_process():
-            tqdm.write(f"step {self.step}: validation accuracy {metrics['accuracy']:.4f}, "
+            tqdm.write(f"step {self.state.step}: validation accuracy {metrics['accuracy']:.4f}, "
                        f"F1 {metrics['f1']:.4f}" + ("  (best so far, saved)" if improved else ""))
 
     # -- the log ----------------------------------------------------------------------------
@@ -461,21 +467,21 @@ class Trainer:
         if not is_main_process():
             return
         path = self.args.output_dir / LOG_FILE
-        if self.step == 0:
+        if self.state.step == 0:
             self.log_file = path.open("w")
         else:
             self.log_file = path.open("r+" if path.exists() else "w")
-            self.log_file.truncate(self.log_bytes)
-            self.log_file.seek(self.log_bytes)
+            self.log_file.truncate(self.state.log_bytes)
+            self.log_file.seek(self.state.log_bytes)
 
     def log_training(self, epoch: int, samples_per_s: float, progress: tqdm) -> None:
         """Log the mean loss since the last log line (a host sync), the lr and the speed."""
         self.log({"epoch": epoch + 1,
-                  "loss": mean_over_ranks(self.window_loss / self.window_batches).item(),
+                  "loss": mean_over_ranks(self.window_loss / self.state.window_batches).item(),
                   "lr": self.scheduler.get_last_lr()[0], "samples_per_s": samples_per_s},
                  progress)
         self.window_loss.zero_()
-        self.window_batches = 0
+        self.state.window_batches = 0
 
     def log(self, record: dict, progress: tqdm | None = None) -> None:
         """Append a record to the log and show the training numbers on the progress bar.
@@ -484,7 +490,7 @@ class Trainer:
         """
         if self.log_file is None:
             return
-        record = {"step": self.step, **record}
+        record = {"step": self.state.step, **record}
         self.log_file.write(json.dumps(record) + "\n")
         self.log_file.flush()
         if progress is not None:
@@ -524,14 +530,14 @@ class Trainer:
     def interrupted(self, signum: int) -> TrainingStopped:
         """The exception that ends an interrupted run: exit code 128 + signal, as shells do."""
         return TrainingStopped(
-            f"stopped by {signal.Signals(signum).name} at step {self.step}; the checkpoint is "
-            f"in {self.args.output_dir / CHECKPOINT_DIR}. Resume by running the same command "
+            f"stopped by {signal.Signals(signum).name} at step {self.state.step}; the checkpoint "
+            f"is in {self.args.output_dir / CHECKPOINT_DIR}. Resume by running the same command "
             f"again (or add --resume)", exit_code=128 + signum)
 
     def save_resumable_checkpoint(self) -> None:
         """Write everything needed to continue from this step, crash-safely (rank 0 writes,
         but every rank contributes its random-number states)."""
-        if self.saved_step == self.step:
+        if self.saved_step == self.state.step:
             return
         rng = gather_to_main(rng_states())
         if is_main_process():
@@ -547,19 +553,12 @@ class Trainer:
                     "scaler": self.scaler.state_dict(), "rng": rng,
                     "epoch_order": torch.tensor(self.train_loader.sampler.epoch_order())},
                 PROGRESS_FILE: {
-                    "step": self.step, "epoch": self.epoch, "batches_done": self.batches_done,
-                    # None: not validated yet (JSON has no -inf)
-                    "best_score": None if self.best_score == -math.inf else self.best_score,
-                    "before": self.before,
-                    "train_seconds": self.train_seconds,
-                    "window_loss": self.window_loss.item(),
-                    "window_batches": self.window_batches,
-                    "nonfinite_steps": self.nonfinite_steps,
-                    "log_bytes": self.log_file.tell(),
+                    **asdict(replace(self.state, window_loss=self.window_loss.item(),
+                                     log_bytes=self.log_file.tell())),
                     "settings": run_settings(self.args, self.precision, self.world_size)}})
             publish_checkpoint(partial, self.args.output_dir)
         wait_for_all_ranks()
-        self.saved_step = self.step
+        self.saved_step = self.state.step
 
     def restore(self, folder: Path) -> None:
         """Continue from the checkpoint in `folder`: weights, optimizer, scheduler, scaler,
@@ -576,18 +575,14 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         progress = json.loads((folder / PROGRESS_FILE).read_text())
-        self.step = self.saved_step = progress["step"]
-        self.epoch, self.batches_done = progress["epoch"], progress["batches_done"]
-        if self.batches_done == self.batches_per_epoch:  # saved at the end of an epoch
-            self.epoch, self.batches_done = self.epoch + 1, 0
-        self.best_score = -math.inf if progress["best_score"] is None else progress["best_score"]
-        self.train_seconds = progress["train_seconds"]
-        self.window_loss.fill_(progress["window_loss"])
-        self.window_batches = progress["window_batches"]
-        self.nonfinite_steps = progress["nonfinite_steps"]
-        self.log_bytes = progress["log_bytes"]
-        if self.epoch == progress["epoch"]:  # mid-epoch: the rest of this epoch's order
-            self.check_data_order(state["epoch_order"], self.epoch)
+        del progress["settings"]  # checked against the flags before the run started
+        self.state = saved = LoopState(**progress)
+        self.saved_step = saved.step
+        self.window_loss.fill_(saved.window_loss)
+        if saved.batches_done == self.batches_per_epoch:  # saved at the end of an epoch
+            self.state = replace(saved, epoch=saved.epoch + 1, batches_done=0)
+        else:  # mid-epoch: the rest of this epoch's order must be the checkpoint's
+            self.check_data_order(state["epoch_order"], saved.epoch)
         restore_rng_states(state["rng"][dist.get_rank() if is_distributed() else 0])
 
     def check_data_order(self, saved_order: torch.Tensor, epoch: int) -> None:
@@ -625,7 +620,8 @@ def run(args: argparse.Namespace) -> dict:
         # adapter_config.json records this path: an absolute one keeps the adapter loadable
         # from any working directory.
         args.model = str(Path(args.model).expanduser().resolve())
-    checkpoint = plan_resume(args, run_settings(args, precision, world_size))
+    checkpoint = plan_resume(args, run_settings(args, precision, world_size),
+                             ADJUSTABLE_ON_RESUME)
     if checkpoint is None and not args.overwrite and (args.output_dir / CONFIG_FILE).is_file():
         print_main(f"{args.output_dir} holds an unfinished run that was stopped before its "
                    "first checkpoint: starting it again from the beginning")
@@ -700,14 +696,15 @@ def run(args: argparse.Namespace) -> dict:
     if args.compile:
         model.compile()  # in place: parameter names, and so the saved weights, stay the same
     trainer = Trainer(args, model, tokenizer, train_loader, validation_loader, device, precision)
-    trainer.before = before
+    trainer.state.before = before
     if checkpoint is not None:
         trainer.restore(checkpoint)
-        print_main(f"Resuming from {checkpoint} at step {trainer.step} of "
-                   f"{trainer.total_steps} (epoch {min(trainer.epoch + 1, args.epochs)}, "
-                   f"batch {trainer.batches_done} of {trainer.batches_per_epoch})")
+        position = trainer.state
+        print_main(f"Resuming from {checkpoint} at step {position.step} of "
+                   f"{trainer.total_steps} (epoch {min(position.epoch + 1, args.epochs)}, "
+                   f"batch {position.batches_done} of {trainer.batches_per_epoch})")
     trainer.train()
-    train_seconds = trainer.train_seconds
+    train_seconds = trainer.state.train_seconds
     # Free the trained model and its optimizer before the best checkpoint is loaded, so that
     # two copies of the model are never in memory together.
     del trainer, model

@@ -181,7 +181,7 @@ def measure_project(config, device, precision: str, ids, labels) -> dict:
                           precision)
         trainer.train()  # one epoch (--epochs 1)
         # train.py's own clock: training only, not its validation or checkpoint writing.
-        train_seconds = trainer.train_seconds
+        train_seconds = trainer.state.train_seconds
         started = time.perf_counter()
         evaluate_model(model, test_loader, device, precision)
         eval_seconds = time.perf_counter() - started

@@ -39,7 +39,7 @@ def after_step(n: int, action) -> None:
 
     def optimizer_step(self) -> None:
         original(self)
-        if self.step == n:
+        if self.state.step == n:
             action(self)
 
     train.Trainer.optimizer_step = optimizer_step

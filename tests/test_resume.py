@@ -25,7 +25,7 @@ from transformers import AutoTokenizer, BertConfig, BertForSequenceClassificatio
 
 import resumable
 import train
-from cli import UsageError
+from cli import FIXED, UsageError, resume_rules
 
 # 72 training reviews in batches of 4, 2 batches per optimizer step: 9 steps per epoch, 18 in
 # all; checkpoints after steps 3, 6, 9 (epoch end), 12, 15, 18; validation after 4, 8, 9, ...
@@ -255,6 +255,17 @@ def test_other_settings_are_refused_naming_them(setup, killed_copy, capsys, chan
     message = capsys.readouterr().err.strip().splitlines()[-1]
     assert "holds an unfinished run with other settings" in message and named in message
     assert sorted(p.name for p in killed_copy.rglob("*")) == before  # nothing touched
+
+
+def test_every_flag_declares_whether_a_resumed_run_may_change_it():
+    rules = resume_rules(train.build_parser())
+    assert [flag for flag, rule in rules.items() if rule is None] == []  # add_flag(FIXED, ...)
+    # Where and how fast the run goes, and how often it reports, as the README lists them.
+    assert train.ADJUSTABLE_ON_RESUME == {
+        "output_dir", "overwrite", "resume", "device", "num_workers", "eval_batch_size",
+        "log_every", "save_every", "compile"}
+    assert {"lr", "seed", "max_length", "lora_r", "precision", "data"} <= {
+        flag for flag, rule in rules.items() if rule == FIXED}
 
 
 def test_finished_run_is_never_overwritten_silently(setup, capsys):

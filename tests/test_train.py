@@ -48,7 +48,7 @@ def test_accumulating_two_half_batches_equals_one_full_batch(tiny_model_dir, tmp
     assert trainable_state(full).keys() == trainable_state(half).keys()
     for trainer in (full, half):
         trainer.train()
-    assert full.step == half.step == 2
+    assert full.state.step == half.state.step == 2
     expected, actual = trainable_state(full), trainable_state(half)
     for name in expected:
         assert torch.allclose(actual[name], expected[name], atol=1e-5), name
@@ -61,7 +61,7 @@ def test_scheduler_and_step_count_follow_optimizer_steps_including_a_short_last_
                            "--grad-accum-steps", "3", "--log-every", "1")
     assert trainer.total_steps == 3
     trainer.train()
-    assert trainer.step == 3
+    assert trainer.state.step == 3
     assert trainer.scheduler.last_epoch == 3
     assert trainer.scheduler.get_last_lr()[0] == 0.0  # linear decay ends at zero
     records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
