@@ -27,6 +27,7 @@ from pyarrow.lib import ArrowException
 from torch.utils.data import DataLoader, DistributedSampler, get_worker_info
 
 from cli import ADJUSTABLE, FIXED, UsageError, add_flag, at_least
+from runtime import DEFAULT_NUM_WORKERS
 from samplers import (
     LengthGroupedSampler,
     ResumableSampler,
@@ -96,9 +97,11 @@ def add_data_arguments(parser: argparse.ArgumentParser, from_checkpoint: bool = 
              help="seed of the subset and validation-split shuffles "
                   f"(default: {DEFAULT_DATA_SEED})")
     add_preprocessing_arguments(group, from_checkpoint)
-    add_flag(group, ADJUSTABLE, "--num-workers", type=at_least(0), default=0,
-             help="DataLoader worker processes (default: 0, batches are built in "
-                  "the main process, which is fastest for pre-tokenized data)")
+    add_flag(group, ADJUSTABLE, "--num-workers", type=at_least(0), default=None,
+             help="DataLoader worker processes that build the batches (0: the main process "
+                  "does) (default: " + ", ".join(
+                      f"{n} on {kind}" for kind, n in DEFAULT_NUM_WORKERS.items())
+             + ", at most the CPU count)")
 
 
 def add_preprocessing_arguments(parser, from_checkpoint: bool = False) -> None:
@@ -500,13 +503,15 @@ def move_to_device(batch: dict[str, torch.Tensor],
                    device: torch.device) -> dict[str, torch.Tensor]:
     """Copy a batch to `device`; to CUDA through pinned memory so the copy can overlap compute.
 
-    Tensors already on the GPU are returned as they are, so calling this twice costs nothing.
+    Tensors already on the GPU are returned as they are, so calling this twice costs nothing,
+    and a batch that a DataLoader already pinned (``pin_memory=True``) is not copied twice.
     (Compare device types, not devices: a tensor on "cuda:0" is not equal to "cuda".)
     """
-    if device.type == "cuda":
-        return {k: v.pin_memory().to(device, non_blocking=True) if v.device.type == "cpu" else v
-                for k, v in batch.items()}
-    return {k: v.to(device) for k, v in batch.items()}
+    if device.type != "cuda":
+        return {k: v.to(device) for k, v in batch.items()}
+    return {k: v if v.device.type == "cuda"
+            else (v if v.is_pinned() else v.pin_memory()).to(device, non_blocking=True)
+            for k, v in batch.items()}
 
 
 @dataclass
@@ -564,12 +569,14 @@ def make_loader(dataset: Dataset, batch_size: int, collator: PaddingCollator, *,
     else:
         sampler = evaluation_shard(len(dataset), batch_size, rank, world_size,
                                    order=longest_first(example_lengths(dataset)))
-    # Each pass over a DataLoader draws a worker seed: the training loader takes it from this
-    # generator, leaving the global stream (dropout) alone. Evaluation loaders still draw it
-    # from the global stream, so results are reproducible for the same flags, but adding
-    # --eval-every shifts the later dropout masks.
-    generator = torch.Generator().manual_seed(seed) if shuffle else None
+    # Each pass over a DataLoader draws a worker seed (0 workers too). From a generator of the
+    # loader's own it leaves the global stream, the dropout masks', alone: they stay the same
+    # with or without --eval-every, workers or persistent workers, and after a resume.
+    generator = torch.Generator().manual_seed(seed)
+    # Workers stay alive from one pass to the next (every epoch, every validation) instead of
+    # starting again; their batches come pinned, ready for an asynchronous copy to the GPU.
     return DataLoader(
         dataset.with_format(columns=["input_ids", LABEL]), batch_size=batch_size,
         sampler=sampler, generator=generator, collate_fn=collator, num_workers=num_workers,
+        persistent_workers=num_workers > 0,
         pin_memory=collator.device.type == "cuda" and num_workers > 0)

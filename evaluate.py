@@ -34,6 +34,7 @@ from data import (
     add_data_arguments,
     load_split,
     make_loader,
+    move_to_device,
     resolve_preprocessing,
     take_subset,
     tokenize,
@@ -51,10 +52,12 @@ from report import METRIC_NAMES, plot_comparison
 from runtime import (
     add_runtime_arguments,
     autocast,
+    fill_device_defaults,
     is_distributed,
     is_main_process,
     pick_device,
     pick_precision,
+    use_device,
 )
 
 PLOT_FORMATS = (".png", ".svg", ".pdf")  # the image types --plot can write
@@ -68,6 +71,9 @@ def predict_logits(model: torch.nn.Module, loader, device: torch.device, precisi
     logits = [torch.empty((0, len(LABEL_NAMES)), device=device)]  # a rank may get no batch
     labels = [torch.empty(0, dtype=torch.long, device=device)]
     for batch in tqdm(loader, desc=desc, leave=False, disable=not is_main_process()):
+        # Worker processes deliver CPU batches (they must not touch CUDA); the main process's
+        # collator has already moved its own, and then this costs nothing.
+        batch = move_to_device(batch, device)
         with autocast(device, precision):
             output = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         # Kept on the device until the end: no host synchronisation per batch.
@@ -226,6 +232,8 @@ def run(args: argparse.Namespace) -> list[dict]:
         raise UsageError("--base needs --model (or an adapter or head --checkpoint to read the "
                          "base model from)")
     device = pick_device(args.device)
+    use_device(device)
+    fill_device_defaults(args, device)
     precision = pick_precision(args.precision, device)
     test = take_subset(load_split(args.data, "test", args.text_column, args.label_column),
                        args.eval_samples, args.data_seed)

@@ -53,6 +53,8 @@ DEFAULT_MODEL = "bert-base-uncased"
 # The classifier head of the pre-trained ("before") model is random; drawing it from a fixed
 # seed makes train.py's "before" row and evaluate.py --base give the same numbers every time.
 HEAD_SEED = 0
+# Every model is loaded in fp32, whatever dtype its files hold (see load_base_model).
+MODEL_DTYPE = torch.float32
 DEFAULT_LORA_R = 8
 DEFAULT_LORA_ALPHA = 32
 DEFAULT_LORA_DROPOUT = 0.1
@@ -138,13 +140,20 @@ def load_tokenizer(name: str):
 
 
 def load_base_model(name: str) -> PreTrainedModel:
-    """The pre-trained encoder with a new 2-label classifier head drawn from ``HEAD_SEED``."""
+    """The pre-trained encoder in fp32 with a new 2-label classifier head drawn from
+    ``HEAD_SEED``.
+
+    transformers 5 loads weights in the dtype they were stored in (``dtype="auto"``): a model
+    saved in fp16 would train an fp16 head and LoRA weights, which AdamW updates in steps
+    smaller than fp16 can hold and which the fp16 GradScaler refuses to unscale. Weights stay
+    fp32; autocast computes in bf16/fp16 where asked.
+    """
     check_encoder(name)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(HEAD_SEED)
         return _from_pretrained(
             AutoModelForSequenceClassification.from_pretrained, name, "model",
-            num_labels=len(LABEL_NAMES),
+            dtype=MODEL_DTYPE, num_labels=len(LABEL_NAMES),
             id2label=dict(enumerate(LABEL_NAMES)),
             label2id={label: i for i, label in enumerate(LABEL_NAMES)})
 
@@ -359,9 +368,10 @@ def is_merged_model(folder: str | Path) -> bool:
 
 
 def load_merged_model(folder: str | Path) -> PreTrainedModel:
-    """A merged (or any fine-tuned) classifier folder, loaded as the plain transformers model."""
+    """A merged (or any fine-tuned) classifier folder, loaded as the plain transformers model
+    (in fp32, as ``load_base_model``)."""
     return _from_pretrained(AutoModelForSequenceClassification.from_pretrained, str(folder),
-                            "model")
+                            "model", dtype=MODEL_DTYPE)
 
 
 def load_head_model(folder: Path, base_model: str | None = None) -> PreTrainedModel:

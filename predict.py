@@ -38,7 +38,13 @@ from data import (
 )
 from evaluate import predict_in_order
 from lora_model import ADAPTER_CONFIG, add_model_argument, find_checkpoint, load_checkpoint
-from runtime import add_runtime_arguments, pick_device, pick_precision
+from runtime import (
+    add_runtime_arguments,
+    fill_device_defaults,
+    pick_device,
+    pick_precision,
+    use_device,
+)
 
 STDIN = "-"
 # The table shows the start of each review; --json gives the whole text.
@@ -208,6 +214,8 @@ def run(args: argparse.Namespace) -> list[Prediction]:
     """Load the checkpoint, label the reviews, print them; return the predictions."""
     texts = collect_texts(args.texts, args.file)
     device = pick_device(args.device)
+    use_device(device)
+    fill_device_defaults(args, device)
     precision = pick_precision(args.precision, device)
     model, tokenizer = load_checkpoint(args.checkpoint, args.model)
     preprocessing = resolve_preprocessing(

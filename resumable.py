@@ -207,21 +207,27 @@ def publish_checkpoint(partial: Path, run_folder: Path) -> None:
     sync_to_disk(run_folder)
 
 
-def rng_states() -> dict:
-    """Every random stream the run draws from: Python, numpy, torch CPU and CUDA."""
+def rng_states(device: torch.device) -> dict:
+    """Every random stream the run draws from: Python, numpy, torch's CPU stream and, on a
+    GPU, the stream of the one GPU this process trains on (its dropout masks)."""
     name, keys, position, has_gauss, cached = np.random.get_state()
     return {"python": random.getstate(),
             "numpy": [name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss,
                       cached],
             "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []}
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
 
 
-def restore_rng_states(states: dict) -> None:
-    """Put every random stream back where ``rng_states`` found it."""
+def restore_rng_states(states: dict, device: torch.device) -> None:
+    """Put every random stream back where ``rng_states`` found it.
+
+    The GPU stream goes to `device`, the GPU this process now trains on, which need not have
+    the number it had (a run moved from cuda:3 to a machine with one GPU). A run that moves
+    between CPU and GPU keeps the other streams; its dropout masks then differ.
+    """
     random.setstate(states["python"])
     name, keys, position, has_gauss, cached = states["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached))
     torch.set_rng_state(states["torch"])
-    if states["cuda"]:
-        torch.cuda.set_rng_state_all(states["cuda"])
+    if isinstance(states.get("cuda"), torch.Tensor) and device.type == "cuda":
+        torch.cuda.set_rng_state(states["cuda"], device)

@@ -26,12 +26,22 @@ PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
-DEFAULT_EVAL_BATCH_SIZE = 64
+# Evaluation keeps no activations for backward, so a GPU takes far larger batches than
+# training (and needs them to be kept busy); on a CPU 64 is the measured choice (BENCHMARKS.md,
+# levers).
+DEFAULT_EVAL_BATCH_SIZES = {"cpu": 64, "cuda": 256}
+# DataLoader worker processes by default: on a GPU they build the next batches while the GPU
+# computes; on a CPU they would take cores from the math.
+DEFAULT_NUM_WORKERS = {"cpu": 0, "cuda": 4}
+# bf16 tensor cores arrived with Ampere (compute capability 8.0); older GPUs (V100 7.0,
+# T4 7.5) emulate bf16 slowly, yet torch.cuda.is_bf16_supported() says True for them.
+BF16_MIN_CAPABILITY = (8, 0)
 
 PRECISION_HELP = (
-    "autocast precision. auto: on CUDA bf16 where the GPU supports it (Ampere and newer), else "
-    "fp16 with a GradScaler; on CPU bf16 only where the CPU computes it natively (AMX or "
-    "AVX512-BF16), else fp32, because emulated bf16 is slower than fp32 (default: auto)")
+    "autocast precision. auto: on CUDA bf16 where the GPU computes it natively (compute "
+    "capability 8.0 and up: A100, H100, L4, ...), else fp16 with a GradScaler (T4, V100); on "
+    "CPU bf16 only where the CPU computes it natively (AMX or AVX512-BF16), else fp32, because "
+    "emulated bf16 is slower than fp32 (default: auto)")
 
 
 def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,10 +50,34 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(group, ADJUSTABLE, "--device", default="auto",
              help="cpu, cuda, cuda:N, or auto (CUDA when available; default: auto)")
     add_flag(group, FIXED, "--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
-    add_flag(group, ADJUSTABLE, "--eval-batch-size", type=at_least(1),
-             default=DEFAULT_EVAL_BATCH_SIZE,
-             help="batch size for evaluation; no gradients are kept, so it can be "
-                  f"larger than the training batch (default: {DEFAULT_EVAL_BATCH_SIZE})")
+    add_flag(group, ADJUSTABLE, "--eval-batch-size", type=at_least(1), default=None,
+             help="batch size for evaluation; no gradients are kept, so it can be larger "
+                  "than the training batch (default: "
+                  + ", ".join(f"{size} on {kind}" for kind, size in
+                              DEFAULT_EVAL_BATCH_SIZES.items()) + ")")
+
+
+def fill_device_defaults(args: argparse.Namespace, device: torch.device) -> None:
+    """Give the flags whose default depends on the device (left None by the parser) theirs."""
+    kind = "cuda" if device.type == "cuda" else "cpu"
+    if getattr(args, "eval_batch_size", 0) is None:
+        args.eval_batch_size = DEFAULT_EVAL_BATCH_SIZES[kind]
+    if getattr(args, "num_workers", 0) is None:
+        args.num_workers = min(DEFAULT_NUM_WORKERS[kind], os.cpu_count() or 1)
+
+def use_device(device: torch.device) -> None:
+    """Make `device` the current CUDA device, with TF32 for fp32 matrix products.
+
+    Without set_device, ``cuda:1`` in one process would still put pinned memory, the
+    capability check and any bare ``"cuda"`` tensor on GPU 0. TF32 keeps fp32's range with a
+    10-bit mantissa on Ampere and newer tensor cores: several times faster fp32 matmuls, which
+    PyTorch leaves off by default. Nothing to do on a CPU.
+    """
+    if device.type != "cuda":
+        return
+    torch.cuda.set_device(device)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
 
 def pick_device(name: str = "auto") -> torch.device:
     """The device named, or CUDA when available for "auto"."""
@@ -77,14 +111,16 @@ def pick_precision(precision: str, device: torch.device) -> str:
     emulated at a fraction of fp32's speed.
     """
     if device.type == "cuda":
-        bf16_ok, fp16_ok = torch.cuda.is_bf16_supported(), True
+        capability = torch.cuda.get_device_capability(device)
+        bf16_ok, fp16_ok = tuple(capability) >= BF16_MIN_CAPABILITY, True
     else:
         bf16_ok, fp16_ok = cpu_has_native_bf16(), False
     if precision == "auto":
         return "bf16" if bf16_ok else ("fp16" if fp16_ok else "fp32")
     if precision == "bf16" and not bf16_ok:
-        where = ("this GPU" if device.type == "cuda"
-                 else "this CPU (it has neither AMX nor AVX512-BF16)")
+        where = (f"this GPU (compute capability {capability[0]}.{capability[1]}; bf16 needs "
+                 f"{BF16_MIN_CAPABILITY[0]}.{BF16_MIN_CAPABILITY[1]} or newer)"
+                 if device.type == "cuda" else "this CPU (it has neither AMX nor AVX512-BF16)")
         raise UsageError(f"--precision bf16 is not supported natively on {where}; use "
                          f"--precision {'fp16' if fp16_ok else 'fp32'} or auto")
     if precision == "fp16" and not fp16_ok:
@@ -119,10 +155,20 @@ def init_distributed(device_name: str) -> tuple[int, int, torch.device]:
     """
     device = pick_device(device_name)
     if "RANK" not in os.environ:
+        use_device(device)
         return 0, 1, device
+    local_rank = os.environ.get("LOCAL_RANK", "")
+    if not local_rank.isdigit():
+        raise UsageError("RANK is set but LOCAL_RANK is not a process number: start several "
+                         "processes with torchrun, which sets both (see README)")
     if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
+        gpus = torch.cuda.device_count()
+        if int(local_rank) >= gpus:
+            raise UsageError(f"LOCAL_RANK is {local_rank} but this machine has {gpus} GPU(s): "
+                             f"start at most {gpus} processes per machine "
+                             f"(torchrun --nproc_per_node={gpus})")
+        device = torch.device("cuda", int(local_rank))
+    use_device(device)
     # NCCL moves CUDA tensors between GPUs directly; gloo is PyTorch's CPU backend.
     dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
                             device_id=device if device.type == "cuda" else None)

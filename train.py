@@ -110,6 +110,7 @@ from runtime import (
     all_ranks_true,
     autocast,
     close_distributed,
+    fill_device_defaults,
     from_main_process,
     gather_to_main,
     init_distributed,
@@ -135,6 +136,8 @@ DEFAULT_SAVE_EVERY = 200
 # A loss that is inf/NaN this many optimizer steps in a row stops the run (one such step is
 # skipped and forgotten: fp16 overflow, one bad batch).
 MAX_NONFINITE_STEPS = 5
+# The GradScaler's scale for bf16 and fp32: the loss is not scaled (see loss_scaler).
+UNSCALED = 1.0
 # Everything a run writes into its folder (what --overwrite clears first).
 RUN_FILES = (ADAPTER_DIR, MODEL_DIR, CONFIG_FILE, LOG_FILE, METRICS_FILE, REPORT_MD, CURVES_PNG,
              COMPARISON_PNG, CHECKPOINT_DIR, PREVIOUS_CHECKPOINT_DIR, PARTIAL_CHECKPOINT_DIR)
@@ -242,8 +245,8 @@ def save_run_checkpoint(args: argparse.Namespace, model: torch.nn.Module, tokeni
     Preprocessing(args.truncation, args.max_length).save(folder)
 
 
-def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float,
-                    device: torch.device) -> torch.optim.AdamW:
+def build_optimizer(model: torch.nn.Module, lr: float,
+                    weight_decay: float) -> torch.optim.AdamW:
     """AdamW over the trainable parameters only, without decay on biases and LayerNorm."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
@@ -251,8 +254,24 @@ def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float,
             (no_decay if any(key in name for key in NO_DECAY) else decay).append(param)
     groups = [{"params": decay, "weight_decay": weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    # The fused kernel updates all parameters in one launch; it exists for CUDA tensors.
-    return torch.optim.AdamW(groups, lr=lr, fused=device.type == "cuda")
+    # The fused kernel updates every parameter in one launch (CUDA and CPU), and it can skip
+    # its update on the device when the GradScaler found inf/NaN gradients: no host sync.
+    return torch.optim.AdamW(groups, lr=lr, fused=True)
+
+
+def loss_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
+    """The GradScaler: fp16's loss scaling, and for every precision the skip of a step whose
+    gradients hold inf/NaN, decided on the device.
+
+    fp16 gradients underflow without loss scaling, so fp16 gets the dynamic scale (halved after
+    an overflow, doubled after 2000 clean steps). bf16 has fp32's range and needs no scaling:
+    bf16 and fp32 start at a scale of exactly 1, kept there by ``Trainer.optimizer_step``, and
+    use the scaler only for its inf/NaN check, which tells the fused AdamW to leave the weights
+    alone without the host waiting for the answer.
+    """
+    if precision == "fp16":
+        return torch.amp.GradScaler(device.type)
+    return torch.amp.GradScaler(device.type, init_scale=UNSCALED)
 
 
 def library_versions() -> dict[str, str]:
@@ -297,27 +316,30 @@ class Trainer:
                  train_loader, validation_loader, device: torch.device, precision: str):
         self.args, self.model, self.tokenizer = args, model, tokenizer
         # Under torchrun forward and backward go through the DDP wrapper (which starts every
-        # rank from rank 0's weights); evaluation and saving use the model itself.
-        self.ddp_model = DistributedDataParallel(model) if is_distributed() else None
+        # rank from rank 0's weights); evaluation and saving use the model itself. BERT's
+        # buffers (position and token type ids) never change: no broadcast of them per forward.
+        self.ddp_model = (DistributedDataParallel(model, broadcast_buffers=False)
+                          if is_distributed() else None)
         self.world_size = dist.get_world_size() if is_distributed() else 1
         self.train_loader, self.validation_loader = train_loader, validation_loader
         self.device, self.precision = device, precision
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(model, args.lr, args.weight_decay, device)
+        self.optimizer = build_optimizer(model, args.lr, args.weight_decay)
         self.batches_per_epoch = len(train_loader)
         steps_per_epoch = math.ceil(self.batches_per_epoch / args.grad_accum_steps)
         self.total_steps = steps_per_epoch * args.epochs
         self.scheduler = get_linear_schedule_with_warmup(
             self.optimizer, round(args.warmup_ratio * self.total_steps), self.total_steps)
-        # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
-        # A disabled scaler passes everything through, so one code path serves all precisions.
-        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+        self.scaler = loss_scaler(device, precision)
         self.state = LoopState()  # where the loop is: saved and restored as a whole
         self.saved_step = -1  # the step of the newest checkpoint
-        # state.window_loss as the loop adds to it: summed on the device (reading it is a host
-        # sync), copied into the state when a checkpoint is written.
-        self.window_loss = torch.zeros((), device=device)
+        # Counters the loop keeps on the device, where adding to them costs no host sync; the
+        # host reads them at log, save and validation steps (read_device_counters).
+        self.window_loss = torch.zeros((), device=device)  # loss summed since the last log
         self.group_loss_finite = torch.ones((), dtype=torch.bool, device=device)
+        self.skipped_steps = torch.zeros((), dtype=torch.long, device=device)  # not yet read
+        self.nonfinite_run = torch.zeros((), dtype=torch.long, device=device)  # steps in a row
+        self.longest_nonfinite_run = torch.zeros((), dtype=torch.long, device=device)
         self.stop_signal = 0  # set by SIGINT/SIGTERM: stop after the current step
         self.log_file = None
 
@@ -370,25 +392,33 @@ class Trainer:
 
             self.optimizer_step()
             self.state.batches_done = i + 1
+            step, last = self.state.step, i + 1 == n_batches
+            log_now = step % args.log_every == 0 or last
+            validate_now = bool(args.eval_every) and step % args.eval_every == 0 and not last
+            save_now = step % args.save_every == 0 and not last
+            # The host looks at the device's counters only at these steps (each look waits for
+            # the GPU to catch up); the steps in between queue work without waiting.
+            if log_now or validate_now or save_now:
+                self.read_device_counters()
             elapsed = time.perf_counter() - clock
             self.state.train_seconds += elapsed
             window_seconds += elapsed
-            if self.state.step % args.log_every == 0 or i + 1 == n_batches:
+            if log_now:
                 # Every rank trains as many samples per step, so the job's rate is world x ours.
                 self.log_training(epoch, samples * self.world_size / window_seconds, progress)
                 samples, window_seconds = 0, 0.0
-            if args.eval_every and self.state.step % args.eval_every == 0 and i + 1 != n_batches:
+            if validate_now:
                 self.validate(epoch)
                 model.train()
-            stop = self.stop_requested()
-            if stop or (self.state.step % args.save_every == 0 and i + 1 != n_batches):
+            stop = self.stop_requested(agree=log_now or validate_now or save_now)
+            if stop or save_now:
                 self.save_resumable_checkpoint()
             if stop:
                 raise self.interrupted(stop)
             clock = time.perf_counter()  # validation and saving are not training time
         self.validate(epoch)
         self.save_resumable_checkpoint()
-        stop = self.stop_requested()
+        stop = self.stop_requested(agree=True)
         if stop:
             raise self.interrupted(stop)
 
@@ -404,43 +434,55 @@ class Trainer:
         return self.ddp_model.no_sync()
 
     def optimizer_step(self) -> None:
-        """Unscale, clip, step; the scheduler advances only when the optimizer really stepped.
+        """Unscale, clip, step, schedule: queued on the device without waiting for it.
 
-        A step whose gradients hold inf/NaN is skipped (with fp16 the GradScaler does this and
-        lowers its scale); a loss that stays non-finite for MAX_NONFINITE_STEPS steps in a row
-        stops the run. Under DDP the gradients are already averaged and equal on every rank,
-        so each rank clips, steps and schedules exactly as one process would.
+        A step whose gradients hold inf/NaN (fp16 overflow, a bad batch) is skipped on the
+        device: the scaler's unscale_ finds them and its step has the fused AdamW leave the
+        weights and its moments alone (with fp16 the scale is lowered too). The scheduler
+        advances here as if the step was taken; ``read_device_counters`` takes the advance
+        back for skipped steps at the next log. Under DDP the gradients are already averaged
+        and equal on every rank, so each rank clips, steps and schedules as one process would.
         """
         # Clip the true gradients: with fp16 they are still multiplied by the loss scale.
         self.scaler.unscale_(self.optimizer)
         max_norm = self.args.max_grad_norm if self.args.max_grad_norm > 0 else math.inf
         norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
-        # One host sync per step reads both flags (the GradScaler syncs on its own with fp16).
-        grads_finite, loss_finite = torch.stack(
-            [torch.isfinite(norm), all_ranks_true(self.group_loss_finite)]).tolist()
-        if self.scaler.is_enabled():
-            scale_before = self.scaler.get_scale()
-            self.scaler.step(self.optimizer)  # skipped by the scaler if gradients hold inf/NaN
-            self.scaler.update()
-            stepped = self.scaler.get_scale() >= scale_before  # lowered: the step was skipped
-        else:
-            if grads_finite:
-                self.optimizer.step()
-            stepped = grads_finite
-        if stepped:
-            self.scheduler.step()
+        self.scaler.step(self.optimizer)
+        # fp16: lower the scale after an overflow, raise it after many clean steps; bf16 and
+        # fp32 keep it at 1 (no scaling: the scaler is there for its inf/NaN check alone).
+        self.scaler.update(None if self.precision == "fp16" else UNSCALED)
+        self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        # A non-finite norm is what the scaler found: the step just queued will be skipped.
+        self.skipped_steps += ~torch.isfinite(norm)
+        loss_finite = all_ranks_true(self.group_loss_finite)
+        self.nonfinite_run = torch.where(loss_finite, 0, self.nonfinite_run + 1)
+        torch.maximum(self.longest_nonfinite_run, self.nonfinite_run,
+                      out=self.longest_nonfinite_run)
         self.group_loss_finite.fill_(True)
         self.state.step += 1
-        self.state.nonfinite_steps = 0 if loss_finite else self.state.nonfinite_steps + 1
-        if self.state.nonfinite_steps >= MAX_NONFINITE_STEPS:
+
+    def read_device_counters(self) -> None:
+        """Read what the device counted since the last look (one host sync): give the
+        schedule back the advance of skipped steps, and stop a run whose loss stayed inf/NaN
+        for MAX_NONFINITE_STEPS steps in a row."""
+        skipped, run, longest = torch.stack(
+            [self.skipped_steps, self.nonfinite_run, self.longest_nonfinite_run]).tolist()
+        if skipped:
+            # Rewind the schedule to the steps really taken; step() sets their learning rate.
+            self.scheduler.last_epoch -= skipped + 1
+            self.scheduler.step()
+            self.skipped_steps.zero_()
+        self.state.nonfinite_steps = run
+        self.longest_nonfinite_run.fill_(run)
+        if longest >= MAX_NONFINITE_STEPS:
             where = (f"the checkpoint of step {self.saved_step} in "
                      f"{self.args.output_dir / CHECKPOINT_DIR} is kept"
                      if self.saved_step >= 0 else "no checkpoint was written yet")
             raise TrainingStopped(
-                f"the training loss was inf/NaN for {self.state.nonfinite_steps} steps in a row "
-                f"(up to step {self.state.step}); stopped: {where}. Lower --lr or "
-                "--max-grad-norm, or use --precision fp32", exit_code=1)
+                f"the training loss was inf/NaN for {longest} steps in a row (up to step "
+                f"{self.state.step}); stopped: {where}. Lower --lr or --max-grad-norm, or use "
+                "--precision fp32", exit_code=1)
 
     def validate(self, epoch: int) -> None:
         """Score the validation split; save the adapter when it is the best so far.
@@ -518,11 +560,17 @@ class Trainer:
             for s, handler in handlers.items():
                 signal.signal(s, handler)
 
-    def stop_requested(self) -> int:
-        """The signal that asked to stop (0 if none); under DDP every rank learns of it at the
-        same step, so all of them stop together."""
+    def stop_requested(self, agree: bool) -> int:
+        """The signal that asked to stop (0 if none).
+
+        Under DDP the ranks must stop at the same step, so they agree on it (a collective and a
+        host sync) only where `agree` is True: at log, validation and save steps and at the end
+        of an epoch. One process reads its own flag at every step, for free.
+        """
         if not is_distributed():
             return self.stop_signal
+        if not agree:
+            return 0
         flag = torch.tensor(self.stop_signal, device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return int(flag.item())
@@ -539,7 +587,8 @@ class Trainer:
         but every rank contributes its random-number states)."""
         if self.saved_step == self.state.step:
             return
-        rng = gather_to_main(rng_states())
+        self.read_device_counters()  # the schedule and counters as of this step
+        rng = gather_to_main(rng_states(self.device))
         if is_main_process():
             partial = self.args.output_dir / PARTIAL_CHECKPOINT_DIR
             shutil.rmtree(partial, ignore_errors=True)  # a save that a kill cut short
@@ -573,17 +622,21 @@ class Trainer:
         state = torch.load(folder / TRAINING_STATE_FILE, map_location="cpu", weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        if state["scaler"]:  # empty from a run whose scaler was disabled (older versions)
+            self.scaler.load_state_dict(state["scaler"])
         progress = json.loads((folder / PROGRESS_FILE).read_text())
         del progress["settings"]  # checked against the flags before the run started
         self.state = saved = LoopState(**progress)
         self.saved_step = saved.step
         self.window_loss.fill_(saved.window_loss)
+        self.nonfinite_run.fill_(saved.nonfinite_steps)
+        self.longest_nonfinite_run.fill_(saved.nonfinite_steps)
         if saved.batches_done == self.batches_per_epoch:  # saved at the end of an epoch
             self.state = replace(saved, epoch=saved.epoch + 1, batches_done=0)
         else:  # mid-epoch: the rest of this epoch's order must be the checkpoint's
             self.check_data_order(state["epoch_order"], saved.epoch)
-        restore_rng_states(state["rng"][dist.get_rank() if is_distributed() else 0])
+        restore_rng_states(state["rng"][dist.get_rank() if is_distributed() else 0],
+                           self.device)
 
     def check_data_order(self, saved_order: torch.Tensor, epoch: int) -> None:
         """Refuse to resume when the training data no longer comes in the checkpoint's order."""
@@ -608,6 +661,7 @@ def run(args: argparse.Namespace) -> dict:
     run_started = time.perf_counter()
     # Every check that can refuse the run comes before the run folder is created.
     rank, world_size, device = init_distributed(args.device)
+    fill_device_defaults(args, device)
     precision = pick_precision(args.precision, device)
     # The default folder name holds the time: take rank 0's, in case a second ticks between.
     if args.resume and args.output_dir is None:
@@ -694,7 +748,9 @@ def run(args: argparse.Namespace) -> dict:
             if args.method == "lora" else METHODS[args.method])
     print_main(f"{what}, lr {args.lr:g}: {format_parameter_counts(trainable, total)}")
     if args.compile:
-        model.compile()  # in place: parameter names, and so the saved weights, stay the same
+        # In place: parameter names, and so the saved weights, stay the same. Dynamic shapes:
+        # batches are padded to their longest review, so the width changes from batch to batch.
+        model.compile(dynamic=True)
     trainer = Trainer(args, model, tokenizer, train_loader, validation_loader, device, precision)
     trainer.state.before = before
     if checkpoint is not None:

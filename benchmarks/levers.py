@@ -62,7 +62,7 @@ def levers_command(args: argparse.Namespace) -> dict:
         tokenize,
     )
     from lora_model import load_base_model, load_tokenizer, wrap_with_lora
-    from runtime import DEFAULT_EVAL_BATCH_SIZE
+    from runtime import DEFAULT_EVAL_BATCH_SIZES
     from train import DEFAULT_BATCH_SIZE, DEFAULT_SEED, library_versions
 
     began, load_before = time.perf_counter(), os.getloadavg()
@@ -79,11 +79,12 @@ def levers_command(args: argparse.Namespace) -> dict:
     train_batches = first_batches(train_loader, args.train_batches)
     test = tokenize(take_subset(load_split(args.data, "test"), args.eval_reviews, seed=0),
                     tokenizer, args.max_length)
+    eval_batch_size = DEFAULT_EVAL_BATCH_SIZES["cpu"]
     eval_sets = {
-        "sorted64": list(make_loader(test, DEFAULT_EVAL_BATCH_SIZE, collator, shuffle=False)),
+        "sorted64": list(make_loader(test, eval_batch_size, collator, shuffle=False)),
         "sorted16": list(make_loader(test, 16, collator, shuffle=False)),
         "order64": list(DataLoader(test.with_format(columns=["input_ids", "label"]),
-                                   batch_size=DEFAULT_EVAL_BATCH_SIZE, collate_fn=collator))}
+                                   batch_size=eval_batch_size, collate_fn=collator))}
 
     def lora_model(attention: str):
         transformers.set_seed(DEFAULT_SEED)

@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import minilm_path, reviews, run_main
 
+from benchmarks import gpu_benchmark
 from benchmarks.benchmark import (
     CPU_ROWS,
     TARGET_CACHED_TOKENIZE_SECONDS,
@@ -20,7 +21,18 @@ from benchmarks.benchmark import (
     markdown_table,
     write_section,
 )
-from benchmarks.gpu_benchmark import forward_flops_per_sequence, gpu_command, model_config
+from benchmarks.gpu_benchmark import (
+    FULL_TEST_REVIEWS,
+    FULL_TRAIN_REVIEWS,
+    Shape,
+    forward_flops_per_sequence,
+    gpu_command,
+    median_of,
+    model_config,
+    parse_configs,
+    peak_flops,
+    review_lengths,
+)
 from benchmarks.lab_recipe import RECIPE_CHANGES
 from benchmarks.levers import levers_command
 from runtime import pick_precision
@@ -113,18 +125,158 @@ def test_bert_base_forward_flops_follow_the_stated_formula():
     assert flops / 1e9 == pytest.approx(22.5, abs=0.1)
 
 
-def test_gpu_benchmark_runs_on_the_cpu_with_a_tiny_model(tmp_path, capsys):
-    args = argparse.Namespace(device="cpu", steps=2, repeats=1, tiny=True,
-                              markdown=tmp_path / "B.md", json=tmp_path / "gpu.json")
-    runs = gpu_command(args)
-    assert set(runs) == {"recipe", "project", "bare"}  # accelerate is installed here
-    for results in runs.values():
-        assert results[0]["train_samples_per_s"] > 0 and results[0]["eval_samples_per_s"] > 0
-    text = (tmp_path / "B.md").read_text()
-    assert "| train.py loop |" in text and "| lab recipe (HF Trainer) |" in text
+def gpu_args(tmp_path, *extra: str) -> argparse.Namespace:
+    """The gpu subcommand's flags for a smoke test on the CPU: tiny model, --quick counts."""
+    return build_parser().parse_args(
+        ["gpu", "--device", "cpu", "--tiny", "--quick", "--markdown", str(tmp_path / "B.md"),
+         "--json", str(tmp_path / "gpu.json"), *extra])
+
+
+def percent(cell: str) -> float:
+    """A table cell such as "12.3%" as a fraction."""
+    return float(cell.rstrip("%")) / 100
+
+
+def test_gpu_benchmark_runs_on_the_cpu_with_a_tiny_model(tmp_path, monkeypatch):
+    # No peak is known for a CPU; a fake one makes every MFU cell checkable against its
+    # formula: samples/s x model FLOPs per sample / peak.
+    fake_peak = 1e9
+    monkeypatch.setattr(gpu_benchmark, "peak_flops", lambda name, precision: fake_peak)
+    result = gpu_command(gpu_args(tmp_path))
+    assert json.loads((tmp_path / "gpu.json").read_text()) == json.loads(json.dumps(result))
+    ctx = result["context"]
+    assert ctx["configs"] == ["16x128", "64x128"] and ctx["peak_flops"] == fake_peak
     # --precision auto on this CPU: bf16 where the suite's switch is on (conftest).
-    precision = pick_precision("auto", torch.device("cpu"))
-    assert f"CPU, {precision}; tiny model" in text
+    assert ctx["precision"] == pick_precision("auto", torch.device("cpu"))
+    measured = {(m["config"], m["kind"]): m for m in result["measurements"]}
+    assert sorted(measured) == [("16x128", "bare"), ("16x128", "loop"), ("64x128", "bare"),
+                                ("64x128", "loop")]
+    config = model_config(tiny=True)
+    full_width = forward_flops_per_sequence(config, 128)
+    for (name, kind), m in measured.items():
+        batch = int(name.split("x")[0])
+        assert m["train_samples_per_s"] > 0 and m["eval_samples_per_s"] > 0
+        # --quick: 2 timed bare batches; 3 loop batches (one epoch) and 8 scored rows.
+        assert m["train_samples"] == (2 if kind == "bare" else 3) * batch
+        assert m["eval_samples"] == (2 * batch if kind == "bare" else 8)
+        assert m["eval_batch_size"] == (batch if kind == "bare" else ctx["eval_batch_size"])
+        # 82% of the drawn lengths fill 128 tokens, so every batch here is 128 wide: the model
+        # FLOPs per sample are those of a full-width sequence, twice over for training.
+        assert m["train_mean_width"] == m["eval_mean_width"] == 128
+        assert m["train_flops_per_sample"] == pytest.approx(2 * full_width)
+        assert m["eval_flops_per_sample"] == pytest.approx(full_width)
+    loop = measured[("16x128", "loop")]
+    assert loop["train_samples_per_s"] == pytest.approx(48 / loop["train_seconds"])
+    assert loop["eval_samples_per_s"] == pytest.approx(8 / loop["eval_seconds"])
+    summary = result["summary"]
+    training = {row[0]: row for row in summary["training"][1:]}
+    evaluation = {row[0]: row for row in summary["evaluation"][1:]}
+    for name in ("16x128", "64x128"):
+        bare, loop = measured[(name, "bare")], measured[(name, "loop")]
+        for cell, m, kind in ((training[name][3], bare, "train"),
+                              (training[name][5], loop, "train"),
+                              (evaluation[name][3], bare, "eval"),
+                              (evaluation[name][6], loop, "eval")):
+            expected = m[f"{kind}_samples_per_s"] * m[f"{kind}_flops_per_sample"] / fake_peak
+            assert percent(cell) == pytest.approx(expected, abs=0.0005)
+        assert float(training[name][7]) == pytest.approx(
+            loop["train_samples_per_s"] / bare["train_samples_per_s"], abs=0.006)
+    # The recipe ran once, at its own batch and length (lab_recipe.py's: 16 x 128).
+    recipe = result["recipe"]
+    assert (recipe["batch"], recipe["length"], recipe["train_samples"]) == (16, 128, 2 * 16)
+    assert recipe["train_samples_per_s"] > 0 and recipe["eval_samples_per_s"] > 0
+    loop = measured[("16x128", "loop")]
+    estimate = summary["estimate"]
+    assert estimate["project_seconds"] == pytest.approx(
+        FULL_TRAIN_REVIEWS / loop["train_samples_per_s"]
+        + 2 * FULL_TEST_REVIEWS / loop["eval_samples_per_s"])
+    assert estimate["recipe_seconds"] == pytest.approx(
+        FULL_TRAIN_REVIEWS / recipe["train_samples_per_s"]
+        + 2 * FULL_TEST_REVIEWS / recipe["eval_samples_per_s"])
+    comparison = {row[0].split(" (")[0].split(":")[0]: row for row in summary["comparison"][1:]}
+    assert float(comparison["training samples/s"][3].split()[0]) == pytest.approx(
+        loop["train_samples_per_s"] / recipe["train_samples_per_s"], abs=0.006)
+    assert float(comparison["evaluation samples/s"][3].split()[0]) == pytest.approx(
+        loop["eval_samples_per_s"] / recipe["eval_samples_per_s"], abs=0.006)
+    assert comparison["estimate"][3] == \
+        f"{estimate['recipe_seconds'] / estimate['project_seconds']:.1f} x as fast"
+    # Each target is met exactly when its measured numbers meet it.
+    mfu_target, job_target = summary["targets"]
+    target_loop = measured[("64x128", "loop")]
+    achieved = target_loop["train_samples_per_s"] * target_loop["train_flops_per_sample"] / 1e9
+    assert mfu_target["measured"].startswith(f"{achieved:.1%} (train.py loop")
+    assert mfu_target["met"] == (ctx["precision"] == "bf16" and achieved >= 0.40)
+    assert job_target["met"] == (estimate["speedup"] >= 10)
+    text = (tmp_path / "B.md").read_text()
+    assert text.count("<!-- benchmark:gpu start -->") == text.count("<!-- benchmark:gpu end -->")\
+        == 1
+    assert markdown_table(summary["training"]) in text
+    assert markdown_table(summary["comparison"]) in text
+    assert "Partial" not in text and "CPU, " + ctx["precision"] + "; tiny model" in text
+
+
+def test_a_stopped_gpu_benchmark_keeps_what_it_measured(tmp_path, monkeypatch):
+    def fail(*args, **kwargs):
+        raise RuntimeError("stopped")
+
+    monkeypatch.setattr(gpu_benchmark, "measure_loop", fail)
+    with pytest.raises(RuntimeError, match="stopped"):
+        gpu_command(gpu_args(tmp_path, "--configs", "4x32"))
+    saved = json.loads((tmp_path / "gpu.json").read_text())
+    [bare] = saved["measurements"]
+    assert (bare["config"], bare["kind"]) == ("4x32", "bare") and bare["train_samples_per_s"] > 0
+    text = (tmp_path / "B.md").read_text()
+    assert "**Partial: 1 of 2 measurements.**" in text and "| 4x32 | 32 |" in text
+
+
+def test_gpu_medians_over_repeats():
+    runs = [{"config": "16x128", "eval_batch_size": 64, "train_samples_per_s": 10.0,
+             "after_first_log": None, "peak_gb": 1.5},
+            {"config": "16x128", "eval_batch_size": 64, "train_samples_per_s": 30.0,
+             "after_first_log": 7.0, "peak_gb": 2.5},
+            {"config": "16x128", "eval_batch_size": 64, "train_samples_per_s": 14.0,
+             "after_first_log": 9.0, "peak_gb": 0.5}]
+    assert median_of(runs) == {"config": "16x128", "eval_batch_size": 64,
+                               "train_samples_per_s": 14.0, "after_first_log": 8.0,
+                               "peak_gb": 2.5}
+
+
+def test_peak_flops_come_from_the_datasheet_table_and_never_a_guess():
+    assert peak_flops("NVIDIA H200", "bf16") == 989.4e12
+    assert peak_flops("NVIDIA H100 80GB HBM3", "fp16") == 989.4e12  # the SXM card
+    assert peak_flops("NVIDIA H100 PCIe", "bf16") == 756.5e12
+    assert peak_flops("NVIDIA A100-SXM4-80GB", "bf16") == 312e12
+    assert peak_flops("NVIDIA A10", "bf16") == 125e12
+    assert peak_flops("NVIDIA L4", "bf16") == 121e12
+    assert peak_flops("NVIDIA L40S", "bf16") == 362.05e12
+    assert peak_flops("Tesla T4", "fp16") == 65e12
+    assert peak_flops("Tesla V100-SXM2-16GB", "fp16") == 125e12
+    assert peak_flops("Tesla V100-PCIE-32GB", "fp16") == 112e12
+    # No figure: bf16 on a T4, fp32 anywhere, a CPU, a GPU not in the table, and names that
+    # only contain a known one (A10G is not an A10, GH200 not an H200, RTX A1000 not an A100).
+    assert peak_flops("Tesla T4", "bf16") is None
+    assert peak_flops("NVIDIA H200", "fp32") is None
+    assert peak_flops("CPU", "bf16") is None
+    assert peak_flops("NVIDIA GeForce RTX 4090", "bf16") is None
+    for name in ("NVIDIA A10G", "NVIDIA GH200 480GB", "NVIDIA RTX A1000", "NVIDIA L40"):
+        assert peak_flops(name, "bf16") is None, name
+
+
+def test_synthetic_review_lengths_look_like_imdb():
+    lengths = torch.tensor(review_lengths(20_000, 512, seed=0))
+    assert lengths.min() == 32 and lengths.max() == 512
+    assert lengths.median().item() == pytest.approx(233, abs=6)
+    assert (lengths == 512).float().mean().item() == pytest.approx(0.11, abs=0.015)
+    assert (lengths >= 128).float().mean().item() == pytest.approx(0.82, abs=0.015)
+    assert review_lengths(50, 128, seed=1) == review_lengths(50, 128, seed=1)  # seeded
+    assert max(review_lengths(1000, 128, seed=1)) == 128
+
+
+def test_gpu_configs_parse_and_refuse_bad_entries():
+    assert parse_configs("16x128, 64x512") == [Shape(16, 128), Shape(64, 512)]
+    for bad in ("16", "16x1024", "0x128", "16x128,x"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_configs(bad)
 
 
 @pytest.mark.parametrize("command", ["cpu", "lengths", "levers", "gpu", "bare", "tokenize"])

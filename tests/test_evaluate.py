@@ -1,4 +1,4 @@
-"""Metrics, precision choice and the comparison table."""
+"""Metrics and the comparison table."""
 
 from __future__ import annotations
 
@@ -6,13 +6,9 @@ import math
 
 import numpy as np
 import pytest
-import torch
 from sklearn.metrics import f1_score, precision_score, recall_score
 
-import runtime
-from cli import UsageError
 from evaluate import compute_metrics, format_comparison
-from runtime import pick_device, pick_precision
 
 
 def test_metrics_on_known_predictions():
@@ -42,38 +38,6 @@ def test_metrics_when_nothing_is_predicted_positive():
     # Mean of -log p(true class): p = e/(e+1) for the negative, 1/(e+1) for the positive.
     expected = (-math.log(math.e / (math.e + 1)) - math.log(1 / (math.e + 1))) / 2
     assert metrics["loss"] == pytest.approx(expected)
-
-
-def test_auto_precision_on_cpu_follows_native_bf16_support(monkeypatch):
-    cpu = torch.device("cpu")
-    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: False)
-    assert pick_precision("auto", cpu) == "fp32"
-    with pytest.raises(UsageError, match="bf16 is not supported natively on this CPU"):
-        pick_precision("bf16", cpu)
-    with pytest.raises(UsageError, match="fp16 needs a CUDA GPU"):
-        pick_precision("fp16", cpu)
-    assert pick_precision("fp32", cpu) == "fp32"
-    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)
-    assert pick_precision("auto", cpu) == "bf16"
-    assert pick_precision("bf16", cpu) == "bf16"
-
-
-def test_auto_precision_on_cuda_prefers_bf16(monkeypatch):
-    cuda = torch.device("cuda")
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
-    assert pick_precision("auto", cuda) == "bf16"
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
-    assert pick_precision("auto", cuda) == "fp16"
-    assert pick_precision("fp16", cuda) == "fp16"
-    with pytest.raises(UsageError, match="bf16 is not supported natively on this GPU"):
-        pick_precision("bf16", cuda)
-
-
-def test_asking_for_cuda_without_a_gpu_is_a_usage_error(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(UsageError, match="no CUDA GPU"):
-        pick_device("cuda")
-    assert pick_device("auto").type == "cpu"
 
 
 def test_comparison_table_shows_both_columns_and_the_change():

@@ -138,3 +138,18 @@ def test_a_folder_without_adapter_is_refused(tiny_model_dir, tmp_path):
     save_checkpoint(head, load_tokenizer(tiny_model_dir), tmp_path / "head", "head")
     with pytest.raises(UsageError, match="holds a head checkpoint, not a LoRA adapter"):
         load_adapted_model(tmp_path / "head")
+
+
+def test_a_model_stored_in_fp16_trains_fp32_weights(tiny_model_dir, tmp_path):
+    """transformers 5 keeps a stored dtype by default; the trainable weights (and the frozen
+    ones, which autocast casts as it needs) must come out fp32 all the same."""
+    half = tmp_path / "fp16-model"
+    AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, dtype=torch.float16) \
+        .save_pretrained(half)
+    load_tokenizer(tiny_model_dir).save_pretrained(half)
+    stored = load_file(half / "model.safetensors")
+    assert {tensor.dtype for tensor in stored.values()} == {torch.float16}
+    model = prepare_model(load_base_model(str(half)), "lora")
+    assert {param.dtype for param in model.parameters()} == {torch.float32}
+    trainable = [param for param in model.parameters() if param.requires_grad]
+    assert len(trainable) == 2 * LAYERS * 2 + 2  # lora_A/B on query and value, head W and b

@@ -10,6 +10,7 @@ import pytest
 import torch
 import transformers
 from conftest import REPO, reviews, run_main, run_script
+from step_probe import run_with_inf_gradient
 
 import evaluate
 import train
@@ -78,7 +79,8 @@ def gradient_norms_around_a_step(trainer: Trainer) -> tuple[float, list[float]]:
     seen = []
     trainer.optimizer.register_step_pre_hook(lambda *_: seen.append(norm()))
     batch = next(iter(trainer.train_loader))
-    (trainer.model(**batch).loss * 1e4).backward()
+    # Through the scaler, as the loop does (at fp32 its scale is 1).
+    trainer.scaler.scale(trainer.model(**batch).loss * 1e4).backward()
     unclipped = norm()
     trainer.optimizer_step()
     return unclipped, seen
@@ -221,3 +223,19 @@ def test_evaluate_refuses_a_plot_format_it_cannot_write_before_any_work(tmp_path
         evaluate.main(["--base", "--model", str(tmp_path), "--plot", str(tmp_path / "a.bmp")])
     assert exit_info.value.code == 2
     assert "--plot" in capsys.readouterr().err.splitlines()[-1]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_step_with_inf_gradients_is_skipped_on_the_device(tiny_model_dir, tmp_path, precision):
+    """Step 2's gradients are inf: its update is skipped (weights finite and unchanged), the
+    schedule does not count it, the scale stays 1 (no loss scaling outside fp16), and the
+    host learns of it only when it reads the device counters (a log step)."""
+    trainer, steps = run_with_inf_gradient(tiny_model_dir, tmp_path / "run", CPU, precision,
+                                           bad_step=2, steps=4)
+    assert [step["changed"] for step in steps] == [True, False, True, True]
+    assert all(step["finite"] for step in steps)
+    assert [step["scheduled_steps"] for step in steps] == [1, 1, 2, 3]
+    # Linear decay from 1e-2 over 4 steps, counting only the 3 steps taken.
+    assert [step["lr"] for step in steps] == pytest.approx([7.5e-3, 7.5e-3, 5e-3, 2.5e-3])
+    assert {step["scale"] for step in steps} == {1.0}
+    assert trainer.state.step == 4 and trainer.state.nonfinite_steps == 0

@@ -1,0 +1,119 @@
+"""Watch train.py's Trainer step by step: a test harness for the optimizer step.
+
+``run_with_inf_gradient`` trains a tiny model for a few optimizer steps, makes one step's
+gradients inf, and records after every step what the weights, the learning rate, the schedule
+and the loss scale did. ``count_host_syncs`` counts the CUDA host synchronisations of each
+step. Both drive the real ``Trainer`` (its loop, optimizer step and device counters), on any
+device and precision.
+"""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+
+import train
+from data import PaddingCollator, make_loader
+from lora_model import load_base_model, load_tokenizer, prepare_model
+from runtime import fill_device_defaults
+
+BATCH_SIZE = 4
+# What torch.cuda.set_sync_debug_mode("warn") says at each synchronising operation.
+SYNC_WARNING = "called a synchronizing CUDA operation"
+REVIEW_IDS = [101, 2023, 3185, 2001, 2307, 102]  # "[CLS] this movie was great [SEP]"
+
+
+def tiny_trainer(model_dir: str, folder: Path, device: torch.device, precision: str,
+                 steps: int, *flags: str) -> train.Trainer:
+    """A Trainer over `steps` batches of token ids, LoRA on the model in `model_dir`."""
+    args = train.build_parser().parse_args(
+        ["--model", model_dir, "--output-dir", str(folder), "--batch-size", str(BATCH_SIZE),
+         "--lr", "1e-2", "--warmup-ratio", "0", "--device", str(device), *flags])
+    args.precision = precision
+    fill_device_defaults(args, device)
+    folder.mkdir(parents=True, exist_ok=True)
+    n = steps * BATCH_SIZE
+    tokens = Dataset.from_dict({"input_ids": [REVIEW_IDS[: 3 + i % 4] for i in range(n)],
+                                "label": [i % 2 for i in range(n)]})
+    tokenizer = load_tokenizer(model_dir)
+    collator = PaddingCollator(tokenizer.pad_token_id, device)
+    train_loader = make_loader(tokens, BATCH_SIZE, collator, shuffle=True)
+    validation_loader = make_loader(tokens.select(range(BATCH_SIZE)), BATCH_SIZE, collator,
+                                    shuffle=False)
+    torch.manual_seed(0)
+    model = prepare_model(load_base_model(model_dir), "lora").to(device)
+    return train.Trainer(args, model, tokenizer, train_loader, validation_loader, device,
+                         precision)
+
+
+def trainable_weights(trainer: train.Trainer) -> dict[str, torch.Tensor]:
+    """A copy of the trainable weights."""
+    return {name: param.detach().clone() for name, param in trainer.model.named_parameters()
+            if param.requires_grad}
+
+
+def run_with_inf_gradient(model_dir: str, folder: Path, device: torch.device, precision: str,
+                          bad_step: int, steps: int = 4) -> tuple[train.Trainer, list[dict]]:
+    """Train `steps` steps with inf gradients in step `bad_step` (1-based); per step: did the
+    weights change, the learning rate, the scheduler's count and the loss scale after it."""
+    trainer = tiny_trainer(model_dir, folder, device, precision, steps, "--log-every", "100")
+    lora_weight = next(param for name, param in trainer.model.named_parameters()
+                       if "lora_B" in name)
+    # state.step counts the steps done: during step k it is k - 1.
+    lora_weight.register_hook(
+        lambda grad: grad * float("inf") if trainer.state.step == bad_step - 1 else grad)
+    records = []
+    optimizer_step = trainer.optimizer_step
+
+    def recorded_step() -> None:
+        before = trainable_weights(trainer)
+        optimizer_step()
+        trainer.read_device_counters()  # what a log step does: the host catches up
+        after = trainable_weights(trainer)
+        records.append({
+            "changed": any(not torch.equal(before[name], after[name]) for name in before),
+            "finite": all(bool(torch.isfinite(value).all()) for value in after.values()),
+            "lr": trainer.scheduler.get_last_lr()[0],
+            "scheduled_steps": trainer.scheduler.last_epoch,
+            "scale": trainer.scaler.get_scale()})
+
+    trainer.optimizer_step = recorded_step
+    trainer.train()
+    return trainer, records
+
+
+def count_host_syncs(model_dir: str, folder: Path, device: torch.device, precision: str,
+                     steps: int = 8) -> tuple[list[int], list[str]]:
+    """Host synchronisations per optimizer step (CUDA only), in steps that neither log, save
+    nor validate; and where each came from ("file:line" of the Python code that asked)."""
+    trainer = tiny_trainer(model_dir, folder, device, precision, steps,
+                           "--log-every", str(10 * steps), "--save-every", str(10 * steps))
+    per_step: list[int] = []
+    optimizer_step = trainer.optimizer_step
+
+    def is_sync(warning: warnings.WarningMessage) -> bool:
+        return SYNC_WARNING in str(warning.message)
+
+    def counted_step() -> None:
+        optimizer_step()
+        # The synchronisations recorded so far (`caught` is bound by the with below).
+        per_step.append(sum(map(is_sync, caught)))
+
+    trainer.optimizer_step = counted_step
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            trainer.train()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    # Steps 2 .. steps, each from the end of the step before it (batch, forward, backward,
+    # optimizer step) to the end of its own; the first sets up the optimizer's state. The
+    # last step's log and the validation come after its count.
+    counts = [b - a for a, b in itertools.pairwise(per_step)]
+    sources = [f"{w.filename}:{w.lineno}" for w in caught if is_sync(w)]
+    return counts, sources

@@ -1,0 +1,152 @@
+"""The decisions about the device that a CPU can check with the GPU mocked: precision by
+compute capability, the GPU a process uses, torchrun's variables, the random streams saved
+per GPU and the defaults that depend on the device. tests/test_gpu.py runs them for real."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import pytest
+import torch
+
+import resumable
+import runtime
+from cli import UsageError
+from runtime import fill_device_defaults, init_distributed, pick_device, pick_precision
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def pretend_gpus(monkeypatch):
+    """A function that makes torch report `count` CUDA GPUs of `capability` and returns the
+    list in which the devices set current are recorded. TF32 flags are put back afterwards
+    (use_device turns TF32 on)."""
+    tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+
+    def pretend(count: int, capability: tuple[int, int] = (9, 0)) -> list:
+        current: list = []
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+        monkeypatch.setattr(torch.cuda, "set_device", current.append)
+        return current
+
+    yield pretend
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+
+
+def test_auto_precision_on_cpu_follows_native_bf16_support(monkeypatch):
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: False)
+    assert pick_precision("auto", CPU) == "fp32"
+    with pytest.raises(UsageError, match="bf16 is not supported natively on this CPU"):
+        pick_precision("bf16", CPU)
+    with pytest.raises(UsageError, match="fp16 needs a CUDA GPU"):
+        pick_precision("fp16", CPU)
+    assert pick_precision("fp32", CPU) == "fp32"
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)
+    assert pick_precision("auto", CPU) == "bf16"
+    assert pick_precision("bf16", CPU) == "bf16"
+
+
+@pytest.mark.parametrize(("capability", "auto"), [
+    ((7, 0), "fp16"),  # V100
+    ((7, 5), "fp16"),  # T4: torch.cuda.is_bf16_supported() says True, by emulation
+    ((8, 0), "bf16"),  # A100
+    ((8, 9), "bf16"),  # L4
+    ((9, 0), "bf16"),  # H100, H200
+])
+def test_auto_precision_on_cuda_follows_the_compute_capability(monkeypatch, pretend_gpus,
+                                                                 capability, auto):
+    pretend_gpus(1, capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    cuda = torch.device("cuda")
+    assert pick_precision("auto", cuda) == auto
+    assert pick_precision("fp16", cuda) == "fp16"
+    assert pick_precision("fp32", cuda) == "fp32"
+    if auto == "bf16":
+        assert pick_precision("bf16", cuda) == "bf16"
+    else:
+        with pytest.raises(UsageError, match=f"compute capability {capability[0]}.{capability[1]}"
+                                             r"; bf16 needs 8.0 or newer"):
+            pick_precision("bf16", cuda)
+
+
+def test_asking_for_cuda_without_a_gpu_is_a_usage_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UsageError, match="no CUDA GPU"):
+        pick_device("cuda")
+    assert pick_device("auto").type == "cpu"
+
+
+def test_one_process_on_cuda_n_makes_gpu_n_current(monkeypatch, pretend_gpus):
+    current = pretend_gpus(4)
+    monkeypatch.delenv("RANK", raising=False)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    rank, world, device = init_distributed("cuda:3")
+    assert (rank, world, device) == (0, 1, torch.device("cuda", 3))
+    assert current == [torch.device("cuda", 3)]
+    assert torch.backends.cuda.matmul.allow_tf32 is True
+    with pytest.raises(UsageError, match="this machine has 4 GPU"):
+        init_distributed("cuda:4")
+
+
+@pytest.mark.parametrize(("env", "gpus", "message"), [
+    ({"RANK": "0"}, 2, "RANK is set but LOCAL_RANK is not"),
+    ({"RANK": "0", "LOCAL_RANK": "first"}, 2, "RANK is set but LOCAL_RANK is not"),
+    ({"RANK": "2", "LOCAL_RANK": "2"}, 2, r"LOCAL_RANK is 2 but this machine has 2 GPU\(s\): "
+                                          r"start at most 2 processes per machine "
+                                          r"\(torchrun --nproc_per_node=2\)"),
+])
+def test_torchrun_variables_that_do_not_fit_the_machine_are_one_sentence(monkeypatch, pretend_gpus,
+                                                                          env, gpus, message):
+    pretend_gpus(gpus)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    joined = []
+    monkeypatch.setattr(runtime.dist, "init_process_group", lambda *a, **k: joined.append(a))
+    with pytest.raises(UsageError, match=message):
+        init_distributed("cuda")
+    assert joined == []  # refused before joining any process group
+
+
+def test_random_streams_are_saved_and_restored_for_the_gpu_in_use(monkeypatch):
+    """A checkpoint holds the stream of the GPU the process trained on (not every GPU's), and
+    resuming puts it on the GPU the process now trains on, whatever its number."""
+    read, written = [], []
+    monkeypatch.setattr(torch.cuda, "get_rng_state",
+                        lambda device: read.append(device) or torch.tensor([7], dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "set_rng_state",
+                        lambda state, device: written.append((state.tolist(), device)))
+    states = resumable.rng_states(torch.device("cuda", 3))
+    assert read == [torch.device("cuda", 3)]
+    resumable.restore_rng_states(states, torch.device("cuda", 0))
+    assert written == [([7], torch.device("cuda", 0))]
+    resumable.restore_rng_states(states, CPU)  # moved to a CPU: the other streams only
+    assert len(written) == 1
+    cpu_states = resumable.rng_states(CPU)
+    assert cpu_states["cuda"] is None and len(read) == 1
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    saved = resumable.rng_states(CPU)
+    torch.rand(3)
+    resumable.restore_rng_states(saved, CPU)
+    assert torch.equal(torch.rand(3), expected)
+
+
+@pytest.mark.parametrize(("device", "batch", "workers"), [("cpu", 64, 0), ("cuda", 256, 4)])
+def test_device_dependent_defaults(monkeypatch, device, batch, workers):
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    args = argparse.Namespace(eval_batch_size=None, num_workers=None)
+    fill_device_defaults(args, torch.device(device))
+    assert (args.eval_batch_size, args.num_workers) == (batch, workers)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    args = argparse.Namespace(eval_batch_size=None, num_workers=None)
+    fill_device_defaults(args, torch.device(device))
+    assert args.num_workers == min(workers, 2)  # never more workers than CPUs
+    args = argparse.Namespace(eval_batch_size=8, num_workers=1)  # given: kept
+    fill_device_defaults(args, torch.device(device))
+    assert (args.eval_batch_size, args.num_workers) == (8, 1)
