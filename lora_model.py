@@ -53,6 +53,9 @@ DEFAULT_MODEL = "bert-base-uncased"
 # The classifier head of the pre-trained ("before") model is random; drawing it from a fixed
 # seed makes train.py's "before" row and evaluate.py --base give the same numbers every time.
 HEAD_SEED = 0
+# A tokenizer with fewer tokens than this share of the model's embedding table is refused (see
+# check_tokenizer_fits).
+MIN_TOKENIZER_SHARE = 0.5
 # Every model is loaded in fp32, whatever dtype its files hold (see load_base_model).
 MODEL_DTYPE = torch.float32
 DEFAULT_LORA_R = 8
@@ -114,6 +117,9 @@ def _from_pretrained(loader, name: str, what: str, **kwargs):
         raise UsageError(f"--model folder {name} does not exist")
     try:
         return loader(name, **kwargs)
+    except SafetensorError as error:  # a weights file cut short by a crash or a full disk
+        raise UsageError(f"--model {name}: its weights file is damaged ({error}); download or "
+                         "copy the model again") from error
     except (OSError, ValueError) as error:
         reason = " ".join(str(error).split())
         if Path(name).expanduser().exists():
@@ -135,8 +141,33 @@ def check_encoder(name: str) -> PretrainedConfig:
 
 
 def load_tokenizer(name: str):
-    """The model's fast tokenizer (in transformers 5 every BERT tokenizer is the fast one)."""
-    return _from_pretrained(AutoTokenizer.from_pretrained, name, "tokenizer")
+    """The model's fast tokenizer (in transformers 5 every BERT tokenizer is the fast one),
+    refused when it does not fit the model (see ``check_tokenizer_fits``)."""
+    tokenizer = _from_pretrained(AutoTokenizer.from_pretrained, name, "tokenizer")
+    folder = Path(name).expanduser()
+    if folder.is_dir() and not (folder / MODEL_CONFIG).is_file():
+        return tokenizer  # a checkpoint's copy, saved beside an adapter or head
+    check_tokenizer_fits(tokenizer, check_encoder(name).vocab_size, name)
+    return tokenizer
+
+
+def check_tokenizer_fits(tokenizer, vocab_size: int, name: str) -> None:
+    """Refuse a tokenizer whose ids do not match the model's embedding table.
+
+    transformers 5 builds a tokenizer of the 5 special tokens, without a word of warning, for
+    a model folder that holds no tokenizer files: every review would become [UNK] and the run
+    would "learn" from nothing. A tokenizer far smaller than the table (below half) is that
+    case or the wrong tokenizer; one larger than the table makes ids the model cannot look up.
+    (A table somewhat larger than the vocabulary is normal: it is often padded to a multiple
+    of 8 or 64.)
+    """
+    size = len(tokenizer)
+    if size > vocab_size or size < vocab_size * MIN_TOKENIZER_SHARE:
+        missing = (" (its folder has no tokenizer files: tokenizer.json or vocab.txt with "
+                   "tokenizer_config.json)" if size < vocab_size * MIN_TOKENIZER_SHARE else "")
+        raise UsageError(f"--model {name}: its tokenizer knows {size:,} tokens but the model's "
+                         f"embedding table has {vocab_size:,}{missing}; put the tokenizer the "
+                         "model was trained with beside its weights")
 
 
 def load_base_model(name: str) -> PreTrainedModel:

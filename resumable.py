@@ -10,13 +10,17 @@ the previous one is used instead. train.py's Trainer decides what goes in and wh
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import json
 import os
 import random
 import shutil
+import socket
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 import torch
@@ -35,6 +39,10 @@ TRAINABLE_FILE = "trainable.safetensors"  # the weights being trained (LoRA A/B 
 TRAINING_STATE_FILE = "training_state.pt"  # optimizer, scheduler, scaler, RNG, data order
 PROGRESS_FILE = "progress.json"  # position, best score, log length, "before" metrics, config
 MANIFEST_FILE = "manifest.json"  # size and SHA-256 of the files above; written last
+# In the run folder: locked by the run using it, and naming that run (lock_run_folder).
+LOCK_FILE = ".train.lock"
+# The open lock files of this process: a lock lasts as long as its file stays open.
+_held_locks: dict[Path, TextIO] = {}
 
 
 @dataclass
@@ -52,6 +60,41 @@ class LoopState:
     window_batches: int = 0  # ... over this many batches
     nonfinite_steps: int = 0  # consecutive optimizer steps with an inf/NaN loss
     log_bytes: int = 0  # the length of log.jsonl that belongs to the steps done so far
+
+
+def lock_run_folder(folder: Path) -> None:
+    """Hold `folder` for this run (until ``release_run_folders`` or the process ends), or
+    refuse it in one sentence naming the run that holds it: one run per folder.
+
+    An OS-level lock (a POSIX record lock, ``fcntl.lockf``): the kernel releases it when its
+    process ends, however it ends, so a killed run never leaves a stale lock behind; and unlike
+    ``flock`` it belongs to this process alone, not to the DataLoader workers forked from it,
+    which can outlive a killed run by seconds. The lock file stays in the folder.
+    """
+    if folder in _held_locks:
+        return
+    handle = (folder / LOCK_FILE).open("a+")
+    try:
+        fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as error:  # EACCES or EAGAIN: another process holds it
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise UsageError(f"--output-dir {folder} is in use by another train.py run ({holder}); "
+                         "wait for it to end, or choose another folder") from error
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"PID {os.getpid()} on {socket.gethostname()}, started "
+                 f"{datetime.now():%Y-%m-%d %H:%M:%S}\n")
+    handle.flush()
+    _held_locks[folder] = handle
+
+
+def release_run_folders() -> None:
+    """Let go of every run folder this process holds (a finished or failed run)."""
+    for handle in _held_locks.values():
+        handle.close()  # closing the file releases its lock
+    _held_locks.clear()
 
 
 def run_settings(args: argparse.Namespace, precision: str, world_size: int) -> dict:
@@ -82,11 +125,12 @@ def plan_resume(args: argparse.Namespace, settings: dict, adjustable: set[str]) 
     folder = args.output_dir
     if args.resume and args.overwrite:
         raise UsageError("--resume continues a run and --overwrite deletes it: pass one of them")
-    is_empty = not folder.is_dir() or not any(folder.iterdir())
+    is_empty = not folder.is_dir() or all(p.name == LOCK_FILE for p in folder.iterdir())
     if args.overwrite or is_empty:
         if args.resume:
             raise UsageError(f"--resume: --output-dir {folder} holds no run to resume")
-        check_can_write(folder, "--output-dir", args.overwrite)
+        # An empty folder (or one holding only the lock file) has nothing to protect.
+        check_can_write(folder, "--output-dir", args.overwrite or is_empty)
         return None
     if (folder / METRICS_FILE).exists():
         raise UsageError(f"--output-dir {folder} holds a finished run ({METRICS_FILE}); pass "

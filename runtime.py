@@ -80,9 +80,10 @@ def use_device(device: torch.device) -> None:
     torch.backends.cudnn.allow_tf32 = True
 
 def pick_device(name: str = "auto") -> torch.device:
-    """The device named, or CUDA when available for "auto"."""
+    """The device named, or CUDA when available for "auto"; a GPU always with its number
+    ("cuda" is the current GPU, cuda:0 unless set otherwise)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError as error:
@@ -93,6 +94,8 @@ def pick_device(name: str = "auto") -> torch.device:
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} "
                          f"GPU(s), numbered from 0")
+    if device.type == "cuda" and device.index is None:  # set_device needs the number
+        device = torch.device("cuda", torch.cuda.current_device())
     return device
 
 def cpu_has_native_bf16() -> bool:

@@ -92,14 +92,17 @@ from report import (
 )
 from resumable import (
     CHECKPOINT_DIR,
+    LOCK_FILE,
     PARTIAL_CHECKPOINT_DIR,
     PREVIOUS_CHECKPOINT_DIR,
     PROGRESS_FILE,
     TRAINABLE_FILE,
     TRAINING_STATE_FILE,
     LoopState,
+    lock_run_folder,
     plan_resume,
     publish_checkpoint,
+    release_run_folders,
     restore_rng_states,
     rng_states,
     run_settings,
@@ -289,6 +292,20 @@ def remove_run_files(folder: Path) -> None:
             shutil.rmtree(path)
         elif path.exists():
             path.unlink()
+
+
+def claim_output_dir(folder: Path) -> None:
+    """Rank 0 takes the run folder's lock (``lock_run_folder``); if another run holds it,
+    every rank stops with the same sentence, before anything in the folder is read or written."""
+    refusal = None
+    if is_main_process():
+        try:
+            lock_run_folder(folder)
+        except UsageError as error:
+            refusal = str(error)
+    refusal = from_main_process(refusal)
+    if refusal:
+        raise UsageError(refusal)
 
 
 class TrainingStopped(Exception):
@@ -620,6 +637,8 @@ class Trainer:
                              "this model; pass --overwrite to start over")
         self.model.load_state_dict(tensors, strict=False)
         state = torch.load(folder / TRAINING_STATE_FILE, map_location="cpu", weights_only=True)
+        for group in state["optimizer"]["param_groups"]:  # saved groups replace the settings;
+            group.update(fused=True, foreach=None)  # older runs' CPU AdamW was not fused
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if state["scaler"]:  # empty from a run whose scaler was disabled (older versions)
@@ -674,6 +693,8 @@ def run(args: argparse.Namespace) -> dict:
         # adapter_config.json records this path: an absolute one keeps the adapter loadable
         # from any working directory.
         args.model = str(Path(args.model).expanduser().resolve())
+    if (args.output_dir / LOCK_FILE).is_file():  # a folder some run has used: is it in use?
+        claim_output_dir(args.output_dir)
     checkpoint = plan_resume(args, run_settings(args, precision, world_size),
                              ADJUSTABLE_ON_RESUME)
     if checkpoint is None and not args.overwrite and (args.output_dir / CONFIG_FILE).is_file():
@@ -711,9 +732,11 @@ def run(args: argparse.Namespace) -> dict:
 
     wait_for_all_ranks()  # every rank has passed its checks before rank 0 writes a file
     if is_main_process():
+        args.output_dir.mkdir(parents=True, exist_ok=True)
+    claim_output_dir(args.output_dir)  # held already, or a run started at the same moment
+    if is_main_process():
         if checkpoint is None:
             remove_run_files(args.output_dir)  # start over: no stale adapter, log or plots
-            args.output_dir.mkdir(parents=True, exist_ok=True)
             write_json(args.output_dir / CONFIG_FILE, {
                 **run_settings(args, precision, world_size), "resolved_device": str(device),
                 "train_examples": len(train), "validation_examples": len(validation),
@@ -808,6 +831,7 @@ def main(argv: list[str] | None = None) -> int:
                    "latest checkpoint, if one was written", file=sys.stderr)
         return 128 + signal.SIGINT
     finally:
+        release_run_folders()
         close_distributed()
 
 

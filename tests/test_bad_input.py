@@ -10,6 +10,10 @@ predict.py`).
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -26,6 +30,7 @@ from transformers import (
 import evaluate as evaluate_script
 import train as train_script
 from lora_model import load_base_model, load_tokenizer, save_adapter, wrap_with_lora
+from resumable import lock_run_folder
 
 
 def folder_state(folder: Path) -> dict[str, bytes]:
@@ -177,6 +182,39 @@ def test_model_that_is_not_a_bert_style_encoder(train, tmp_path):
                    "BERT-style encoders")
 
 
+def tiny_bert_folder(folder: Path, vocab_size: int, tokenizer_from: str | None) -> Path:
+    """A 1-layer random BERT saved in `folder`, with the tokenizer of `tokenizer_from` (None:
+    no tokenizer files at all)."""
+    BertModel(BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, intermediate_size=64)).save_pretrained(folder)
+    if tokenizer_from:
+        load_tokenizer(tokenizer_from).save_pretrained(folder)
+    return folder
+
+
+def test_model_folder_without_tokenizer_files(train, tmp_path):
+    """transformers 5 would build a 5-token tokenizer and read every review as [UNK]."""
+    folder = tiny_bert_folder(tmp_path / "no-tokenizer", 30522, tokenizer_from=None)
+    assert_refused(train(model=str(folder)), "its tokenizer knows 5 tokens but the model's "
+                   "embedding table has 30,522", "no tokenizer files")
+
+
+def test_tokenizer_with_more_tokens_than_the_model_can_look_up(train, tiny_model_dir, tmp_path):
+    folder = tiny_bert_folder(tmp_path / "small-table", 1000, tokenizer_from=tiny_model_dir)
+    message = assert_refused(train(model=str(folder)),
+                             "its tokenizer knows 30,522 tokens but the model's embedding "
+                             "table has 1,000")
+    assert "no tokenizer files" not in message
+
+
+def test_model_weights_cut_short(train, tiny_model_dir, tmp_path):
+    folder = tiny_bert_folder(tmp_path / "cut", 30522, tokenizer_from=tiny_model_dir)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    assert_refused(train(model=str(folder)), "its weights file is damaged",
+                   "download or copy the model again")
+
+
 @pytest.fixture(scope="module")
 def tiny_adapter(tiny_model_dir, tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("adapter")
@@ -288,6 +326,36 @@ def test_output_dir_holding_other_files_is_left_alone(tiny_model_dir, csv_data_d
                       str(csv_data_dir), "--output-dir", str(folder))
     assert_refused(result, "already holds files", "--overwrite")
     assert folder_state(folder) == before
+
+
+def test_a_folder_in_use_by_another_run_is_refused_until_that_run_ends(
+        tiny_model_dir, csv_data_dir, tmp_path, capsys):
+    """A second train.py on a folder another process holds (a re-submitted job) is refused,
+    with or without --overwrite, naming the holder and touching nothing; once the holder dies
+    (SIGKILL: no clean-up) the kernel has released the lock and the folder can be used."""
+    run = tmp_path / "run"
+    run.mkdir()
+    ready_read, ready_write = os.pipe()
+    holder = os.fork()
+    if holder == 0:  # the other run: holds the folder until it is killed
+        lock_run_folder(run)
+        os.write(ready_write, b"held")
+        time.sleep(120)
+        os._exit(0)
+    try:
+        assert os.read(ready_read, 4) == b"held"
+        before = folder_state(run)
+        flags = ["--model", tiny_model_dir, "--data", str(csv_data_dir), "--output-dir", str(run)]
+        for extra in ([], ["--overwrite"]):
+            result = run_main(train_script.main, capsys, *flags, *extra)
+            assert_refused(result, f"--output-dir {run} is in use by another train.py run "
+                                   f"(PID {holder} on {socket.gethostname()}, started ")
+            assert folder_state(run) == before
+    finally:
+        os.kill(holder, signal.SIGKILL)
+        os.waitpid(holder, 0)
+    assert run_main(train_script.main, capsys, *flags).returncode == 0
+    assert (run / "metrics.json").is_file()
 
 
 def test_output_dir_that_cannot_be_created(tiny_model_dir, csv_data_dir, tmp_path, capsys):

@@ -26,9 +26,10 @@ pytestmark = pytest.mark.skipif(
     reason="no CUDA GPU here: these tests run the CUDA paths on a GPU box (see BENCHMARKS.md)")
 
 CUDA = torch.device("cuda", 0)
-# Resumed vs uninterrupted on the GPU: the same kernels on the same shapes, but cuBLAS may
-# pick another algorithm in a new process; weights agree to well below a training step's size.
-RESUME_TOLERANCE = 1e-5
+# Resumed vs uninterrupted on the GPU: the same computation, but not bit for bit (cuBLAS may
+# pick another algorithm in a new process; bf16 attention backward adds with atomics, and one
+# flipped rounding is carried on by Adam). A fifth of one step's size at --lr 5e-3.
+RESUME_TOLERANCE = 1e-3
 
 
 def train_flags(model_dir: str, data_dir: Path, folder: Path, *extra: str) -> list[str]:

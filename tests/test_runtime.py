@@ -31,6 +31,7 @@ def pretend_gpus(monkeypatch):
         monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
         monkeypatch.setattr(torch.cuda, "set_device", current.append)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
         return current
 
     yield pretend
@@ -90,6 +91,17 @@ def test_one_process_on_cuda_n_makes_gpu_n_current(monkeypatch, pretend_gpus):
     assert torch.backends.cuda.matmul.allow_tf32 is True
     with pytest.raises(UsageError, match="this machine has 4 GPU"):
         init_distributed("cuda:4")
+
+
+@pytest.mark.parametrize("name", ["auto", "cuda"])
+def test_a_gpu_without_a_number_is_the_current_one(monkeypatch, pretend_gpus, name):
+    """torch.cuda.set_device refuses a device without a number: "cuda" and "auto" resolve to
+    the current GPU's (here 0), which is also what config.json records."""
+    current = pretend_gpus(2)
+    monkeypatch.delenv("RANK", raising=False)
+    assert init_distributed(name) == (0, 1, torch.device("cuda", 0))
+    assert current == [torch.device("cuda", 0)]
+    assert current[0].index == 0
 
 
 @pytest.mark.parametrize(("env", "gpus", "message"), [
