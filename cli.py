@@ -6,7 +6,11 @@ line on stderr with exit code 2.
 from __future__ import annotations
 
 import argparse
+import errno
 import math
+import os
+import shutil
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -18,6 +22,8 @@ import transformers
 # resumed; ADJUSTABLE ones only say where and how fast it runs or how often it reports.
 FIXED, ADJUSTABLE = "fixed", "adjustable"
 RESUME_RULE = "resume_rule"  # the attribute add_flag sets on the flag's argparse action
+# OSError numbers of a write that found no space: disk full, quota used up.
+DISK_FULL_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
 class UsageError(Exception):
@@ -126,7 +132,7 @@ def run_command(parser: argparse.ArgumentParser, run_args, argv: list[str] | Non
     """What every script's main() does: parse the flags, quiet the libraries, run_args(args).
 
     A mistake in the user's input (UsageError) becomes argparse's one-line error with exit
-    code 2 instead of a traceback.
+    code 2 instead of a traceback; a full disk one line and exit code 1 (``disk_full_message``).
     """
     args = parser.parse_args(argv)
     quiet_library_logs()
@@ -134,4 +140,18 @@ def run_command(parser: argparse.ArgumentParser, run_args, argv: list[str] | Non
         run_args(args)
     except UsageError as error:
         parser.error(str(error))
+    except OSError as error:
+        if error.errno not in DISK_FULL_ERRORS:
+            raise
+        print(f"{parser.prog}: error: {disk_full_message(error)}", file=sys.stderr)
+        return 1
     return 0
+
+
+def disk_full_message(error: OSError) -> str:
+    """One sentence for a write that found the disk full (or the user's quota used up)."""
+    where = error.filename or "a file"
+    space = shutil.disk_usage(Path(where).parent if error.filename else ".").free
+    return (f"could not write {where}: {os.strerror(error.errno).lower()} "
+            f"({space / 2**20:,.0f} MB free there); free some space and run the same command "
+            "again (train.py resumes from its last checkpoint, which is intact)")

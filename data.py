@@ -452,8 +452,19 @@ def tokenize(split: Dataset, tokenizer, max_length: int,
             input_ids = encode_texts(texts)
         return {"input_ids": [truncate_ids(ids, max_length, truncation) for ids in input_ids]}
 
-    return split.map(encode, batched=True, remove_columns=[TEXT], new_fingerprint=fingerprint,
-                     desc=f"Tokenizing (max length {max_length}, {truncation})")
+    def tokenize_all(load_from_cache_file: bool) -> Dataset:
+        return split.map(encode, batched=True, remove_columns=[TEXT], new_fingerprint=fingerprint,
+                         load_from_cache_file=load_from_cache_file,
+                         desc=f"Tokenizing (max length {max_length}, {truncation})")
+
+    try:
+        return tokenize_all(load_from_cache_file=True)
+    except (OSError, ArrowException) as error:
+        # A cache file cut short (a crash or a full disk while it was written) is never read:
+        # tokenize again, which writes the cache file anew.
+        print(f"Warning: the tokenization cache could not be read ({error}); tokenizing again",
+              file=sys.stderr)
+        return tokenize_all(load_from_cache_file=False)
 
 
 @dataclass(frozen=True)

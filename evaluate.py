@@ -15,7 +15,6 @@ Hugging Face's ``evaluate`` package, which this project does not use.)
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -48,7 +47,7 @@ from lora_model import (
     load_checkpoint,
     load_tokenizer,
 )
-from report import METRIC_NAMES, plot_comparison
+from report import METRIC_NAMES, plot_comparison, write_json
 from runtime import (
     add_runtime_arguments,
     autocast,
@@ -265,7 +264,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     print(format_comparison([(row["name"], row) for row in rows]))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"results": rows}, indent=2) + "\n")
+        write_json(args.json, {"results": rows})
         print(f"Wrote {args.json}", file=sys.stderr)
     if args.plot:
         plot_comparison([(row["name"], row) for row in rows], args.plot)

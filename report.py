@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -45,8 +46,16 @@ CONFIG_SHOWN_ELSEWHERE = ("versions", "train_examples", "validation_examples", "
 
 
 def write_json(path: Path, value: object) -> None:
-    """Write `value` as indented JSON."""
-    path.write_text(json.dumps(value, indent=2) + "\n")
+    """Write `value` as indented JSON, whole or not at all: into a file beside `path`, then
+    renamed over it, so that a reader never sees half a file and a full disk leaves the old
+    one (or none) in place."""
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        partial.write_text(json.dumps(value, indent=2) + "\n")
+    except OSError:
+        partial.unlink(missing_ok=True)
+        raise
+    os.replace(partial, path)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import fcntl
 import hashlib
+import io
 import json
 import os
 import random
@@ -24,7 +25,7 @@ from typing import TextIO
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save as tensors_to_bytes
 
 from cli import UsageError, check_can_write
 from report import CONFIG_FILE, METRICS_FILE, write_json
@@ -218,23 +219,42 @@ def write_checkpoint(folder: Path, files: dict[str, object]) -> None:
 
     `files` maps file names to contents: tensors (a dict of them) go to safetensors, the rest
     to ``torch.save`` (.pt, loadable with ``weights_only=True``) or JSON. The manifest of
-    sizes and hashes is written last: a folder without one is an unfinished save.
+    sizes and hashes is written last: a folder without one is an unfinished save. Each file is
+    serialised in memory and written with one ``write_bytes``, so that a full disk is an
+    ``OSError`` naming the file (torch.save's own writer reports "unexpected pos").
     """
     folder.mkdir(parents=True)
     manifest = {}
     for name, content in files.items():
         path = folder / name
         if name.endswith(".safetensors"):
-            save_file(content, path)
+            data = tensors_to_bytes(content)
         elif name.endswith(".pt"):
-            torch.save(content, path)
+            buffer = io.BytesIO()
+            torch.save(content, buffer)
+            data = buffer.getvalue()
         else:
-            write_json(path, content)
+            data = (json.dumps(content, indent=2) + "\n").encode()
+        path.write_bytes(data)
         sync_to_disk(path)
         manifest[name] = {"size": path.stat().st_size, "sha256": file_sha256(path)}
     write_json(folder / MANIFEST_FILE, manifest)
     sync_to_disk(folder / MANIFEST_FILE)
     sync_to_disk(folder)
+
+
+def swap_in_folder(new: Path, folder: Path) -> None:
+    """Put the complete folder `new` in the place of `folder` (which may not exist yet).
+
+    Two renames, each atomic: `folder` is always the old or the new one whole, except for the
+    instant between them, when the old one is `.NAME.old` beside it.
+    """
+    old = folder.with_name(f".{folder.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(new, folder)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def publish_checkpoint(partial: Path, run_folder: Path) -> None:

@@ -106,6 +106,7 @@ from resumable import (
     restore_rng_states,
     rng_states,
     run_settings,
+    swap_in_folder,
     write_checkpoint,
 )
 from runtime import (
@@ -242,10 +243,15 @@ def default_output_dir(model: str, method: str = DEFAULT_METHOD) -> Path:
 
 
 def save_run_checkpoint(args: argparse.Namespace, model: torch.nn.Module, tokenizer) -> None:
-    """Save the run's best checkpoint with the preprocessing evaluate.py must repeat."""
+    """Save the run's best checkpoint with the preprocessing evaluate.py must repeat, whole or
+    not at all: written into a folder beside it, then swapped in (``swap_in_folder``), so a
+    full disk or a kill leaves the previous best in place."""
     folder = checkpoint_folder(args.output_dir, args.method)
-    save_checkpoint(model, tokenizer, folder, args.method)
-    Preprocessing(args.truncation, args.max_length).save(folder)
+    partial = folder.with_name(f".{folder.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)  # a save that a kill cut short
+    save_checkpoint(model, tokenizer, partial, args.method)
+    Preprocessing(args.truncation, args.max_length).save(partial)
+    swap_in_folder(partial, folder)
 
 
 def build_optimizer(model: torch.nn.Module, lr: float,

@@ -10,12 +10,14 @@ POINT is one of
   kill-in-scoring      SIGKILL when training is over and the best adapter is being scored
   signal-at-step:N:SIG send this process signal SIG (TERM or INT) right after step N
   nan-from-step:N      every training loss after step N is NaN
+  disk-full-at-save:N  the disk is full from the N-th checkpoint's training state on
 
 SIGKILL cannot be caught, so the process dies exactly as a pre-empted or OOM-killed one does.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import sys
@@ -73,6 +75,22 @@ def nan_losses_after(n: int) -> None:
     torch.nn.CrossEntropyLoss.forward = forward
 
 
+def disk_full_at_save(n: int) -> None:
+    """Make the disk full (ENOSPC) when the n-th checkpoint writes its training state, and
+    from then on for every file of a checkpoint, as a disk that stays full would."""
+    calls = [0]
+    original = Path.write_bytes
+
+    def write_bytes(self: Path, data: bytes) -> int:
+        if self.name == resumable.TRAINING_STATE_FILE:
+            calls[0] += 1
+        if calls[0] >= n and self.parent.name == resumable.PARTIAL_CHECKPOINT_DIR:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
+        return original(self, data)
+
+    Path.write_bytes = write_bytes
+
+
 def install(point: str) -> None:
     """Set up the interruption that `point` names."""
     kind, _, value = point.partition(":")
@@ -91,6 +109,8 @@ def install(point: str) -> None:
         after_step(int(step), lambda trainer: kill_self(getattr(signal, f"SIG{sig}")))
     elif kind == "nan-from-step":
         nan_losses_after(int(value))
+    elif kind == "disk-full-at-save":
+        disk_full_at_save(int(value))
     else:
         raise SystemExit(f"unknown interruption point {point!r}")
 

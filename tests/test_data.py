@@ -209,6 +209,24 @@ def test_second_tokenization_reads_the_disk_cache(tmp_path, tokenizer):
     assert not Path(cache_file).is_relative_to(Path.home() / ".cache")
 
 
+def test_a_damaged_tokenization_cache_is_rebuilt_not_scored(tmp_path, tokenizer, capsys):
+    """A cache file cut short (a crash or a full disk while it was written) is tokenized
+    again with one warning, giving the clean cache's ids, and the file is whole again."""
+    reviews(20).to_parquet(str(tmp_path / "train.parquet"))
+    first = tokenize(load_split(str(tmp_path), "train"), tokenizer, max_length=16)
+    expected = first["input_ids"][:]  # read now: `first` maps the file that is cut below
+    cache_file = Path(first.cache_files[0]["filename"])
+    whole = cache_file.read_bytes()
+    cache_file.write_bytes(whole[: len(whole) // 3])
+    capsys.readouterr()
+    second = tokenize(load_split(str(tmp_path), "train"), tokenizer, max_length=16)
+    warning = capsys.readouterr().err
+    assert warning.count("Warning: the tokenization cache could not be read") == 1
+    assert "tokenizing again" in warning
+    assert second["input_ids"] == expected and len(second) == 40
+    assert cache_file.read_bytes() == whole
+
+
 # --- truncation: head, tail, head+tail ------------------------------------------------------
 
 NUMBERS = " ".join(str(i) for i in range(100))  # 100 tokens: each number is one wordpiece

@@ -171,6 +171,26 @@ def test_loss_that_stays_nan_stops_and_keeps_the_last_good_checkpoint(setup, tmp
     assert all(torch.isfinite(tensor).all() for tensor in weights.values())
 
 
+def test_a_full_disk_stops_the_run_in_one_sentence_and_the_same_command_resumes(setup,
+                                                                                tmp_path, capsys):
+    """The disk fills up while the second checkpoint (step 6) is written: exit 1, one line
+    naming the file, the step-3 checkpoint intact; with space back, the same command resumes
+    from it and ends with the uninterrupted run's result."""
+    folder = tmp_path / "run"
+    full = interrupted_run(setup, "disk-full-at-save:2", folder)
+    assert full.returncode == 1, full.stderr[-3000:]
+    assert "Traceback" not in full.stderr
+    last_line = full.stderr.strip().splitlines()[-1]
+    partial = folder / resumable.PARTIAL_CHECKPOINT_DIR / resumable.TRAINING_STATE_FILE
+    assert f": error: could not write {partial}: no space left on device (" in last_line
+    assert "run the same command again" in last_line
+    assert resumable.checkpoint_problem(folder / "checkpoint") is None
+    assert json.loads((folder / "checkpoint" / "progress.json").read_text())["step"] == 3
+    resumed = resumed_run(setup, folder, capsys)
+    assert resumed_step(resumed.stdout) == 3
+    assert_same_result(folder, setup["reference"])
+
+
 # ---------------------------------------------------------------------------------------------
 # Damaged checkpoints and other settings
 
