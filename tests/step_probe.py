@@ -13,6 +13,7 @@ import itertools
 import warnings
 from pathlib import Path
 
+import pytest
 import torch
 from datasets import Dataset
 
@@ -84,6 +85,16 @@ def run_with_inf_gradient(model_dir: str, folder: Path, device: torch.device, pr
     trainer.optimizer_step = recorded_step
     trainer.train()
     return trainer, records
+
+
+def assert_only_step_2_was_skipped(steps: list[dict]) -> None:
+    """What ``run_with_inf_gradient(bad_step=2, steps=4)`` must record on any device and in any
+    precision: step 2 left the weights (finite) as they were and the schedule did not count it,
+    so the learning rate decays linearly from 1e-2 over the 3 steps taken."""
+    assert [step["changed"] for step in steps] == [True, False, True, True]
+    assert all(step["finite"] for step in steps)
+    assert [step["scheduled_steps"] for step in steps] == [1, 1, 2, 3]
+    assert [step["lr"] for step in steps] == pytest.approx([7.5e-3, 7.5e-3, 5e-3, 2.5e-3])
 
 
 def count_host_syncs(model_dir: str, folder: Path, device: torch.device, precision: str,

@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import REPO, run_main, run_script
 from safetensors.torch import load_file
-from step_probe import count_host_syncs, run_with_inf_gradient
+from step_probe import assert_only_step_2_was_skipped, count_host_syncs, run_with_inf_gradient
 
 import evaluate
 import predict
@@ -79,10 +79,7 @@ def test_an_inf_gradient_is_skipped_on_the_gpu(tiny_model_dir, tmp_path, precisi
     Either way the weights and the schedule are as if the step had not happened."""
     _, steps = run_with_inf_gradient(tiny_model_dir, tmp_path / "run", CUDA, precision,
                                      bad_step=2, steps=4)
-    assert [step["changed"] for step in steps] == [True, False, True, True]
-    assert all(step["finite"] for step in steps)
-    assert [step["scheduled_steps"] for step in steps] == [1, 1, 2, 3]
-    assert [step["lr"] for step in steps] == pytest.approx([7.5e-3, 7.5e-3, 5e-3, 2.5e-3])
+    assert_only_step_2_was_skipped(steps)
     scales = [step["scale"] for step in steps]
     assert scales == ([2.0**16, 2.0**15, 2.0**15, 2.0**15] if precision == "fp16" else [1.0] * 4)
 
