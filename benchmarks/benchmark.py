@@ -164,7 +164,7 @@ def bare_command(args: argparse.Namespace) -> None:
     from data import take_subset as take_reviews
     from lora_model import load_base_model, load_tokenizer, wrap_with_lora
     from runtime import autocast, pick_device, pick_precision
-    from train import DEFAULT_BATCH_SIZE, DEFAULT_SEED
+    from train_flags import DEFAULT_BATCH_SIZE, DEFAULT_SEED
 
     device = pick_device("auto")
     precision = pick_precision("auto", device)
@@ -481,7 +481,7 @@ def lengths_command(args: argparse.Namespace) -> dict:
     ``--train-samples`` reviews, for the effect on accuracy; repeat k uses ``--seed 42+k`` for
     both ways.
     """
-    from train import DEFAULT_SEED
+    from train_flags import DEFAULT_SEED
 
     args.timed_samples = args.timed_samples or args.train_samples
     work = prepare_work_dir(args)
@@ -548,7 +548,7 @@ def grouped_training_speed(args: argparse.Namespace) -> dict[str, float]:
     )
     from lora_model import load_base_model, load_tokenizer, wrap_with_lora
     from runtime import autocast, pick_device, pick_precision
-    from train import DEFAULT_BATCH_SIZE, DEFAULT_SEED
+    from train_flags import DEFAULT_BATCH_SIZE, DEFAULT_SEED
 
     device = pick_device("auto")
     precision = pick_precision("auto", device)
@@ -588,7 +588,7 @@ def padding_fractions(args: argparse.Namespace) -> dict:
     from data import PAD_TO_MULTIPLE_OF, load_split, split_train_validation, tokenize
     from lora_model import load_tokenizer
     from samplers import LengthGroupedSampler, example_lengths, round_up
-    from train import DEFAULT_BATCH_SIZE, DEFAULT_SEED
+    from train_flags import DEFAULT_BATCH_SIZE, DEFAULT_SEED
 
     tokenizer = load_tokenizer(args.model)
     train_split = load_split(args.data, "train")

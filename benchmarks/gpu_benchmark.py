@@ -377,7 +377,7 @@ def loop_arguments(device, folder: str = "unused", *extra: str) -> argparse.Name
     """train.py's flags as its parser gives them, with the device's defaults filled in as
     train.py fills them (evaluation batch, DataLoader workers)."""
     from runtime import fill_device_defaults
-    from train import build_parser
+    from train_flags import build_parser
 
     args = build_parser().parse_args(["--output-dir", folder, *extra])
     fill_device_defaults(args, device)
@@ -464,7 +464,8 @@ def measure_loop(config, device, precision: str, shape: Shape, data: ConfigData,
     """train.py's Trainer.train and evaluate_model on loaders built as train.py builds them."""
     from data import PaddingCollator, make_loader
     from evaluate import evaluate_model
-    from train import DEFAULT_SEED, Trainer
+    from train import Trainer
+    from train_flags import DEFAULT_SEED
 
     workers = settings.num_workers
     collator = PaddingCollator(pad_token_id=0, device=device)

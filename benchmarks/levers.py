@@ -63,7 +63,8 @@ def levers_command(args: argparse.Namespace) -> dict:
     )
     from lora_model import load_base_model, load_tokenizer, wrap_with_lora
     from runtime import DEFAULT_EVAL_BATCH_SIZES
-    from train import DEFAULT_BATCH_SIZE, DEFAULT_SEED, library_versions
+    from train import library_versions
+    from train_flags import DEFAULT_BATCH_SIZE, DEFAULT_SEED
 
     began, load_before = time.perf_counter(), os.getloadavg()
     cpu = torch.device("cpu")

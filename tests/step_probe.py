@@ -21,6 +21,7 @@ import train
 from data import PaddingCollator, make_loader
 from lora_model import load_base_model, load_tokenizer, prepare_model
 from runtime import fill_device_defaults
+from train_flags import build_parser
 
 BATCH_SIZE = 4
 # What torch.cuda.set_sync_debug_mode("warn") says at each synchronising operation.
@@ -31,7 +32,7 @@ REVIEW_IDS = [101, 2023, 3185, 2001, 2307, 102]  # "[CLS] this movie was great [
 def tiny_trainer(model_dir: str, folder: Path, device: torch.device, precision: str,
                  steps: int, *flags: str) -> train.Trainer:
     """A Trainer over `steps` batches of token ids, LoRA on the model in `model_dir`."""
-    args = train.build_parser().parse_args(
+    args = build_parser().parse_args(
         ["--model", model_dir, "--output-dir", str(folder), "--batch-size", str(BATCH_SIZE),
          "--lr", "1e-2", "--warmup-ratio", "0", "--device", str(device), *flags])
     args.precision = precision

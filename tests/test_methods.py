@@ -27,7 +27,7 @@ from lora_model import (
     load_merged_model,
     merge_adapter,
 )
-from train import DEFAULT_LRS
+from train_flags import DEFAULT_LRS
 
 MAX_LENGTH, TRUNCATION = "8", "head+tail"
 LORA_LR = "2e-2"

@@ -25,6 +25,7 @@ from transformers import AutoTokenizer, BertConfig, BertForSequenceClassificatio
 
 import resumable
 import train
+import train_flags
 from cli import FIXED, UsageError, resume_rules
 
 # 72 training reviews in batches of 4, 2 batches per optimizer step: 9 steps per epoch, 18 in
@@ -278,10 +279,10 @@ def test_other_settings_are_refused_naming_them(setup, killed_copy, capsys, chan
 
 
 def test_every_flag_declares_whether_a_resumed_run_may_change_it():
-    rules = resume_rules(train.build_parser())
+    rules = resume_rules(train_flags.build_parser())
     assert [flag for flag, rule in rules.items() if rule is None] == []  # add_flag(FIXED, ...)
     # Where and how fast the run goes, and how often it reports, as the README lists them.
-    assert train.ADJUSTABLE_ON_RESUME == {
+    assert train_flags.ADJUSTABLE_ON_RESUME == {
         "output_dir", "overwrite", "resume", "device", "num_workers", "eval_batch_size",
         "log_every", "save_every", "compile"}
     assert {"lr", "seed", "max_length", "lora_r", "precision", "data"} <= {

@@ -16,7 +16,8 @@ import evaluate
 import train
 from data import PaddingCollator, make_loader, tokenize
 from lora_model import load_base_model, load_tokenizer, prepare_model
-from train import NO_DECAY, Trainer, build_parser
+from train import NO_DECAY, Trainer
+from train_flags import build_parser
 
 CPU = torch.device("cpu")
 
