@@ -23,6 +23,7 @@ import torch
 from datasets import ClassLabel, Dataset, Features, Value, load_dataset
 from datasets.exceptions import DatasetGenerationError
 from datasets.fingerprint import Hasher
+from pyarrow import parquet as pq
 from pyarrow.lib import ArrowException
 from torch.utils.data import DataLoader, DistributedSampler, get_worker_info
 
@@ -47,6 +48,12 @@ LABEL_NAMES = ("negative", "positive")
 LABEL_ALIASES = {"0": 0, "1": 1, "neg": 0, "pos": 1, "negative": 0, "positive": 1}
 # File endings accepted in a local data folder, and the `datasets` builder that reads each.
 FILE_BUILDERS = {".parquet": "parquet", ".csv": "csv", ".jsonl": "json", ".json": "json"}
+# What `datasets` says when a data file holds no rows (a CSV with only its header, say).
+NO_ROWS_MESSAGE = "corresponds to no data"
+# Column types that hold review texts (a column of numbers, bytes or lists is refused).
+TEXT_DTYPES = ("string", "large_string")
+# Characters of a refused value shown in an error message.
+SHOWN_VALUE_CHARS = 60
 ACLIMDB_CLASSES = {"neg": 0, "pos": 1}
 # Tensor Cores and vectorised CPU kernels prefer sequence lengths that are multiples of 8.
 PAD_TO_MULTIPLE_OF = 8
@@ -148,7 +155,7 @@ def load_split(data: str, split: str, text_column: str = TEXT,
         raise UsageError(f"--data folder {data} does not exist")
     else:
         raw, source = _load_hub_split(data, split), f"{data} ({split})"
-    return check_reviews(normalize_columns(raw, text_column, label_column), source)
+    return check_reviews(normalize_columns(raw, text_column, label_column, source), source)
 
 
 def looks_like_path(name: str) -> bool:
@@ -194,6 +201,8 @@ def _describe_read_error(error: BaseException) -> str:
                 "save it as UTF-8")
     if type(error).__name__ == "EmptyDataError":
         return "the file is empty"
+    if NO_ROWS_MESSAGE in str(error):
+        return "it holds no reviews, at most a header; add the reviews, one a row"
     return " ".join(f"{type(error).__name__}: {error}".split())
 
 
@@ -216,10 +225,22 @@ def _load_file_split(folder: Path, split: str) -> tuple[Dataset, str]:
         raise UsageError(
             f"--data folder {folder} has no {split} data: expected {split}/{{neg,pos}}/*.txt "
             f"(aclImdb) or one of {', '.join(p.name for p in candidates)}")
+    if len(found) > 1:
+        raise UsageError(
+            f"--data folder {folder} holds {len(found)} {split} files "
+            f"({', '.join(p.name for p in found)}); keep one, so that it is clear which is read")
     path = found[0]
+    if path.suffix == ".parquet" and _parquet_rows(path) == 0:
+        # `datasets` would fail with "BatchSize must be greater than 0".
+        raise UsageError(f"could not read {path}: it holds no reviews; add the reviews")
     raw = _reading(path, lambda: load_dataset(FILE_BUILDERS[path.suffix],
                                               data_files={split: str(path)}, split=split))
     return raw, str(path)
+
+
+def _parquet_rows(path: Path) -> int:
+    """The number of rows `path` says it holds (read from its footer, not its data)."""
+    return _reading(path, lambda: pq.ParquetFile(path).metadata.num_rows)
 
 
 def _load_hub_split(name: str, split: str) -> Dataset:
@@ -232,15 +253,24 @@ def _load_hub_split(name: str, split: str) -> Dataset:
         ) from error
 
 
-def normalize_columns(raw: Dataset, text_column: str = TEXT,
-                      label_column: str = LABEL) -> Dataset:
-    """Keep the text and label columns, renamed to ``text``/``label``, labels mapped to 0/1."""
+def normalize_columns(raw: Dataset, text_column: str = TEXT, label_column: str = LABEL,
+                      source: str = "the data") -> Dataset:
+    """Keep the text and label columns, renamed to ``text``/``label``, labels mapped to 0/1.
+
+    `source` names the data in error messages.
+    """
+    if text_column == label_column:
+        raise UsageError(
+            f"--text-column and --label-column both name {text_column!r}; the texts and the "
+            f"labels must come from two columns (columns of {source}: "
+            f"{', '.join(raw.column_names)})")
     missing = [c for c in (text_column, label_column) if c not in raw.column_names]
     if missing:
         raise UsageError(
             f"column {missing[0]!r} not found (columns: {', '.join(raw.column_names)}); "
             "choose them with --text-column / --label-column")
     raw = raw.select_columns([text_column, label_column])
+    check_text_column(raw, text_column, source)
     bad = [(row, value) for row, value in enumerate(raw[label_column])
            if label_to_int(value) is None]
     if bad:
@@ -252,6 +282,32 @@ def normalize_columns(raw: Dataset, text_column: str = TEXT,
                        LABEL: [label_to_int(v) for v in batch[label_column]]},
         batched=True, remove_columns=raw.column_names, features=FEATURES,
         desc="Checking labels")
+
+
+def check_text_column(raw: Dataset, column: str, source: str) -> None:
+    """Refuse a text column of numbers, bytes or lists, which would be read as texts silently.
+
+    A column with no values at all (a CSV whose texts are all empty reads as numbers) is left
+    to check_reviews, which counts the empty texts.
+    """
+    feature = raw.features[column]
+    dtype = getattr(feature, "dtype", None)  # a list column has none
+    if dtype in TEXT_DTYPES:
+        return
+    values = [(row, value) for row, value in enumerate(raw[column]) if value is not None]
+    if not values:
+        return
+    row, value = values[0]
+    kind = f"{dtype} values" if dtype else f"{type(feature).__name__.lower()}s"
+    raise UsageError(
+        f"--text-column {column!r} of {source} holds {kind}, not text (row {row}: "
+        f"{shorten(repr(value))}); name the column of review texts with "
+        "--text-column, or store the reviews as strings")
+
+
+def shorten(text: str) -> str:
+    """`text` cut to SHOWN_VALUE_CHARS characters, "..." marking a cut."""
+    return text if len(text) <= SHOWN_VALUE_CHARS else text[:SHOWN_VALUE_CHARS] + "..."
 
 
 def check_reviews(split: Dataset, source: str) -> Dataset:

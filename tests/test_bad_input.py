@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import reviews, run_main, run_script
+from datasets import Dataset
 from transformers import (
     BertConfig,
     BertModel,
@@ -133,6 +134,57 @@ def test_labels_outside_the_two_classes_are_shown(train, csv_data_dir):
     (csv_data_dir / "train.csv").write_text(
         "text,label\ngood,1\nmeh,3\nbad,0\nfine,positive\nhmm,neutral\n")
     assert_refused(train(), "2 labels are not 0/1", "row 1: '3'", "row 4: 'neutral'")
+
+
+def test_text_and_label_columns_that_are_the_same(train):
+    assert_refused(train("--text-column", "label"),
+                   "--text-column and --label-column both name 'label'", "two columns",
+                   "columns of ", "train.csv: text, label")
+
+
+def write_train_parquet(folder: Path, texts: list) -> None:
+    """train.parquet holding `texts` (24 of them) and the labels of reviews(12); no train.csv."""
+    Dataset.from_dict({"text": texts, "label": reviews(12)["label"]}).to_parquet(
+        str(folder / "train.parquet"))
+    (folder / "train.csv").unlink()
+
+
+@pytest.mark.parametrize("texts, kind, shown", [
+    ([t.encode() for t in reviews(12)["text"]], "binary values", "b'A wonderful film"),
+    ([t.split() for t in reviews(12)["text"]], "lists", "['A', 'wonderful', 'film,'"),
+    (list(range(24)), "int64 values", "row 0: 0)"),
+], ids=["bytes", "lists", "numbers"])
+def test_text_column_that_holds_no_text(train, csv_data_dir, texts, kind, shown):
+    """Numbers or bytes would be read as texts without a word, lists end in a traceback."""
+    write_train_parquet(csv_data_dir, texts)
+    assert_refused(train(), f"--text-column 'text' of {csv_data_dir / 'train.parquet'} holds "
+                   f"{kind}, not text", shown, "store the reviews as strings")
+
+
+def test_text_column_naming_a_column_of_numbers(train, csv_data_dir):
+    rows = [{"id": i, **row} for i, row in enumerate(reviews(12).to_list())]
+    (csv_data_dir / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (csv_data_dir / "train.csv").unlink()
+    assert_refused(train("--text-column", "id"), "--text-column 'id'", "holds int64 values",
+                   "name the column of review texts with --text-column")
+
+
+def test_two_files_for_one_split(train, csv_data_dir):
+    """Which of the two would be read was never said: train.parquet silently won."""
+    reviews(3).to_parquet(str(csv_data_dir / "train.parquet"))
+    assert_refused(train(), "holds 2 train files (train.parquet, train.csv)", "keep one")
+
+
+@pytest.mark.parametrize("ending", ["csv", "parquet"])
+def test_split_file_without_rows(train, csv_data_dir, ending):
+    """A header alone (CSV) or a 0-row table (Parquet) used to end in datasets' own words."""
+    path = csv_data_dir / f"test.{ending}"
+    if ending == "csv":
+        path.write_text("text,label\n")
+    else:
+        reviews(1).select([]).to_parquet(str(path))
+        (csv_data_dir / "test.csv").unlink()
+    assert_refused(train(), f"could not read {path}: it holds no reviews")
 
 
 def test_empty_texts_are_counted_and_refused(train, csv_data_dir):
