@@ -71,6 +71,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from benchmarks.benchmark import synchronize
+
 # Dense (no sparsity) tensor-core peak FLOP/s per GPU and autocast precision, from NVIDIA's
 # datasheets; where a datasheet gives only the figure "with sparsity", half of it. Matched
 # against torch.cuda.get_device_name() in this order (most specific first): every word must
@@ -327,14 +329,6 @@ def new_model(config, device):
     with torch.device(device):
         model = wrap_with_lora(BertForSequenceClassification(config))
     return model.to(device)
-
-
-def synchronize(device) -> None:
-    """Wait until the GPU has finished its queued work (no-op on the CPU)."""
-    if device.type == "cuda":
-        import torch
-
-        torch.cuda.synchronize(device)
 
 
 def start_peak(device) -> None:
