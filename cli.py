@@ -29,6 +29,7 @@ DISK_FULL_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT})
 class UsageError(Exception):
     """A mistake in the user's input; the scripts report it as one sentence and exit with 2."""
 
+
 def at_least(minimum: int):
     """An argparse type: an integer >= `minimum` (argparse reports a bad value with exit 2)."""
 
@@ -44,6 +45,7 @@ def at_least(minimum: int):
     parse.__name__ = f"integer >= {minimum}"
     return parse
 
+
 def _float(text: str) -> float:
     try:
         value = float(text)
@@ -53,12 +55,14 @@ def _float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"must be a finite number (got {text})")
     return value
 
+
 def positive_float(text: str) -> float:
     """An argparse type: a float > 0."""
     value = _float(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be positive (got {text})")
     return value
+
 
 def unit_fraction(text: str) -> float:
     """An argparse type: a float in [0, 1)."""
@@ -67,12 +71,14 @@ def unit_fraction(text: str) -> float:
         raise argparse.ArgumentTypeError(f"must be below 1 (got {text})")
     return value
 
+
 def non_negative_float(text: str) -> float:
     """An argparse type: a float >= 0."""
     value = _float(text)
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"cannot be negative (got {text})")
     return value
+
 
 def add_flag(container, rule: str, *names: str, **kwargs) -> argparse.Action:
     """``container.add_argument(*names, **kwargs)`` for a flag with resume `rule` (FIXED or
@@ -127,6 +133,7 @@ def quiet_library_logs() -> None:
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*",
                             category=FutureWarning)
 
+
 def run_command(parser: argparse.ArgumentParser, run_args, argv: list[str] | None = None
                 ) -> int:
     """What every script's main() does: parse the flags, quiet the libraries, run_args(args).
@@ -154,4 +161,4 @@ def disk_full_message(error: OSError) -> str:
     space = shutil.disk_usage(Path(where).parent if error.filename else ".").free
     return (f"could not write {where}: {os.strerror(error.errno).lower()} "
             f"({space / 2**20:,.0f} MB free there); free some space and run the same command "
-            "again (train.py resumes from its last checkpoint, which is intact)")
+            "again (train.py resumes from its last snapshot, which is intact)")

@@ -31,7 +31,6 @@ from data import (
     PaddingCollator,
     Preprocessing,
     add_data_arguments,
-    load_split,
     make_loader,
     move_to_device,
     resolve_preprocessing,
@@ -39,6 +38,7 @@ from data import (
     tokenize,
     tokenizer_fingerprint,
 )
+from data_sources import load_split
 from lora_model import (
     add_model_argument,
     checkpoint_base_model,

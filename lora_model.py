@@ -47,7 +47,8 @@ from cli import (
     run_command,
     unit_fraction,
 )
-from data import LABEL_NAMES, PREPROCESSING_FILE, looks_like_path
+from data import LABEL_NAMES, PREPROCESSING_FILE
+from data_sources import looks_like_path
 
 DEFAULT_MODEL = "bert-base-uncased"
 # The classifier head of the pre-trained ("before") model is random; drawing it from a fixed

@@ -24,10 +24,7 @@ from datasets import Dataset
 
 from cli import UsageError, run_command
 from data import (
-    FEATURES,
-    LABEL,
     LABEL_NAMES,
-    TEXT,
     PaddingCollator,
     Preprocessing,
     add_preprocessing_arguments,
@@ -36,6 +33,7 @@ from data import (
     resolve_preprocessing,
     tokenize,
 )
+from data_sources import FEATURES, LABEL, TEXT
 from evaluate import predict_in_order
 from lora_model import ADAPTER_CONFIG, add_model_argument, find_checkpoint, load_checkpoint
 from runtime import (

@@ -58,6 +58,32 @@ def write_json(path: Path, value: object) -> None:
     os.replace(partial, path)
 
 
+class RunLog:
+    """log.jsonl, one JSON record per line, written as the run goes (by rank 0).
+
+    A resumed run keeps the first `keep_bytes` of the file, what the steps up to its snapshot
+    had logged, and appends from there: the log reads as one uninterrupted run's.
+    """
+
+    def __init__(self, path: Path, keep_bytes: int = 0):
+        self.file = path.open("r+" if keep_bytes and path.exists() else "w")
+        self.file.truncate(keep_bytes)
+        self.file.seek(keep_bytes)
+
+    def write(self, record: dict) -> None:
+        """Append `record` as one line, flushed (a kill loses no finished line)."""
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+    def size(self) -> int:
+        """Bytes written so far: what a snapshot records as `log_bytes`."""
+        return self.file.tell()
+
+    def close(self) -> None:
+        """Close the file."""
+        self.file.close()
+
+
 # ---------------------------------------------------------------------------------------------
 # Reading a run folder
 

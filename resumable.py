@@ -1,54 +1,57 @@
-"""Resumable checkpoints: what a killed run needs to continue exactly where it stopped.
+"""Snapshots: what a killed run needs to continue exactly where it stopped.
 
-A checkpoint is a folder of files (the trained weights, the optimizer/scheduler/scaler and
+A snapshot is a folder of files (the trained weights, the optimizer/scheduler/scaler and
 random-number states, the position in the data) with a manifest of their sizes and SHA-256
 hashes written last. It is written whole into a new folder and renamed into place, so a kill at
-any instant leaves at least one complete checkpoint; a damaged one is found by its manifest and
-the previous one is used instead. train.py's Trainer decides what goes in and when.
+any instant leaves at least one complete snapshot; a damaged one is found by its manifest and
+the previous one is used instead. train.py's Trainer decides when; ``save_snapshot`` and
+``restore_snapshot`` say what goes in and comes back.
+
+(A *checkpoint*, in this project, is the best model a run keeps, what ``--checkpoint`` takes;
+a snapshot is only for resuming, and a finished run deletes it.)
 """
 
 from __future__ import annotations
 
-import argparse
-import fcntl
 import hashlib
 import io
 import json
 import os
 import random
 import shutil
-import socket
-from dataclasses import dataclass
-from datetime import datetime
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TextIO
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 from safetensors.torch import save as tensors_to_bytes
 
-from cli import UsageError, check_can_write
-from report import CONFIG_FILE, METRICS_FILE, write_json
-from runtime import print_main
+from cli import UsageError
+from report import write_json
+from runtime import from_main_process, is_main_process, print_main
 
-# A resumable checkpoint: CHECKPOINT_DIR is the latest, PREVIOUS_CHECKPOINT_DIR the one before
-# it; a new one is written into PARTIAL_CHECKPOINT_DIR and renamed into place when complete.
-CHECKPOINT_DIR = "checkpoint"
-PREVIOUS_CHECKPOINT_DIR = "checkpoint-previous"
-PARTIAL_CHECKPOINT_DIR = "checkpoint-partial"
+# SNAPSHOT_DIR is the latest snapshot, PREVIOUS_SNAPSHOT_DIR the one before it; a new one is
+# written into PARTIAL_SNAPSHOT_DIR and renamed into place when complete.
+SNAPSHOT_DIR = "snapshot"
+PREVIOUS_SNAPSHOT_DIR = "snapshot-previous"
+PARTIAL_SNAPSHOT_DIR = "snapshot-partial"
+# The same folders as runs written before the rename to "snapshot" called them: their files are
+# the same, so such a run resumes from them (older than any snapshot/ beside them).
+OLD_SNAPSHOT_DIRS = ("checkpoint", "checkpoint-previous")
+OLD_PARTIAL_SNAPSHOT_DIR = "checkpoint-partial"
+# Every folder a snapshot may occupy, newest first (what a finished run deletes).
+SNAPSHOT_DIRS = (SNAPSHOT_DIR, PREVIOUS_SNAPSHOT_DIR, *OLD_SNAPSHOT_DIRS)
+ALL_SNAPSHOT_DIRS = (*SNAPSHOT_DIRS, PARTIAL_SNAPSHOT_DIR, OLD_PARTIAL_SNAPSHOT_DIR)
 TRAINABLE_FILE = "trainable.safetensors"  # the weights being trained (LoRA A/B + head, ...)
 TRAINING_STATE_FILE = "training_state.pt"  # optimizer, scheduler, scaler, RNG, data order
-PROGRESS_FILE = "progress.json"  # position, best score, log length, "before" metrics, config
+PROGRESS_FILE = "progress.json"  # the LoopState (position, best score, ...) and the settings
 MANIFEST_FILE = "manifest.json"  # size and SHA-256 of the files above; written last
-# In the run folder: locked by the run using it, and naming that run (lock_run_folder).
-LOCK_FILE = ".train.lock"
-# The open lock files of this process: a lock lasts as long as its file stays open.
-_held_locks: dict[Path, TextIO] = {}
 
 
 @dataclass
 class LoopState:
-    """Where the training loop is and what it has seen so far: everything a checkpoint's
+    """Where the training loop is and what it has seen so far: everything a snapshot's
     progress.json holds besides the settings, written and read back as one object."""
 
     step: int = 0  # optimizer steps (skipped ones, with a non-finite gradient, count too)
@@ -56,107 +59,15 @@ class LoopState:
     batches_done: int = 0  # ... and the batches of it already trained
     best_score: float | None = None  # the best validation score so far; None: no validation yet
     before: dict | None = None  # the pre-trained model's test metrics
-    train_seconds: float = 0.0  # time spent training, not validating or checkpointing
+    train_seconds: float = 0.0  # time spent training, not validating or saving
     window_loss: float = 0.0  # the loss summed since the last log line ...
     window_batches: int = 0  # ... over this many batches
     nonfinite_steps: int = 0  # consecutive optimizer steps with an inf/NaN loss
     log_bytes: int = 0  # the length of log.jsonl that belongs to the steps done so far
 
 
-def lock_run_folder(folder: Path) -> None:
-    """Hold `folder` for this run (until ``release_run_folders`` or the process ends), or
-    refuse it in one sentence naming the run that holds it: one run per folder.
-
-    An OS-level lock (a POSIX record lock, ``fcntl.lockf``): the kernel releases it when its
-    process ends, however it ends, so a killed run never leaves a stale lock behind; and unlike
-    ``flock`` it belongs to this process alone, not to the DataLoader workers forked from it,
-    which can outlive a killed run by seconds. The lock file stays in the folder.
-    """
-    if folder in _held_locks:
-        return
-    handle = (folder / LOCK_FILE).open("a+")
-    try:
-        fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as error:  # EACCES or EAGAIN: another process holds it
-        handle.seek(0)
-        holder = handle.read().strip() or "another process"
-        handle.close()
-        raise UsageError(f"--output-dir {folder} is in use by another train.py run ({holder}); "
-                         "wait for it to end, or choose another folder") from error
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"PID {os.getpid()} on {socket.gethostname()}, started "
-                 f"{datetime.now():%Y-%m-%d %H:%M:%S}\n")
-    handle.flush()
-    _held_locks[folder] = handle
-
-
-def release_run_folders() -> None:
-    """Let go of every run folder this process holds (a finished or failed run)."""
-    for handle in _held_locks.values():
-        handle.close()  # closing the file releases its lock
-    _held_locks.clear()
-
-
-def run_settings(args: argparse.Namespace, precision: str, world_size: int) -> dict:
-    """The run's flags as JSON values, with the resolved precision and the process count."""
-    return {**{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-            "resolved_precision": precision, "world_size": world_size}
-
-
-def differing_settings(saved: dict, current: dict, adjustable: set[str]) -> list[str]:
-    """'--lr 0.002 (now 0.0005)' for every setting that differs, but the `adjustable` ones."""
-    differences = []
-    for key in sorted(current.keys() - adjustable):
-        if saved.get(key, "(not recorded)") != current[key]:
-            name = key if key in ("resolved_precision", "world_size") else \
-                "--" + key.replace("_", "-")
-            differences.append(f"{name} {saved.get(key, '(not recorded)')} "
-                               f"(now {current[key]})")
-    return differences
-
-
-def plan_resume(args: argparse.Namespace, settings: dict, adjustable: set[str]) -> Path | None:
-    """Decide between a fresh run and resuming the one in --output-dir.
-
-    Returns the checkpoint folder to resume from, or None to start from the beginning (a new
-    folder, --overwrite, or an unfinished run killed before its first checkpoint). Refuses a
-    finished run, another run's settings and a folder that is not a run folder.
-    """
-    folder = args.output_dir
-    if args.resume and args.overwrite:
-        raise UsageError("--resume continues a run and --overwrite deletes it: pass one of them")
-    is_empty = not folder.is_dir() or all(p.name == LOCK_FILE for p in folder.iterdir())
-    if args.overwrite or is_empty:
-        if args.resume:
-            raise UsageError(f"--resume: --output-dir {folder} holds no run to resume")
-        # An empty folder (or one holding only the lock file) has nothing to protect.
-        check_can_write(folder, "--output-dir", args.overwrite or is_empty)
-        return None
-    if (folder / METRICS_FILE).exists():
-        raise UsageError(f"--output-dir {folder} holds a finished run ({METRICS_FILE}); pass "
-                         "--overwrite to train again from scratch, or choose a new folder")
-    if not (folder / CONFIG_FILE).is_file():
-        if args.resume:
-            raise UsageError(f"--resume: --output-dir {folder} holds no run to resume "
-                             f"(no {CONFIG_FILE})")
-        check_can_write(folder, "--output-dir", overwrite=False)  # refuses: it holds files
-    check_can_write(folder, "--output-dir", overwrite=True)  # still writable?
-    try:
-        saved = json.loads((folder / CONFIG_FILE).read_text())
-    except (OSError, ValueError) as error:
-        raise UsageError(f"--output-dir {folder}: its {CONFIG_FILE} is unreadable ({error}); "
-                         "pass --overwrite to start over") from error
-    differences = differing_settings(saved, settings, adjustable)
-    if differences:
-        raise UsageError(f"--output-dir {folder} holds an unfinished run with other settings: "
-                         f"{'; '.join(differences)}. Repeat its settings to resume it, or pass "
-                         "--overwrite to start over")
-    return find_checkpoint(folder)
-
-
-def checkpoint_problem(folder: Path) -> str | None:
-    """Why the checkpoint in `folder` cannot be trusted, or None when its files match the
+def snapshot_problem(folder: Path) -> str | None:
+    """Why the snapshot in `folder` cannot be trusted, or None when its files match the
     manifest (names, sizes and SHA-256 hashes)."""
     try:
         manifest = json.loads((folder / MANIFEST_FILE).read_text())
@@ -175,28 +86,35 @@ def checkpoint_problem(folder: Path) -> str | None:
     return None
 
 
-def find_checkpoint(run_folder: Path) -> Path | None:
-    """The newest valid checkpoint in `run_folder`; None if the run never wrote one.
+def find_snapshot(run_folder: Path) -> Path | None:
+    """The newest valid snapshot in `run_folder`; None if the run never wrote one.
 
-    A damaged latest checkpoint falls back to the previous one with a warning; when every
-    checkpoint is damaged the run is refused with the reason for each.
+    A damaged latest snapshot falls back to the previous one with a warning; when every
+    snapshot is damaged the run is refused with the reason for each.
     """
     problems = []
-    for folder in (run_folder / CHECKPOINT_DIR, run_folder / PREVIOUS_CHECKPOINT_DIR):
+    for folder in (run_folder / name for name in SNAPSHOT_DIRS):
         if not folder.exists():
             continue
-        problem = checkpoint_problem(folder)
+        problem = snapshot_problem(folder)
         if problem is None:
             for damaged, reason in problems:
-                print_main(f"warning: the checkpoint in {damaged} is damaged ({reason}); "
+                print_main(f"warning: the snapshot in {damaged} is damaged ({reason}); "
                            f"resuming from the previous one in {folder}")
             return folder
         problems.append((folder, problem))
     if problems:
         reasons = "; ".join(f"{folder.name}/: {reason}" for folder, reason in problems)
-        raise UsageError(f"--output-dir {run_folder} holds no valid checkpoint ({reasons}); "
-                         "pass --overwrite to start over")
+        raise UsageError(f"--output-dir {run_folder} holds no valid snapshot to resume from "
+                         f"({reasons}); pass --overwrite to start over")
     return None
+
+
+def discard_newer_snapshots(chosen: Path) -> None:
+    """Delete the damaged snapshots newer than `chosen`, the one a run resumes from, so that
+    its next save keeps `chosen` as the previous one."""
+    for name in SNAPSHOT_DIRS[:SNAPSHOT_DIRS.index(chosen.name)]:
+        shutil.rmtree(chosen.parent / name, ignore_errors=True)
 
 
 def file_sha256(path: Path) -> str:
@@ -214,8 +132,8 @@ def sync_to_disk(path: Path) -> None:
         os.close(descriptor)
 
 
-def write_checkpoint(folder: Path, files: dict[str, object]) -> None:
-    """Write a complete checkpoint into the new folder `folder`, every byte flushed to disk.
+def write_snapshot(folder: Path, files: dict[str, object]) -> None:
+    """Write a complete snapshot into the new folder `folder`, every byte flushed to disk.
 
     `files` maps file names to contents: tensors (a dict of them) go to safetensors, the rest
     to ``torch.save`` (.pt, loadable with ``weights_only=True``) or JSON. The manifest of
@@ -257,18 +175,72 @@ def swap_in_folder(new: Path, folder: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def publish_checkpoint(partial: Path, run_folder: Path) -> None:
-    """Make the complete checkpoint in `partial` the latest, keeping the one it replaces.
+def publish_snapshot(partial: Path, run_folder: Path) -> None:
+    """Make the complete snapshot in `partial` the latest, keeping the one it replaces.
 
-    Renames are atomic, so at every instant a kill leaves at least one complete checkpoint:
+    Renames are atomic, so at every instant a kill leaves at least one complete snapshot:
     the latest, or (between the two renames) the previous one.
     """
-    latest, previous = run_folder / CHECKPOINT_DIR, run_folder / PREVIOUS_CHECKPOINT_DIR
+    latest, previous = run_folder / SNAPSHOT_DIR, run_folder / PREVIOUS_SNAPSHOT_DIR
     if latest.exists():
         shutil.rmtree(previous, ignore_errors=True)
         os.replace(latest, previous)
     os.replace(partial, latest)
     sync_to_disk(run_folder)
+
+
+def save_snapshot(run_folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                  scheduler, scaler: torch.amp.GradScaler, state: LoopState,
+                  epoch_order: list[int], rng: list[dict], settings: dict) -> None:
+    """Write the snapshot of this step into `run_folder` (rank 0 alone): the trainable
+    weights, the optimizer, scheduler and scaler, every rank's random streams (`rng`), this
+    epoch's data order, the loop's state and the run's settings."""
+    partial = run_folder / PARTIAL_SNAPSHOT_DIR
+    shutil.rmtree(partial, ignore_errors=True)  # a save that a kill cut short
+    write_snapshot(partial, {
+        TRAINABLE_FILE: {name: param.detach().contiguous()
+                         for name, param in model.named_parameters() if param.requires_grad},
+        TRAINING_STATE_FILE: {"optimizer": optimizer.state_dict(),
+                              "scheduler": scheduler.state_dict(),
+                              "scaler": scaler.state_dict(), "rng": rng,
+                              "epoch_order": torch.tensor(epoch_order)},
+        PROGRESS_FILE: {**asdict(state), "settings": settings}})
+    publish_snapshot(partial, run_folder)
+
+
+def restore_snapshot(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                     scheduler, scaler: torch.amp.GradScaler, device: torch.device
+                     ) -> tuple[LoopState, dict]:
+    """Load the snapshot in `folder` into the model, optimizer, scheduler and scaler.
+
+    Returns the loop's state and the rest for the caller: ``epoch_order`` and ``rng`` (one
+    entry per rank), which must be checked and restored where the data and the rank are known.
+    """
+    tensors = load_file(folder / TRAINABLE_FILE, device=str(device))
+    trainable = {name for name, param in model.named_parameters() if param.requires_grad}
+    if set(tensors) != trainable:
+        raise UsageError(f"the snapshot in {folder} holds other trainable weights than this "
+                         "model; pass --overwrite to start over")
+    model.load_state_dict(tensors, strict=False)
+    saved = torch.load(folder / TRAINING_STATE_FILE, map_location="cpu", weights_only=True)
+    for group in saved["optimizer"]["param_groups"]:  # saved groups replace the settings;
+        group.update(fused=True, foreach=None)  # older runs' CPU AdamW was not fused
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    if saved["scaler"]:  # empty from a run whose scaler was disabled (older versions)
+        scaler.load_state_dict(saved["scaler"])
+    progress = json.loads((folder / PROGRESS_FILE).read_text())
+    del progress["settings"]  # checked against the flags before the run started
+    return LoopState(**progress), saved
+
+
+def check_data_order(sampler, saved_order: torch.Tensor, epoch: int) -> None:
+    """Refuse to resume when the training data no longer comes in the snapshot's order."""
+    sampler.set_epoch(epoch)
+    same = is_main_process() and torch.equal(saved_order, torch.tensor(sampler.epoch_order()))
+    if not from_main_process(same):  # rank 0 holds the saved order; all ranks must agree
+        raise UsageError("the training data is not the snapshot's: the reviews or their order "
+                         "changed since the run started; pass --overwrite to start over")
 
 
 def rng_states(device: torch.device) -> dict:

@@ -14,6 +14,7 @@ import os
 import datasets
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from cli import ADJUSTABLE, FIXED, UsageError, add_flag, at_least
 
@@ -25,6 +26,8 @@ ASSUME_NATIVE_BF16_ENV = "LORA_TEST_ASSUME_NATIVE_BF16"
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# The GradScaler's scale for bf16 and fp32: the loss is not scaled (see loss_scaler).
+UNSCALED = 1.0
 
 # Evaluation keeps no activations for backward, so a GPU takes far larger batches than
 # training (and needs them to be kept busy); on a CPU 64 is the measured choice (BENCHMARKS.md,
@@ -65,6 +68,7 @@ def fill_device_defaults(args: argparse.Namespace, device: torch.device) -> None
     if getattr(args, "num_workers", 0) is None:
         args.num_workers = min(DEFAULT_NUM_WORKERS[kind], os.cpu_count() or 1)
 
+
 def use_device(device: torch.device) -> None:
     """Make `device` the current CUDA device, with TF32 for fp32 matrix products.
 
@@ -78,6 +82,7 @@ def use_device(device: torch.device) -> None:
     torch.cuda.set_device(device)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
+
 
 def pick_device(name: str = "auto") -> torch.device:
     """The device named, or CUDA when available for "auto"; a GPU always with its number
@@ -98,6 +103,7 @@ def pick_device(name: str = "auto") -> torch.device:
         device = torch.device("cuda", torch.cuda.current_device())
     return device
 
+
 def cpu_has_native_bf16() -> bool:
     """True where the CPU has bf16 matrix instructions (AMX tiles or AVX512-BF16), or where
     the tests say to act as if it had (``ASSUME_NATIVE_BF16_ENV``)."""
@@ -106,6 +112,7 @@ def cpu_has_native_bf16() -> bool:
     # Private torch helpers: a torch without them is treated as having neither.
     checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
 
 def pick_precision(precision: str, device: torch.device) -> str:
     """Resolve "auto" to bf16, fp16 or fp32 for `device` (see ``PRECISION_HELP``).
@@ -130,11 +137,27 @@ def pick_precision(precision: str, device: torch.device) -> str:
         raise UsageError(f"--precision fp16 needs a CUDA GPU; on {device.type} use fp32 or auto")
     return precision
 
+
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     """Mixed-precision autocast for bf16/fp16; a no-op context for fp32."""
     if precision not in AUTOCAST_DTYPES:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision])
+
+
+def loss_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
+    """The GradScaler: fp16's loss scaling, and for every precision the skip of a step whose
+    gradients hold inf/NaN, decided on the device.
+
+    fp16 gradients underflow without loss scaling, so fp16 gets the dynamic scale (halved after
+    an overflow, doubled after 2000 clean steps). bf16 has fp32's range and needs no scaling:
+    bf16 and fp32 start at a scale of exactly 1 (UNSCALED), kept there by the training step's
+    ``update(UNSCALED)``, and use the scaler only for its inf/NaN check, which tells the fused
+    AdamW to leave the weights alone without the host waiting for the answer.
+    """
+    if precision == "fp16":
+        return torch.amp.GradScaler(device.type)
+    return torch.amp.GradScaler(device.type, init_scale=UNSCALED)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,9 +168,11 @@ def is_distributed() -> bool:
     """True in a process that torchrun started and that joined a group of two or more."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
+
 def is_main_process() -> bool:
     """True on rank 0, the one process that prints, shows progress and writes files."""
     return not is_distributed() or dist.get_rank() == 0
+
 
 def init_distributed(device_name: str) -> tuple[int, int, torch.device]:
     """Join torchrun's process group when torchrun started us; return (rank, world size, device).
@@ -179,15 +204,18 @@ def init_distributed(device_name: str) -> tuple[int, int, torch.device]:
         datasets.disable_progress_bars()  # loading and tokenizing: rank 0 shows the bars
     return dist.get_rank(), dist.get_world_size(), device
 
+
 def close_distributed() -> None:
     """Leave the process group, if this process joined one."""
     if dist.is_initialized():
         dist.destroy_process_group()
 
+
 def wait_for_all_ranks() -> None:
     """A barrier: return once every rank has got here (at once in one process)."""
     if dist.is_initialized():
         dist.barrier()
+
 
 def from_main_process(value: object) -> object:
     """Rank 0's `value`, on every rank (`value` itself in one process)."""
@@ -197,6 +225,7 @@ def from_main_process(value: object) -> object:
     dist.broadcast_object_list(box, src=0)
     return box[0]
 
+
 def mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
     """The mean of `value` over all ranks; every rank must call this at the same point."""
     if not is_distributed():
@@ -204,6 +233,20 @@ def mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
     total = value.detach().clone()
     dist.all_reduce(total)  # a sum: gloo has no average
     return total / dist.get_world_size()
+
+
+def gradient_sync(ddp_model: DistributedDataParallel | None,
+                  sync: bool) -> contextlib.AbstractContextManager:
+    """Under DDP with `sync` False, a context in which backward skips the all-reduce.
+
+    The micro-steps before the last of an accumulation group only add to the local gradients;
+    averaging them across ranks once, in the last backward, gives the same sum for a fraction
+    of the traffic. In one process (`ddp_model` None), or with `sync`, it does nothing.
+    """
+    if sync or ddp_model is None:
+        return contextlib.nullcontext()
+    return ddp_model.no_sync()
+
 
 def all_ranks_true(flag: torch.Tensor) -> torch.Tensor:
     """A boolean tensor that is True when `flag` is True on every rank (`flag` in one process)."""
@@ -213,6 +256,7 @@ def all_ranks_true(flag: torch.Tensor) -> torch.Tensor:
     dist.all_reduce(value, op=dist.ReduceOp.MIN)
     return value.bool()
 
+
 def gather_to_main(value: object) -> list:
     """Every rank's `value`, in rank order ([value] in one process)."""
     if not dist.is_initialized():
@@ -220,6 +264,7 @@ def gather_to_main(value: object) -> list:
     values = [None] * dist.get_world_size()
     dist.all_gather_object(values, value)
     return values
+
 
 def print_main(*values: object, file=None) -> None:
     """print() on rank 0 only, so that a torchrun job prints each line once."""

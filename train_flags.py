@@ -48,14 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
                  f"{name} = {what}" for name, what in METHODS.items())
              + f" (default: {DEFAULT_METHOD})")
     add_flag(parser, ADJUSTABLE, "--output-dir", type=Path, default=None,
-             help="run folder for the checkpoint, metrics and logs "
+             help="run folder for the best checkpoint, snapshots, metrics and logs "
                   "(default: runs/<model>-<method>-<date-time>)")
     add_flag(parser, ADJUSTABLE, "--overwrite", action="store_true",
              help="start over in an --output-dir that already holds files "
                   "(a finished or unfinished run's files are deleted first)")
     add_flag(parser, ADJUSTABLE, "--resume", action="store_true",
              help="continue the unfinished run in --output-dir from its latest "
-                  "checkpoint (running the same command again does this too; the "
+                  "snapshot (running the same command again does this too; the "
                   "flag makes it an error when there is nothing to resume)")
     add_flag(parser, FIXED, "--seed", type=at_least(0), default=DEFAULT_SEED,
              help="seed for LoRA init, dropout and batch order "
@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
                   "(default: 10)")
     add_flag(group, ADJUSTABLE, "--save-every", type=at_least(1), default=DEFAULT_SAVE_EVERY,
              metavar="STEPS",
-             help="write a resumable checkpoint every STEPS optimizer steps, as well "
+             help="write a resumable snapshot every STEPS optimizer steps, as well "
                   f"as at the end of each epoch (default: {DEFAULT_SAVE_EVERY})")
     add_lora_arguments(parser)
     add_runtime_arguments(parser)
@@ -112,6 +112,16 @@ def build_parser() -> argparse.ArgumentParser:
                   "takes minutes, so it pays only on long runs (default: off; see "
                   "BENCHMARKS.md)")
     return parser
+
+
+def fill_flag_defaults(args: argparse.Namespace) -> None:
+    """The defaults that depend on other flags: --lr by --method; and a --model folder as an
+    absolute path, which adapter_config.json records, so that the checkpoint loads from any
+    working directory."""
+    if args.lr is None:
+        args.lr = DEFAULT_LRS[args.method]
+    if Path(args.model).expanduser().exists():
+        args.model = str(Path(args.model).expanduser().resolve())
 
 
 # The flags a resumed run may change, as each declares where it is defined (add_flag).

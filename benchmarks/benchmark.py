@@ -160,8 +160,9 @@ def bare_command(args: argparse.Namespace) -> None:
     import torch
     import transformers
 
-    from data import PaddingCollator, load_split, make_loader, split_train_validation, tokenize
+    from data import PaddingCollator, make_loader, split_train_validation, tokenize
     from data import take_subset as take_reviews
+    from data_sources import load_split
     from lora_model import load_base_model, load_tokenizer, wrap_with_lora
     from runtime import autocast, pick_device, pick_precision
     from train_flags import DEFAULT_BATCH_SIZE, DEFAULT_SEED
@@ -246,8 +247,9 @@ def tokenize_command(args: argparse.Namespace) -> None:
     The first pass (with an empty ``datasets`` cache) tokenizes; the second finds the cached
     token ids exactly as a second train.py run does (same fingerprint, same cache file).
     """
-    from data import load_split, tokenize
     from data import take_subset as take_reviews
+    from data import tokenize
+    from data_sources import load_split
     from lora_model import load_tokenizer
 
     tokenizer = load_tokenizer(args.model)
@@ -389,7 +391,7 @@ def target(goal: str, measured: str, met: bool) -> dict:
 
 def context(args: argparse.Namespace, started: float, load_before: tuple) -> dict:
     """Machine, versions, command and how busy the machine was."""
-    from train import library_versions
+    from run_folder import library_versions
 
     return {"machine": cpu_model(), "cores": os.cpu_count(), "system": platform.platform(),
             "versions": library_versions(),
@@ -539,13 +541,8 @@ def grouped_training_speed(args: argparse.Namespace) -> dict[str, float]:
     """Samples/s of forward+backward over one epoch, random vs length-grouped batches."""
     import transformers
 
-    from data import (
-        PaddingCollator,
-        load_split,
-        make_loader,
-        split_train_validation,
-        tokenize,
-    )
+    from data import PaddingCollator, make_loader, split_train_validation, tokenize
+    from data_sources import load_split
     from lora_model import load_base_model, load_tokenizer, wrap_with_lora
     from runtime import autocast, pick_device, pick_precision
     from train_flags import DEFAULT_BATCH_SIZE, DEFAULT_SEED
@@ -585,7 +582,8 @@ def padding_fractions(args: argparse.Namespace) -> dict:
     """Share of padded tokens in one epoch's training batches, random vs length-grouped."""
     from torch.utils.data import DistributedSampler
 
-    from data import PAD_TO_MULTIPLE_OF, load_split, split_train_validation, tokenize
+    from data import PAD_TO_MULTIPLE_OF, split_train_validation, tokenize
+    from data_sources import load_split
     from lora_model import load_tokenizer
     from samplers import LengthGroupedSampler, example_lengths, round_up
     from train_flags import DEFAULT_BATCH_SIZE, DEFAULT_SEED

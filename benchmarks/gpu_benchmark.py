@@ -255,7 +255,7 @@ def synthetic_rows(config, n: int, max_length: int, seed: int) -> list[dict]:
     lengths (``review_lengths``) and random 0/1 labels."""
     import torch
 
-    from data import LABEL
+    from data_sources import LABEL
 
     generator = torch.Generator().manual_seed(seed + 1_000_003)
     ids = torch.randint(1000, config.vocab_size, (n, max_length), generator=generator).tolist()
@@ -521,7 +521,7 @@ def measure_recipe(config, device, precision: str, recipe: dict, counts: dict) -
     from datasets import Dataset
     from transformers import Trainer, TrainingArguments
 
-    from data import LABEL
+    from data_sources import LABEL
 
     batch, length = recipe["batch"], recipe["max_length"]
 
@@ -769,8 +769,8 @@ def gpu_command(args: argparse.Namespace) -> dict:
 
     from benchmarks.benchmark import write_section
     from cli import quiet_library_logs
+    from run_folder import library_versions
     from runtime import pick_device, pick_precision, use_device
-    from train import library_versions
 
     began = time.perf_counter()
     quiet_library_logs()

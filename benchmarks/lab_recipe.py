@@ -30,7 +30,8 @@ from transformers import (
 )
 
 from cli import at_least, positive_float
-from data import DEFAULT_MAX_LENGTH, load_split, split_train_validation, take_subset
+from data import DEFAULT_MAX_LENGTH, split_train_validation, take_subset
+from data_sources import load_split
 
 RECIPE_LR = 2e-3  # the notebook's 5e-5 barely moves MiniLM in 125 steps (see README)
 RECIPE_BATCH_SIZE = 16

@@ -53,17 +53,11 @@ def levers_command(args: argparse.Namespace) -> dict:
         timed_per_sample,
         write_section,
     )
-    from data import (
-        PaddingCollator,
-        load_split,
-        make_loader,
-        split_train_validation,
-        take_subset,
-        tokenize,
-    )
+    from data import PaddingCollator, make_loader, split_train_validation, take_subset, tokenize
+    from data_sources import load_split
     from lora_model import load_base_model, load_tokenizer, wrap_with_lora
+    from run_folder import library_versions
     from runtime import DEFAULT_EVAL_BATCH_SIZES
-    from train import library_versions
     from train_flags import DEFAULT_BATCH_SIZE, DEFAULT_SEED
 
     began, load_before = time.perf_counter(), os.getloadavg()

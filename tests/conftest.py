@@ -56,7 +56,7 @@ import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification  # noqa: E402
 
-from data import FEATURES  # noqa: E402
+from data_sources import FEATURES  # noqa: E402
 from lora_model import load_base_model, load_tokenizer, save_adapter, wrap_with_lora  # noqa: E402
 from runtime import ASSUME_NATIVE_BF16_ENV  # noqa: E402
 

@@ -4,13 +4,13 @@
     interrupt_train.run(POINT, TRAIN_FLAGS)                     # in a forked test process
 
 POINT is one of
-  kill-at-step:N       SIGKILL right after optimizer step N (between checkpoints)
-  kill-at-fsync:N      SIGKILL at the N-th fsync, i.e. in the middle of writing a checkpoint
-  kill-at-replace:N    SIGKILL before the N-th rename that publishes a checkpoint
+  kill-at-step:N       SIGKILL right after optimizer step N (between snapshots)
+  kill-at-fsync:N      SIGKILL at the N-th fsync, i.e. in the middle of writing a snapshot
+  kill-at-replace:N    SIGKILL before the N-th rename that publishes a snapshot
   kill-in-scoring      SIGKILL when training is over and the best adapter is being scored
   signal-at-step:N:SIG send this process signal SIG (TERM or INT) right after step N
   nan-from-step:N      every training loss after step N is NaN
-  disk-full-at-save:N  the disk is full from the N-th checkpoint's training state on
+  disk-full-at-save:N  the disk is full from the N-th snapshot's training state on
 
 SIGKILL cannot be caught, so the process dies exactly as a pre-empted or OOM-killed one does.
 """
@@ -76,15 +76,15 @@ def nan_losses_after(n: int) -> None:
 
 
 def disk_full_at_save(n: int) -> None:
-    """Make the disk full (ENOSPC) when the n-th checkpoint writes its training state, and
-    from then on for every file of a checkpoint, as a disk that stays full would."""
+    """Make the disk full (ENOSPC) when the n-th snapshot writes its training state, and
+    from then on for every file of a snapshot, as a disk that stays full would."""
     calls = [0]
     original = Path.write_bytes
 
     def write_bytes(self: Path, data: bytes) -> int:
         if self.name == resumable.TRAINING_STATE_FILE:
             calls[0] += 1
-        if calls[0] >= n and self.parent.name == resumable.PARTIAL_CHECKPOINT_DIR:
+        if calls[0] >= n and self.parent.name == resumable.PARTIAL_SNAPSHOT_DIR:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
         return original(self, data)
 
@@ -99,9 +99,9 @@ def install(point: str) -> None:
     elif kind == "kill-at-fsync":
         at_call(resumable, "sync_to_disk", int(value))
     elif kind == "kill-at-replace":
-        # os.replace serves other libraries too: count the checkpoint renames only.
+        # os.replace serves other libraries too: count the snapshot renames only.
         at_call(resumable.os, "replace", int(value),
-                counts=lambda source, target: Path(source).name.startswith("checkpoint"))
+                counts=lambda source, target: Path(source).name.startswith("snapshot"))
     elif kind == "kill-in-scoring":
         at_call(train, "load_checkpoint", 1)
     elif kind == "signal-at-step":

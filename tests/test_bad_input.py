@@ -31,7 +31,7 @@ from transformers import (
 import evaluate as evaluate_script
 import train as train_script
 from lora_model import load_base_model, load_tokenizer, save_adapter, wrap_with_lora
-from resumable import lock_run_folder
+from run_folder import lock_run_folder
 
 
 def folder_state(folder: Path) -> dict[str, bytes]:

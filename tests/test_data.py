@@ -14,13 +14,10 @@ from transformers import AutoTokenizer
 
 from cli import UsageError
 from data import (
-    FEATURES,
     TRUNCATION_MODES,
     PaddingCollator,
     Preprocessing,
     head_tail_split,
-    label_to_int,
-    load_split,
     make_loader,
     resolve_preprocessing,
     split_train_validation,
@@ -28,6 +25,7 @@ from data import (
     tokenize,
     tokenizer_fingerprint,
 )
+from data_sources import FEATURES, label_to_int, load_split
 
 
 @pytest.fixture(scope="module")

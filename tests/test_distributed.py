@@ -179,7 +179,7 @@ def test_the_ranks_batches_together_are_the_one_process_batch_in_every_epoch():
 def test_a_killed_two_process_run_resumes_to_the_identical_adapter(
         tiny_model_dir, shared_data_dir, tmp_path, two_processes):
     """Both ranks are SIGKILLed after step 3 (of 4); torchrun on the same command resumes
-    from the epoch-end checkpoint of step 2, each rank with its own random streams, and ends
+    from the epoch-end snapshot of step 2, each rank with its own random streams, and ends
     with exactly the uninterrupted two-process adapter."""
     run = tmp_path / "run"
     flags = ["--model", tiny_model_dir, "--data", str(shared_data_dir), "--output-dir", str(run),

@@ -16,7 +16,7 @@ from datasets import load_dataset
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-import data
+import data_sources
 import train
 from lora_model import (
     ADAPTER_CONFIG,
@@ -137,14 +137,14 @@ def test_train_py_with_no_flags_trains_bert_base_on_imdb(tiny_model_dir, shared_
     fixture reviews); everything else is the code a user runs."""
     load_by_name = {"imdb": lambda split, **kwargs: load_dataset(
         "csv", data_files={split: str(shared_data_dir / f"{split}.csv")}, split=split)}
-    real_load_dataset = data.load_dataset
+    real_load_dataset = data_sources.load_dataset
 
     def fake_load_dataset(name, *args, split=None, **kwargs):
         if name in load_by_name:
             return load_by_name[name](split, **kwargs)
         return real_load_dataset(name, *args, split=split, **kwargs)
 
-    monkeypatch.setattr(data, "load_dataset", fake_load_dataset)
+    monkeypatch.setattr(data_sources, "load_dataset", fake_load_dataset)
     for auto_class in (AutoConfig, AutoTokenizer, AutoModelForSequenceClassification):
         real = auto_class.from_pretrained
 

@@ -33,7 +33,7 @@ RESUME_TOLERANCE = 1e-3
 
 
 def train_flags(model_dir: str, data_dir: Path, folder: Path, *extra: str) -> list[str]:
-    """A short train.py run on the GPU: 2 epochs of 24 reviews, checkpoints every 3 steps."""
+    """A short train.py run on the GPU: 2 epochs of 24 reviews, snapshots every 3 steps."""
     return ["--model", model_dir, "--data", str(data_dir), "--output-dir", str(folder),
             "--device", "cuda", "--epochs", "2", "--batch-size", "4", "--lr", "5e-3",
             "--save-every", "3", "--log-every", "2", *extra]

@@ -69,3 +69,11 @@ def test_the_readme_links_to_files_that_exist_and_to_no_line_numbers():
     missing = [t for t in local if not (REPO / t.split("#")[0]).exists()]
     assert missing == []
     assert not [t for t in local if re.search(r"#L\d", t)]  # every move would break them
+
+
+def test_train_py_stays_a_lesson_and_no_module_grows_past_a_screenful_of_roles():
+    """train.py is read top to bottom (at most 450 lines); machinery lives in modules of its
+    own, none over 600 lines (issue 15's limits: past them, a module holds several roles)."""
+    lines = {name: len(path.read_text().splitlines()) for name, path in MODULES.items()}
+    assert lines["train"] <= 450
+    assert {name: n for name, n in lines.items() if n > 600} == {}

@@ -16,12 +16,12 @@ from data import (
     Preprocessing,
     can_clip,
     clip_review,
-    load_split,
     make_loader,
     take_subset,
     tokenize,
     truncate_ids,
 )
+from data_sources import load_split
 from evaluate import compute_metrics, evaluate_model, predict_logits
 from lora_model import load_base_model, load_tokenizer
 from predict import predict_reviews

@@ -17,7 +17,8 @@ from conftest import IMDB_DIR, MACHINE_ENV, minilm_path, run_script
 from peft import PeftModel
 from transformers import AutoModelForSequenceClassification
 
-from data import PaddingCollator, load_split, make_loader, take_subset, tokenize
+from data import PaddingCollator, make_loader, take_subset, tokenize
+from data_sources import load_split
 from evaluate import predict_logits
 from lora_model import (
     ADAPTER_DIR,

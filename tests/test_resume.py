@@ -1,5 +1,5 @@
 """Exact resume: a run killed anywhere and started again ends bit for bit where an
-uninterrupted run ends; damaged checkpoints fall back or fail clearly; other settings are
+uninterrupted run ends; damaged snapshots fall back or fail clearly; other settings are
 refused.
 
 Every interrupted run is a real process, forked from the test (tests/interrupt_train.py
@@ -24,12 +24,13 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
 import resumable
+import stopping
 import train
 import train_flags
 from cli import FIXED, UsageError, resume_rules
 
 # 72 training reviews in batches of 4, 2 batches per optimizer step: 9 steps per epoch, 18 in
-# all; checkpoints after steps 3, 6, 9 (epoch end), 12, 15, 18; validation after 4, 8, 9, ...
+# all; snapshots after steps 3, 6, 9 (epoch end), 12, 15, 18; validation after 4, 8, 9, ...
 STEPS_PER_EPOCH = 9
 
 
@@ -99,20 +100,20 @@ def resumed_step(stdout: str) -> int:
 
 def test_reference_run_learns_and_cleans_up(setup):
     """The reference really trains (else equality would prove little) and, finished, keeps
-    no checkpoints."""
+    no snapshots."""
     reference = setup["reference"]
     records = training_records(reference)
     assert max(r["step"] for r in records) == 2 * STEPS_PER_EPOCH
     losses = [r["loss"] for r in records if "loss" in r]
     assert len(set(losses)) == len(losses)  # the weights change every step
     assert not any((reference / name).exists() for name in
-                   ("checkpoint", "checkpoint-previous", "checkpoint-partial"))
+                   ("snapshot", "snapshot-previous", "snapshot-partial"))
 
 
 @pytest.mark.parametrize(("point", "extra", "resumes_at"), [
-    ("kill-at-step:7", (), 6),  # between checkpoints (saved after steps 3 and 6)
-    ("kill-at-fsync:10", (), 3),  # writing the step-6 checkpoint: its files half on disk
-    ("kill-at-replace:3", (), 3),  # between the renames: step 3 is checkpoint-previous/
+    ("kill-at-step:7", (), 6),  # between snapshots (saved after steps 3 and 6)
+    ("kill-at-fsync:10", (), 3),  # writing the step-6 snapshot: its files half on disk
+    ("kill-at-replace:3", (), 3),  # between the renames: step 3 is snapshot-previous/
     ("kill-at-step:14", ("--num-workers", "2"), 12),  # epoch 2, worker processes
     ("kill-in-scoring", (), 18),  # training over, scoring the test reviews
 ])
@@ -145,60 +146,60 @@ def test_length_grouped_run_resumes_to_the_identical_result(setup, tmp_path, cap
 
 @pytest.mark.parametrize(("sig", "exit_code"), [("TERM", 143), ("INT", 130)])
 def test_signal_finishes_the_step_saves_and_exits(setup, tmp_path, capsys, sig, exit_code):
-    """SIGTERM/SIGINT: the step finishes, a checkpoint of it is written, exit 143/130 with a
+    """SIGTERM/SIGINT: the step finishes, a snapshot of it is written, exit 143/130 with a
     resume hint; resuming (with --resume) gives the uninterrupted result."""
     folder = tmp_path / "run"
     stopped = interrupted_run(setup, f"signal-at-step:5:{sig}", folder)
     assert stopped.returncode == exit_code, stopped.stderr
     last_line = stopped.stderr.strip().splitlines()[-1]
     assert f"stopped by SIG{sig} at step 5" in last_line and "--resume" in last_line
-    assert json.loads((folder / "checkpoint" / "progress.json").read_text())["step"] == 5
+    assert json.loads((folder / "snapshot" / "progress.json").read_text())["step"] == 5
     resumed = resumed_run(setup, folder, capsys, "--resume")
     assert resumed_step(resumed.stdout) == 5
     assert_same_result(folder, setup["reference"])
 
 
-def test_loss_that_stays_nan_stops_and_keeps_the_last_good_checkpoint(setup, tmp_path):
+def test_loss_that_stays_nan_stops_and_keeps_the_last_good_snapshot(setup, tmp_path):
     """NaN losses from step 5 on: the steps are skipped (weights stay finite) and after
-    MAX_NONFINITE_STEPS of them the run stops with exit 1 and the step-6 checkpoint."""
+    MAX_NONFINITE_STEPS of them the run stops with exit 1 and the step-6 snapshot."""
     folder = tmp_path / "run"
     result = interrupted_run(setup, "nan-from-step:4", folder)
     assert result.returncode == 1, result.stderr
     last_line = result.stderr.strip().splitlines()[-1]
-    assert f"inf/NaN for {train.MAX_NONFINITE_STEPS} steps in a row" in last_line
-    assert "the checkpoint of step 6" in last_line
-    assert resumable.checkpoint_problem(folder / "checkpoint") is None
-    weights = load_file(folder / "checkpoint" / "trainable.safetensors")
+    assert f"inf/NaN for {stopping.MAX_NONFINITE_STEPS} steps in a row" in last_line
+    assert "the snapshot of step 6" in last_line
+    assert resumable.snapshot_problem(folder / "snapshot") is None
+    weights = load_file(folder / "snapshot" / "trainable.safetensors")
     assert all(torch.isfinite(tensor).all() for tensor in weights.values())
 
 
 def test_a_full_disk_stops_the_run_in_one_sentence_and_the_same_command_resumes(setup,
                                                                                 tmp_path, capsys):
-    """The disk fills up while the second checkpoint (step 6) is written: exit 1, one line
-    naming the file, the step-3 checkpoint intact; with space back, the same command resumes
+    """The disk fills up while the second snapshot (step 6) is written: exit 1, one line
+    naming the file, the step-3 snapshot intact; with space back, the same command resumes
     from it and ends with the uninterrupted run's result."""
     folder = tmp_path / "run"
     full = interrupted_run(setup, "disk-full-at-save:2", folder)
     assert full.returncode == 1, full.stderr[-3000:]
     assert "Traceback" not in full.stderr
     last_line = full.stderr.strip().splitlines()[-1]
-    partial = folder / resumable.PARTIAL_CHECKPOINT_DIR / resumable.TRAINING_STATE_FILE
+    partial = folder / resumable.PARTIAL_SNAPSHOT_DIR / resumable.TRAINING_STATE_FILE
     assert f": error: could not write {partial}: no space left on device (" in last_line
     assert "run the same command again" in last_line
-    assert resumable.checkpoint_problem(folder / "checkpoint") is None
-    assert json.loads((folder / "checkpoint" / "progress.json").read_text())["step"] == 3
+    assert resumable.snapshot_problem(folder / "snapshot") is None
+    assert json.loads((folder / "snapshot" / "progress.json").read_text())["step"] == 3
     resumed = resumed_run(setup, folder, capsys)
     assert resumed_step(resumed.stdout) == 3
     assert_same_result(folder, setup["reference"])
 
 
 # ---------------------------------------------------------------------------------------------
-# Damaged checkpoints and other settings
+# Damaged snapshots and other settings
 
 
 @pytest.fixture(scope="module")
 def killed_run(setup) -> Path:
-    """A run killed after step 7: checkpoint/ holds step 6, checkpoint-previous/ step 3."""
+    """A run killed after step 7: snapshot/ holds step 6, snapshot-previous/ step 3."""
     folder = setup["root"] / "killed"
     result = interrupted_run(setup, "kill-at-step:7", folder)
     assert result.returncode == -signal.SIGKILL, result.stderr
@@ -229,32 +230,45 @@ def flip_a_byte(path: Path) -> None:
     lambda folder: (folder / "manifest.json").unlink(),
     lambda folder: (folder / "progress.json").unlink(),
 ], ids=["truncated-weights", "flipped-byte", "no-manifest", "missing-file"])
-def test_damaged_latest_checkpoint_falls_back_to_the_previous(killed_copy, capsys, damage):
-    damage(killed_copy / "checkpoint")
-    assert resumable.find_checkpoint(killed_copy) == killed_copy / "checkpoint-previous"
-    assert "warning: the checkpoint in" in capsys.readouterr().out
+def test_damaged_latest_snapshot_falls_back_to_the_previous(killed_copy, capsys, damage):
+    damage(killed_copy / "snapshot")
+    assert resumable.find_snapshot(killed_copy) == killed_copy / "snapshot-previous"
+    assert "warning: the snapshot in" in capsys.readouterr().out
 
 
-def test_every_checkpoint_damaged_is_one_clear_error(killed_copy):
-    truncate(killed_copy / "checkpoint" / "trainable.safetensors")
-    flip_a_byte(killed_copy / "checkpoint-previous" / "training_state.pt")
+def test_every_snapshot_damaged_is_one_clear_error(killed_copy):
+    truncate(killed_copy / "snapshot" / "trainable.safetensors")
+    flip_a_byte(killed_copy / "snapshot-previous" / "training_state.pt")
     with pytest.raises(UsageError) as error:
-        resumable.find_checkpoint(killed_copy)
+        resumable.find_snapshot(killed_copy)
     message = str(error.value)
-    assert "holds no valid checkpoint" in message and "--overwrite" in message
-    assert "checkpoint/: trainable.safetensors has" in message
-    assert "checkpoint-previous/: training_state.pt does not match its SHA-256" in message
+    assert "holds no valid snapshot" in message and "--overwrite" in message
+    assert "snapshot/: trainable.safetensors has" in message
+    assert "snapshot-previous/: training_state.pt does not match its SHA-256" in message
 
 
-def test_resume_from_the_previous_checkpoint_gives_the_identical_result(setup, killed_copy,
+def test_resume_from_the_previous_snapshot_gives_the_identical_result(setup, killed_copy,
                                                                         capsys):
-    """End to end: the latest checkpoint is cut short; the run resumes from the one before
+    """End to end: the latest snapshot is cut short; the run resumes from the one before
     (with a warning) and still ends exactly as the uninterrupted run."""
-    truncate(killed_copy / "checkpoint" / "trainable.safetensors")
+    truncate(killed_copy / "snapshot" / "trainable.safetensors")
     resumed = resumed_run(setup, killed_copy, capsys)
     assert "is damaged" in resumed.stdout
     assert resumed_step(resumed.stdout) == 3
     assert_same_result(killed_copy, setup["reference"])
+
+
+def test_a_run_folder_from_before_the_rename_to_snapshot_resumes(setup, killed_copy, capsys):
+    """Runs written before the resumable state was called a snapshot keep it in checkpoint/
+    and checkpoint-previous/ (the same files): they resume from the newer, end exactly as the
+    uninterrupted run, and the finished run deletes the old folders too."""
+    for new, old in zip(("snapshot", "snapshot-previous"), resumable.OLD_SNAPSHOT_DIRS,
+                        strict=True):
+        (killed_copy / new).rename(killed_copy / old)
+    resumed = resumed_run(setup, killed_copy, capsys)
+    assert resumed_step(resumed.stdout) == 6
+    assert_same_result(killed_copy, setup["reference"])
+    assert not [name for name in resumable.ALL_SNAPSHOT_DIRS if (killed_copy / name).exists()]
 
 
 def run_in_process(setup: dict, folder: Path, *extra: str) -> None:

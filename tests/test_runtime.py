@@ -125,7 +125,7 @@ def test_torchrun_variables_that_do_not_fit_the_machine_are_one_sentence(monkeyp
 
 
 def test_random_streams_are_saved_and_restored_for_the_gpu_in_use(monkeypatch):
-    """A checkpoint holds the stream of the GPU the process trained on (not every GPU's), and
+    """A snapshot holds the stream of the GPU the process trained on (not every GPU's), and
     resuming puts it on the GPU the process now trains on, whatever its number."""
     read, written = [], []
     monkeypatch.setattr(torch.cuda, "get_rng_state",

@@ -1,0 +1,230 @@
+"""Reading reviews from where they are: a Hugging Face Hub dataset, a folder in the original
+``aclImdb`` layout, or a folder of ``train.*``/``test.*`` files (Parquet, CSV, JSON Lines).
+
+``load_split`` gives every split the same two columns, ``text`` (str) and ``label`` (0 =
+negative, 1 = positive, a ``ClassLabel``), whatever the source looked like, and refuses in one
+sentence what it cannot read as reviews: a file that does not parse, missing columns, labels
+that are not two classes, texts that are not text or are empty. Nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from datasets import ClassLabel, Dataset, Features, Value, load_dataset
+from datasets.exceptions import DatasetGenerationError
+from datasets.fingerprint import Hasher
+from pyarrow import parquet as pq
+from pyarrow.lib import ArrowException
+
+from cli import UsageError
+
+TEXT, LABEL = "text", "label"
+# Strings some datasets use for the two classes (compared lower-cased, stripped).
+LABEL_ALIASES = {"0": 0, "1": 1, "neg": 0, "pos": 1, "negative": 0, "positive": 1}
+# File endings accepted in a local data folder, and the `datasets` builder that reads each.
+FILE_BUILDERS = {".parquet": "parquet", ".csv": "csv", ".jsonl": "json", ".json": "json"}
+# What `datasets` says when a data file holds no rows (a CSV with only its header, say).
+NO_ROWS_MESSAGE = "corresponds to no data"
+# Column types that hold review texts (a column of numbers, bytes or lists is refused).
+TEXT_DTYPES = ("string", "large_string")
+# Characters of a refused value shown in an error message.
+SHOWN_VALUE_CHARS = 60
+ACLIMDB_CLASSES = {"neg": 0, "pos": 1}
+
+FEATURES = Features({TEXT: Value("string"), LABEL: ClassLabel(names=["neg", "pos"])})
+
+
+def load_split(data: str, split: str, text_column: str = TEXT,
+               label_column: str = LABEL) -> Dataset:
+    """Load one split ("train" or "test") as a Dataset with columns ``text`` and ``label``."""
+    folder = Path(data).expanduser()
+    if folder.is_dir():
+        if is_aclimdb(folder):
+            return check_reviews(load_aclimdb_split(folder / split), str(folder / split))
+        raw, source = load_file_split(folder, split)
+    elif folder.exists():
+        raise UsageError(f"--data {data} is a file; give the folder that holds train.* and "
+                         "test.* (or the aclImdb folder)")
+    elif looks_like_path(data):
+        raise UsageError(f"--data folder {data} does not exist")
+    else:
+        raw, source = load_hub_split(data, split), f"{data} ({split})"
+    return check_reviews(normalize_columns(raw, text_column, label_column, source), source)
+
+
+def looks_like_path(name: str) -> bool:
+    """True for names that can only be local paths (a Hub id is "name" or "owner/name")."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1
+
+
+def is_aclimdb(folder: Path) -> bool:
+    return any((folder / "train" / name).is_dir() for name in ACLIMDB_CLASSES)
+
+
+def load_aclimdb_split(split_folder: Path) -> Dataset:
+    """Read aclImdb's ``{neg,pos}/*.txt`` files (``unsup`` is ignored)."""
+    files = {name: sorted((split_folder / name).glob("*.txt")) for name in ACLIMDB_CLASSES}
+    for name, paths in files.items():
+        if not paths:
+            raise UsageError(f"aclImdb folder {split_folder / name} is missing or holds no "
+                             "*.txt reviews")
+    # The stamp makes the `datasets` cache notice added, removed or edited files.
+    stamp = Hasher.hash([(str(p), p.stat().st_size, p.stat().st_mtime_ns)
+                         for paths in files.values() for p in paths])
+    return reading(split_folder, lambda: Dataset.from_generator(
+        aclimdb_examples, features=FEATURES,
+        gen_kwargs={"files": {k: [str(p) for p in v] for k, v in files.items()}, "stamp": stamp}))
+
+
+def reading(source: Path, read):
+    """Call `read()`; turn a file that cannot be parsed into one sentence naming the file."""
+    try:
+        return read()
+    except DatasetGenerationError as error:
+        cause = error.__cause__ or error
+        if isinstance(cause, UsageError):
+            raise cause from None
+        raise UsageError(f"could not read {source}: {describe_read_error(cause)}") from error
+    except (ArrowException, UnicodeDecodeError, ValueError) as error:
+        raise UsageError(f"could not read {source}: {describe_read_error(error)}") from error
+
+
+def describe_read_error(error: BaseException) -> str:
+    if isinstance(error, UnicodeDecodeError):
+        return (f"it is not valid UTF-8 text ({error.reason} at byte {error.start}); "
+                "save it as UTF-8")
+    if type(error).__name__ == "EmptyDataError":
+        return "the file is empty"
+    if NO_ROWS_MESSAGE in str(error):
+        return "it holds no reviews, at most a header; add the reviews, one a row"
+    return " ".join(f"{type(error).__name__}: {error}".split())
+
+
+def aclimdb_examples(files: dict[str, list[str]], stamp: str):
+    for name, paths in files.items():
+        for path in paths:
+            try:
+                text = Path(path).read_text(encoding="utf-8")
+            except UnicodeDecodeError as error:
+                raise UsageError(f"{path} is not valid UTF-8 text ({error.reason} at byte "
+                                 f"{error.start}); save it as UTF-8") from error
+            yield {TEXT: text, LABEL: ACLIMDB_CLASSES[name]}
+
+
+def load_file_split(folder: Path, split: str) -> tuple[Dataset, str]:
+    """Read ``folder/{split}.{parquet,csv,jsonl,json}``; return it and the file's name."""
+    candidates = [folder / f"{split}{ending}" for ending in FILE_BUILDERS]
+    found = [path for path in candidates if path.is_file()]
+    if not found:
+        raise UsageError(
+            f"--data folder {folder} has no {split} data: expected {split}/{{neg,pos}}/*.txt "
+            f"(aclImdb) or one of {', '.join(p.name for p in candidates)}")
+    if len(found) > 1:
+        raise UsageError(
+            f"--data folder {folder} holds {len(found)} {split} files "
+            f"({', '.join(p.name for p in found)}); keep one, so that it is clear which is read")
+    path = found[0]
+    if path.suffix == ".parquet" and parquet_rows(path) == 0:
+        # `datasets` would fail with "BatchSize must be greater than 0".
+        raise UsageError(f"could not read {path}: it holds no reviews; add the reviews")
+    raw = reading(path, lambda: load_dataset(FILE_BUILDERS[path.suffix],
+                                              data_files={split: str(path)}, split=split))
+    return raw, str(path)
+
+
+def parquet_rows(path: Path) -> int:
+    """The number of rows `path` says it holds (read from its footer, not its data)."""
+    return reading(path, lambda: pq.ParquetFile(path).metadata.num_rows)
+
+
+def load_hub_split(name: str, split: str) -> Dataset:
+    try:
+        return load_dataset(name, split=split)
+    except (ConnectionError, OSError) as error:
+        raise UsageError(
+            f"could not load dataset {name!r} from the Hugging Face Hub "
+            f"({' '.join(str(error).split())}); offline, pass a local folder with --data PATH"
+        ) from error
+
+
+def normalize_columns(raw: Dataset, text_column: str = TEXT, label_column: str = LABEL,
+                      source: str = "the data") -> Dataset:
+    """Keep the text and label columns, renamed to ``text``/``label``, labels mapped to 0/1.
+
+    `source` names the data in error messages.
+    """
+    if text_column == label_column:
+        raise UsageError(
+            f"--text-column and --label-column both name {text_column!r}; the texts and the "
+            f"labels must come from two columns (columns of {source}: "
+            f"{', '.join(raw.column_names)})")
+    missing = [c for c in (text_column, label_column) if c not in raw.column_names]
+    if missing:
+        raise UsageError(
+            f"column {missing[0]!r} not found (columns: {', '.join(raw.column_names)}); "
+            "choose them with --text-column / --label-column")
+    raw = raw.select_columns([text_column, label_column])
+    check_text_column(raw, text_column, source)
+    bad = [(row, value) for row, value in enumerate(raw[label_column])
+           if label_to_int(value) is None]
+    if bad:
+        shown = ", ".join(f"row {row}: {value!r}" for row, value in bad[:3])
+        raise UsageError(f"{len(bad)} labels are not 0/1, neg/pos or negative/positive "
+                         f"({shown})")
+    return raw.map(
+        lambda batch: {TEXT: batch[text_column],
+                       LABEL: [label_to_int(v) for v in batch[label_column]]},
+        batched=True, remove_columns=raw.column_names, features=FEATURES,
+        desc="Checking labels")
+
+
+def check_text_column(raw: Dataset, column: str, source: str) -> None:
+    """Refuse a text column of numbers, bytes or lists, which would be read as texts silently.
+
+    A column with no values at all (a CSV whose texts are all empty reads as numbers) is left
+    to check_reviews, which counts the empty texts.
+    """
+    feature = raw.features[column]
+    dtype = getattr(feature, "dtype", None)  # a list column has none
+    if dtype in TEXT_DTYPES:
+        return
+    values = [(row, value) for row, value in enumerate(raw[column]) if value is not None]
+    if not values:
+        return
+    row, value = values[0]
+    kind = f"{dtype} values" if dtype else f"{type(feature).__name__.lower()}s"
+    raise UsageError(
+        f"--text-column {column!r} of {source} holds {kind}, not text (row {row}: "
+        f"{shorten(repr(value))}); name the column of review texts with "
+        "--text-column, or store the reviews as strings")
+
+
+def shorten(text: str) -> str:
+    """`text` cut to SHOWN_VALUE_CHARS characters, "..." marking a cut."""
+    return text if len(text) <= SHOWN_VALUE_CHARS else text[:SHOWN_VALUE_CHARS] + "..."
+
+
+def check_reviews(split: Dataset, source: str) -> Dataset:
+    """Refuse a split with no reviews or with missing/empty texts, naming how many and where."""
+    if len(split) == 0:
+        raise UsageError(f"{source} holds no reviews")
+    empty = [row for row, text in enumerate(split[TEXT]) if text is None or not text.strip()]
+    if empty:
+        shown = ", ".join(str(row) for row in empty[:5]) + (", ..." if len(empty) > 5 else "")
+        raise UsageError(f"{len(empty)} of {len(split)} reviews in {source} have no text "
+                         f"(rows {shown}); nothing was dropped: remove or fill those rows")
+    return split
+
+
+def label_to_int(value: object) -> int | None:
+    """Map a raw label (0/1, "neg"/"pos", "negative"/"positive", any case) to 0/1, else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if value in (0, 1) else None
+    if isinstance(value, float) and value.is_integer():
+        return label_to_int(int(value))
+    if isinstance(value, str):
+        return LABEL_ALIASES.get(value.strip().lower())
+    return None
