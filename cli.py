@@ -134,12 +134,13 @@ def quiet_library_logs() -> None:
                             category=FutureWarning)
 
 
-def run_command(parser: argparse.ArgumentParser, run_args, argv: list[str] | None = None
-                ) -> int:
+def run_command(parser: argparse.ArgumentParser, run_args, argv: list[str] | None = None,
+                after_disk_full=lambda args: "") -> int:
     """What every script's main() does: parse the flags, quiet the libraries, run_args(args).
 
     A mistake in the user's input (UsageError) becomes argparse's one-line error with exit
-    code 2 instead of a traceback; a full disk one line and exit code 1 (``disk_full_message``).
+    code 2 instead of a traceback; a full disk one line and exit code 1 (``disk_full_message``,
+    ending with ``after_disk_full(args)``: what the same command does when run again).
     """
     args = parser.parse_args(argv)
     quiet_library_logs()
@@ -150,7 +151,8 @@ def run_command(parser: argparse.ArgumentParser, run_args, argv: list[str] | Non
     except OSError as error:
         if error.errno not in DISK_FULL_ERRORS:
             raise
-        print(f"{parser.prog}: error: {disk_full_message(error)}", file=sys.stderr)
+        print(f"{parser.prog}: error: {disk_full_message(error)}{after_disk_full(args)}",
+              file=sys.stderr)
         return 1
     return 0
 
@@ -158,7 +160,10 @@ def run_command(parser: argparse.ArgumentParser, run_args, argv: list[str] | Non
 def disk_full_message(error: OSError) -> str:
     """One sentence for a write that found the disk full (or the user's quota used up)."""
     where = error.filename or "a file"
-    space = shutil.disk_usage(Path(where).parent if error.filename else ".").free
+    # The free space where the file was going: its nearest folder that still exists (a
+    # half-written folder is removed by the time this runs).
+    folder = next(p for p in Path(error.filename or "x").parents if p.exists())
+    space = shutil.disk_usage(folder).free
     return (f"could not write {where}: {os.strerror(error.errno).lower()} "
             f"({space / 2**20:,.0f} MB free there); free some space and run the same command "
-            "again (train.py resumes from its last snapshot, which is intact)")
+            "again")

@@ -24,8 +24,9 @@ from datasets.fingerprint import Hasher
 from pyarrow.lib import ArrowException
 from torch.utils.data import DataLoader, DistributedSampler, get_worker_info
 
-from cli import ADJUSTABLE, FIXED, UsageError, add_flag, at_least
+from cli import ADJUSTABLE, DISK_FULL_ERRORS, FIXED, UsageError, add_flag, at_least
 from data_sources import LABEL, TEXT
+from files import writing
 from runtime import DEFAULT_NUM_WORKERS
 from samplers import (
     LengthGroupedSampler,
@@ -302,14 +303,18 @@ def tokenize(split: Dataset, tokenizer, max_length: int,
                          load_from_cache_file=load_from_cache_file,
                          desc=f"Tokenizing (max length {max_length}, {truncation})")
 
-    try:
-        return tokenize_all(load_from_cache_file=True)
-    except (OSError, ArrowException) as error:
-        # A cache file cut short (a crash or a full disk while it was written) is never read:
-        # tokenize again, which writes the cache file anew.
-        print(f"Warning: the tokenization cache could not be read ({error}); tokenizing again",
-              file=sys.stderr)
-        return tokenize_all(load_from_cache_file=False)
+    cache = Path(split.cache_files[0]["filename"]).parent if split.cache_files else Path(".")
+    with writing(cache):  # a full disk names the cache folder
+        try:
+            return tokenize_all(load_from_cache_file=True)
+        except (OSError, ArrowException) as error:
+            if getattr(error, "errno", None) in DISK_FULL_ERRORS:
+                raise  # not a damaged cache: no space to write it
+            # A cache file cut short (a crash or a full disk while it was written) is never
+            # read: tokenize again, which writes the cache file anew.
+            print(f"Warning: the tokenization cache could not be read ({error}); tokenizing "
+                  "again", file=sys.stderr)
+            return tokenize_all(load_from_cache_file=False)
 
 
 @dataclass(frozen=True)

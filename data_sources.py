@@ -69,6 +69,11 @@ def load_aclimdb_split(split_folder: Path) -> Dataset:
         if not paths:
             raise UsageError(f"aclImdb folder {split_folder / name} is missing or holds no "
                              "*.txt reviews")
+    empty = [path for paths in files.values() for path in paths if path.stat().st_size == 0]
+    if empty:  # named by file: a row number means nothing in a folder of files
+        shown = ", ".join(str(path) for path in empty[:3]) + (", ..." if len(empty) > 3 else "")
+        raise UsageError(f"{len(empty)} review files in {split_folder} are empty ({shown}); "
+                         "nothing was dropped: remove or fill those files")
     # The stamp makes the `datasets` cache notice added, removed or edited files.
     stamp = Hasher.hash([(str(p), p.stat().st_size, p.stat().st_mtime_ns)
                          for paths in files.values() for p in paths])

@@ -39,6 +39,7 @@ from data import (
     tokenizer_fingerprint,
 )
 from data_sources import load_split
+from files import write_json
 from lora_model import (
     add_model_argument,
     checkpoint_base_model,
@@ -47,7 +48,7 @@ from lora_model import (
     load_checkpoint,
     load_tokenizer,
 )
-from report import METRIC_NAMES, plot_comparison, write_json
+from report import METRIC_NAMES, plot_comparison
 from runtime import (
     add_runtime_arguments,
     autocast,

@@ -49,6 +49,7 @@ from cli import (
 )
 from data import LABEL_NAMES, PREPROCESSING_FILE
 from data_sources import looks_like_path
+from files import write_folder
 
 DEFAULT_MODEL = "bert-base-uncased"
 # The classifier head of the pre-trained ("before") model is random; drawing it from a fixed
@@ -79,7 +80,7 @@ TOKENIZER_CONFIG = "tokenizer_config.json"
 # A --method head checkpoint: the head's weights alone, and the base model they sit on.
 HEAD_CONFIG = "head_config.json"
 HEAD_WEIGHTS = "head.safetensors"
-# What train.py trains (--method): each is a row of the README's comparison table.
+# What train.py trains (--method): each is a row of the comparison in docs/results.md.
 METHODS = {
     "lora": "LoRA adapters on the frozen encoder, plus the classifier head",
     "head": "the classifier head alone, on the frozen encoder (a linear probe)",
@@ -491,11 +492,20 @@ def merge_adapter(checkpoint: str | Path, out: str | Path, base_model: str | Non
     # the merged weights for NaNs before replacing the originals.
     if isinstance(model, PeftModel):
         model = model.merge_and_unload(safe_merge=True)
-    out.mkdir(parents=True, exist_ok=True)  # only now: a refused merge leaves no folder behind
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    if (folder / PREPROCESSING_FILE).is_file():  # how to tokenize for it travels with it
-        shutil.copyfile(folder / PREPROCESSING_FILE, out / PREPROCESSING_FILE)
+
+    def write(partial: Path) -> None:
+        model.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+        if (folder / PREPROCESSING_FILE).is_file():  # how to tokenize for it travels with it
+            shutil.copyfile(folder / PREPROCESSING_FILE, partial / PREPROCESSING_FILE)
+        # --overwrite replaces the merged model's files; the folder's other files stay.
+        for entry in out.iterdir() if out.is_dir() else ():
+            if not (partial / entry.name).exists():
+                (shutil.copytree if entry.is_dir() else shutil.copy2)(entry, partial / entry.name)
+
+    # Only now is anything written (a refused merge leaves no folder behind), and whole or not
+    # at all: a full disk or a kill leaves the previous --out folder (or none).
+    write_folder(out, write)
     return out
 
 

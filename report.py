@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,6 +23,7 @@ if TYPE_CHECKING:
 
 from cli import UsageError, run_command
 from data import LABEL_NAMES
+from files import writing
 from lora_model import ADAPTER_DIR, METHODS, MODEL_DIR
 
 # The files of a run folder: written by train.py, read here.
@@ -45,19 +45,6 @@ DPI = 120
 CONFIG_SHOWN_ELSEWHERE = ("versions", "train_examples", "validation_examples", "test_examples")
 
 
-def write_json(path: Path, value: object) -> None:
-    """Write `value` as indented JSON, whole or not at all: into a file beside `path`, then
-    renamed over it, so that a reader never sees half a file and a full disk leaves the old
-    one (or none) in place."""
-    partial = path.with_name(f".{path.name}.partial")
-    try:
-        partial.write_text(json.dumps(value, indent=2) + "\n")
-    except OSError:
-        partial.unlink(missing_ok=True)
-        raise
-    os.replace(partial, path)
-
-
 class RunLog:
     """log.jsonl, one JSON record per line, written as the run goes (by rank 0).
 
@@ -72,8 +59,9 @@ class RunLog:
 
     def write(self, record: dict) -> None:
         """Append `record` as one line, flushed (a kill loses no finished line)."""
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        with writing(Path(self.file.name)):
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
 
     def size(self) -> int:
         """Bytes written so far: what a snapshot records as `log_bytes`."""
@@ -134,7 +122,8 @@ def save_figure(figure: Figure, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(figure)
-    figure.savefig(path, dpi=DPI)
+    with writing(path):
+        figure.savefig(path, dpi=DPI)
     return path
 
 
@@ -370,13 +359,18 @@ def report_markdown(run_dir: Path, config: dict, metrics: dict, training: list[d
     return "\n\n".join(sections) + "\n"
 
 
-def write_report(run_dir: str | Path) -> Path:
-    """Draw training_curves.png and comparison.png into a run folder and write report.md."""
+def write_report(run_dir: str | Path, metrics: dict | None = None) -> Path:
+    """Draw training_curves.png and comparison.png into a run folder and write report.md.
+
+    `metrics` as metrics.json holds them (default: read from it): train.py passes them before
+    it writes metrics.json, the file that marks a run finished, so that a report that cannot
+    be written (a full disk) leaves a run the same command resumes.
+    """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UsageError(f"{run_dir} is not a folder; give a train.py run folder (runs/NAME)")
     config = read_json(run_dir / CONFIG_FILE)
-    metrics = read_json(run_dir / METRICS_FILE)
+    metrics = metrics or read_json(run_dir / METRICS_FILE)
     log_path = run_dir / LOG_FILE
     if not log_path.is_file():
         raise UsageError(f"{log_path} is missing: is {run_dir} a finished train.py run folder?")
@@ -385,7 +379,8 @@ def write_report(run_dir: str | Path) -> Path:
     plot_comparison([("before", metrics["before"]), ("after", metrics["after"])],
                     run_dir / COMPARISON_PNG)
     report = run_dir / REPORT_MD
-    report.write_text(report_markdown(run_dir, config, metrics, training, validation))
+    with writing(report):
+        report.write_text(report_markdown(run_dir, config, metrics, training, validation))
     return report
 
 

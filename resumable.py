@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as tensors_to_bytes
 
 from cli import UsageError
-from report import write_json
+from files import sync_to_disk, write_json, writing
 from runtime import from_main_process, is_main_process, print_main
 
 # SNAPSHOT_DIR is the latest snapshot, PREVIOUS_SNAPSHOT_DIR the one before it; a new one is
@@ -123,15 +123,6 @@ def file_sha256(path: Path) -> str:
         return hashlib.file_digest(file, "sha256").hexdigest()
 
 
-def sync_to_disk(path: Path) -> None:
-    """fsync a file or folder: its bytes (or its list of names) are on disk when this returns."""
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
 def write_snapshot(folder: Path, files: dict[str, object]) -> None:
     """Write a complete snapshot into the new folder `folder`, every byte flushed to disk.
 
@@ -153,26 +144,13 @@ def write_snapshot(folder: Path, files: dict[str, object]) -> None:
             data = buffer.getvalue()
         else:
             data = (json.dumps(content, indent=2) + "\n").encode()
-        path.write_bytes(data)
-        sync_to_disk(path)
+        with writing(path):
+            path.write_bytes(data)
+            sync_to_disk(path)
         manifest[name] = {"size": path.stat().st_size, "sha256": file_sha256(path)}
     write_json(folder / MANIFEST_FILE, manifest)
     sync_to_disk(folder / MANIFEST_FILE)
     sync_to_disk(folder)
-
-
-def swap_in_folder(new: Path, folder: Path) -> None:
-    """Put the complete folder `new` in the place of `folder` (which may not exist yet).
-
-    Two renames, each atomic: `folder` is always the old or the new one whole, except for the
-    instant between them, when the old one is `.NAME.old` beside it.
-    """
-    old = folder.with_name(f".{folder.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if folder.exists():
-        os.replace(folder, old)
-    os.replace(new, folder)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def publish_snapshot(partial: Path, run_folder: Path) -> None:

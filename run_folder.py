@@ -28,7 +28,16 @@ import transformers
 
 from cli import UsageError, check_can_write
 from data import Preprocessing
-from lora_model import ADAPTER_DIR, DEFAULT_METHOD, MODEL_DIR, checkpoint_folder, save_checkpoint
+from files import write_folder, write_json
+from lora_model import (
+    ADAPTER_DIR,
+    DEFAULT_METHOD,
+    MODEL_DIR,
+    checkpoint_folder,
+    folder_size,
+    format_size,
+    save_checkpoint,
+)
 from report import (
     COMPARISON_PNG,
     CONFIG_FILE,
@@ -36,9 +45,8 @@ from report import (
     LOG_FILE,
     METRICS_FILE,
     REPORT_MD,
-    write_json,
 )
-from resumable import ALL_SNAPSHOT_DIRS, discard_newer_snapshots, find_snapshot, swap_in_folder
+from resumable import ALL_SNAPSHOT_DIRS, SNAPSHOT_DIRS, discard_newer_snapshots, find_snapshot
 from runtime import from_main_process, is_main_process, print_main, wait_for_all_ranks
 
 # In the run folder: locked by the run using it, and naming that run (lock_run_folder).
@@ -219,14 +227,28 @@ def remove_run_files(folder: Path) -> None:
 
 def save_best_checkpoint(args: argparse.Namespace, model: torch.nn.Module, tokenizer) -> None:
     """Save the run's best checkpoint with the preprocessing evaluate.py must repeat, whole or
-    not at all: written into a folder beside it, then swapped in (``swap_in_folder``), so a
+    not at all: written into a folder beside it, then swapped in (``write_folder``), so a
     full disk or a kill leaves the previous best in place."""
-    folder = checkpoint_folder(args.output_dir, args.method)
-    partial = folder.with_name(f".{folder.name}.partial")
-    shutil.rmtree(partial, ignore_errors=True)  # a save that a kill cut short
-    save_checkpoint(model, tokenizer, partial, args.method)
-    Preprocessing(args.truncation, args.max_length).save(partial)
-    swap_in_folder(partial, folder)
+    def write(partial: Path) -> None:
+        save_checkpoint(model, tokenizer, partial, args.method)
+        Preprocessing(args.truncation, args.max_length).save(partial)
+
+    write_folder(checkpoint_folder(args.output_dir, args.method), write)
+
+
+def disk_full_advice(args: argparse.Namespace) -> str:
+    """What a run stopped by a full disk says after "run the same command again": that it
+    resumes, and roughly how much space it needs: three snapshots (the latest, the previous
+    and the next while it is written) and the best checkpoint."""
+    folder = args.output_dir if isinstance(args.output_dir, Path) else Path(".")
+    snapshot = next((folder / name for name in SNAPSHOT_DIRS if (folder / name).is_dir()), None)
+    advice = ": it resumes from the last snapshot, which is intact"
+    if snapshot is not None:
+        checkpoint = checkpoint_folder(folder, args.method)
+        needed = 3 * folder_size(snapshot) + (folder_size(checkpoint) if checkpoint.is_dir()
+                                              else 0)
+        advice += f" (the run needs about {format_size(needed)} for its snapshots and checkpoint)"
+    return advice
 
 
 def finish_run_folder(folder: Path) -> None:

@@ -188,7 +188,7 @@ def init_distributed(device_name: str) -> tuple[int, int, torch.device]:
     local_rank = os.environ.get("LOCAL_RANK", "")
     if not local_rank.isdigit():
         raise UsageError("RANK is set but LOCAL_RANK is not a process number: start several "
-                         "processes with torchrun, which sets both (see README)")
+                         "processes with torchrun, which sets both (see docs/distributed.md)")
     if device.type == "cuda":
         gpus = torch.cuda.device_count()
         if int(local_rank) >= gpus:

@@ -2,7 +2,7 @@
 
     python train.py                                  # bert-base-uncased + the Hub's imdb
     python train.py --model PATH --data PATH ...     # local folders, offline
-    torchrun --nproc_per_node=4 train.py ...         # data parallel over 4 GPUs (see README)
+    torchrun --nproc_per_node=4 train.py ...         # 4 GPUs, data parallel: docs/distributed.md
 
 ``--method head`` trains only the classifier head and ``--method full`` every weight, with
 the same loop and data, for comparison with LoRA.
@@ -46,6 +46,7 @@ from data import (
 )
 from data_sources import load_split
 from evaluate import evaluate_model, format_comparison, test_loader_for
+from files import write_json
 from lora_model import (
     METHODS,
     check_encoder,
@@ -58,7 +59,7 @@ from lora_model import (
     parameter_counts,
     prepare_model,
 )
-from report import LOG_FILE, METRICS_FILE, REPORT_MD, RunLog, write_json, write_report
+from report import LOG_FILE, METRICS_FILE, REPORT_MD, RunLog, write_report
 from runtime import autocast, is_main_process, print_main
 from train_flags import ADJUSTABLE_ON_RESUME, build_parser, fill_flag_defaults
 
@@ -415,8 +416,8 @@ def run(args: argparse.Namespace) -> dict:
                "test_seconds": test_seconds,
                "wall_seconds": time.perf_counter() - run_started}
     if is_main_process():
-        write_json(args.output_dir / METRICS_FILE, metrics)
-        write_report(args.output_dir)
+        write_report(args.output_dir, metrics)
+        write_json(args.output_dir / METRICS_FILE, metrics)  # last: the run is finished
         run_folder.finish_run_folder(args.output_dir)
     print_main(f"\nTest reviews ({len(test)}), pre-trained vs fine-tuned ({args.method}):")
     print_main(format_comparison([("before", before), ("after", after)]))
@@ -430,7 +431,7 @@ def run(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of train.py (also under torchrun)."""
     try:
-        return run_command(build_parser(), run, argv)
+        return run_command(build_parser(), run, argv, run_folder.disk_full_advice)
     except stopping.TrainingStopped as stop:
         print_main(f"train.py: {stop}", file=sys.stderr)
         return stop.exit_code

@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(group, FIXED, "--lr", type=positive_float, default=None,
              help="peak AdamW learning rate (default: by --method, " + ", ".join(
                  f"{method} {lr:g}" for method, lr in DEFAULT_LRS.items())
-             + "; see README)")
+             + "; see docs/reference.md)")
     add_flag(group, FIXED, "--weight-decay", type=non_negative_float, default=0.01,
              help="AdamW weight decay, not applied to biases and LayerNorm "
                   "(default: 0.01)")

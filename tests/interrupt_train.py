@@ -11,6 +11,12 @@ POINT is one of
   signal-at-step:N:SIG send this process signal SIG (TERM or INT) right after step N
   nan-from-step:N      every training loss after step N is NaN
   disk-full-at-save:N  the disk is full from the N-th snapshot's training state on
+  disk-full-at:KIND    the disk is full when the run first writes KIND: log (log.jsonl),
+                       checkpoint (the best adapter, as safetensors reports it), plots,
+                       metrics (metrics.json)
+
+A full disk is injected as the libraries report it: Python's write() and matplotlib raise an
+OSError without a file name, safetensors a SafetensorError that says "os error 28".
 
 SIGKILL cannot be caught, so the process dies exactly as a pre-empted or OOM-killed one does.
 """
@@ -24,10 +30,16 @@ import sys
 from pathlib import Path
 
 import torch
+from matplotlib.figure import Figure
+from safetensors import SafetensorError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import report
 import resumable
+import run_folder
 import train
+
+DISK_FULL = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # as write() raises it: no name
 
 
 def kill_self(sig: int = signal.SIGKILL) -> None:
@@ -85,10 +97,62 @@ def disk_full_at_save(n: int) -> None:
         if self.name == resumable.TRAINING_STATE_FILE:
             calls[0] += 1
         if calls[0] >= n and self.parent.name == resumable.PARTIAL_SNAPSHOT_DIR:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
+            original(self, data[: len(data) // 2])
+            raise DISK_FULL
         return original(self, data)
 
     Path.write_bytes = write_bytes
+
+
+class FullFile:
+    """A file object on a full disk: every write fails as write() fails there."""
+
+    def __init__(self, file):
+        self.file = file
+
+    def write(self, text: str) -> int:
+        raise DISK_FULL
+
+    def __getattr__(self, name: str):
+        return getattr(self.file, name)
+
+
+def disk_full_at(kind: str) -> None:
+    """Make the disk full when the run first writes `kind` (see the module's docstring)."""
+    if kind == "log":
+        original_init = report.RunLog.__init__
+
+        def __init__(self, *args, **kwargs) -> None:  # the log file, full from its first line
+            original_init(self, *args, **kwargs)
+            self.file = FullFile(self.file)
+
+        report.RunLog.__init__ = __init__
+    elif kind == "checkpoint":
+        original_save = run_folder.save_checkpoint
+
+        def save_checkpoint(*args, **kwargs) -> None:
+            original_save(*args, **kwargs)  # its files are written, then the last one fails
+            raise SafetensorError("Error while serializing: I/O error: No space left on "
+                                  "device (os error 28)")
+
+        run_folder.save_checkpoint = save_checkpoint
+    elif kind == "plots":
+        def savefig(self, *args, **kwargs) -> None:
+            raise DISK_FULL
+
+        Figure.savefig = savefig
+    elif kind == "metrics":
+        original_write_text = Path.write_text
+
+        def write_text(self: Path, data: str, *args, **kwargs) -> int:
+            if self.name == ".metrics.json.partial":
+                original_write_text(self, data[: len(data) // 2])
+                raise DISK_FULL
+            return original_write_text(self, data, *args, **kwargs)
+
+        Path.write_text = write_text
+    else:
+        raise SystemExit(f"unknown kind of write {kind!r}")
 
 
 def install(point: str) -> None:
@@ -111,6 +175,8 @@ def install(point: str) -> None:
         nan_losses_after(int(value))
     elif kind == "disk-full-at-save":
         disk_full_at_save(int(value))
+    elif kind == "disk-full-at":
+        disk_full_at(value)
     else:
         raise SystemExit(f"unknown interruption point {point!r}")
 

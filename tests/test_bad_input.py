@@ -9,6 +9,7 @@ predict.py`).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -20,6 +21,7 @@ import pytest
 import torch
 from conftest import reviews, run_main, run_script
 from datasets import Dataset
+from matplotlib.figure import Figure
 from transformers import (
     BertConfig,
     BertModel,
@@ -30,6 +32,7 @@ from transformers import (
 
 import evaluate as evaluate_script
 import train as train_script
+from data_sources import load_split
 from lora_model import load_base_model, load_tokenizer, save_adapter, wrap_with_lora
 from run_folder import lock_run_folder
 
@@ -457,3 +460,68 @@ def test_evaluate_does_not_overwrite_earlier_results(tmp_path, csv_data_dir, tin
                       "--data", str(csv_data_dir), "--json", str(out))
     assert_refused(result, "already exists", "--overwrite")
     assert out.read_text() == '{"results": []}'
+
+
+# --- a full disk outside train.py -----------------------------------------------------------
+
+DISK_FULL = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # as write() raises it: no name
+
+
+def assert_disk_full(result, written: Path) -> None:
+    """Exit code 1, no traceback, one line naming the file that could not be written."""
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    message = result.stderr.strip().splitlines()[-1]
+    assert f": error: could not write {written}: no space left on device (" in message, message
+    assert message.endswith("free some space and run the same command again"), message
+
+
+def test_evaluate_json_on_a_full_disk_leaves_no_half_file(tmp_path, csv_data_dir, tiny_model_dir,
+                                                          monkeypatch, capsys):
+    """--json is written whole or not at all: the half-written file beside it is removed."""
+    out = tmp_path / "results.json"
+    real_write_text = Path.write_text
+
+    def write_text(self: Path, data: str, *args, **kwargs) -> int:
+        if self.name == f".{out.name}.partial":
+            real_write_text(self, data[: len(data) // 2])
+            raise DISK_FULL
+        return real_write_text(self, data, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", write_text)
+    result = run_main(evaluate_script.main, capsys, "--base", "--model", tiny_model_dir,
+                      "--data", str(csv_data_dir), "--json", str(out))
+    assert_disk_full(result, out)
+    assert not [p.name for p in tmp_path.iterdir() if out.name in p.name]
+
+
+def test_evaluate_plot_on_a_full_disk(tmp_path, csv_data_dir, tiny_model_dir, monkeypatch,
+                                      capsys):
+    def savefig(self, *args, **kwargs) -> None:
+        raise DISK_FULL
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    plot = tmp_path / "comparison.png"
+    result = run_main(evaluate_script.main, capsys, "--base", "--model", tiny_model_dir,
+                      "--data", str(csv_data_dir), "--plot", str(plot))
+    assert_disk_full(result, plot)
+
+
+def test_a_full_disk_while_tokenizing_is_not_taken_for_a_damaged_cache(
+        tmp_path, csv_data_dir, tiny_model_dir, monkeypatch, capsys):
+    """`datasets` reports a full disk while writing the tokenization cache as an OSError
+    without a file name: one line naming the cache's folder, exit 1, and no warning about a
+    damaged cache (tokenizing again would only fill the disk again)."""
+    real_map = Dataset.map
+
+    def map_(self, *args, desc: str | None = None, **kwargs):
+        if desc and desc.startswith("Tokenizing"):
+            raise DISK_FULL
+        return real_map(self, *args, desc=desc, **kwargs)
+
+    monkeypatch.setattr(Dataset, "map", map_)
+    result = run_main(evaluate_script.main, capsys, "--base", "--model", tiny_model_dir,
+                      "--data", str(csv_data_dir))
+    assert "could not be read" not in result.stderr
+    test_split = load_split(str(csv_data_dir), "test")
+    assert_disk_full(result, Path(test_split.cache_files[0]["filename"]).parent)

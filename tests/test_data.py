@@ -118,6 +118,16 @@ def test_aclimdb_layout_is_read_and_unsup_is_ignored(tmp_path):
         ("bad one", 0), ("bad two", 0), ("good <br />", 1)]
 
 
+def test_empty_aclimdb_review_files_are_refused_by_name(tmp_path):
+    write_aclimdb(tmp_path, "train", {"neg": ["bad", ""], "pos": ["good", "", "fine"]})
+    with pytest.raises(UsageError) as error:
+        load_split(str(tmp_path), "train")
+    message = str(error.value)
+    assert message.startswith(f"2 review files in {tmp_path / 'train'} are empty (")
+    assert str(tmp_path / "train" / "neg" / "1_2.txt") in message
+    assert str(tmp_path / "train" / "pos" / "1_7.txt") in message
+
+
 def test_aclimdb_cache_notices_edited_files(tmp_path):
     write_aclimdb(tmp_path, "train", {"neg": ["bad"], "pos": ["good"]})
     assert sorted(load_split(str(tmp_path), "train")["text"]) == ["bad", "good"]

@@ -61,14 +61,67 @@ def test_project_imports_run_one_way():
     assert graph["cli"] == set() and graph["runtime"] <= {"cli"}
 
 
-def test_the_readme_links_to_files_that_exist_and_to_no_line_numbers():
+# The project's documents, and a Markdown link: [text](target).
+DOCUMENTS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+LINK = re.compile(r"\[((?:[^\[\]]|\[[^\]]*\])*)\]\(([^)\s]+)\)")
+
+
+def heading_anchors(document: Path) -> set[str]:
+    """The #anchors GitHub makes of a Markdown file's headings (code blocks left out)."""
+    text = re.sub(r"```.*?```", "", document.read_text(), flags=re.S)
+    return {re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+            for heading in re.findall(r"^#+ (.+)$", text, re.M)}
+
+
+def defined_names(path: Path) -> set[str]:
+    """A module's top-level functions, classes and constants, and its methods as Class.method."""
+    names = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+            if isinstance(node, ast.ClassDef):
+                names |= {f"{node.name}.{item.name}" for item in node.body
+                          if isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef))}
+        elif isinstance(node, ast.Assign):
+            names |= {target.id for target in node.targets if isinstance(target, ast.Name)}
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            names.add(node.target.id)
+    return names
+
+
+def test_every_link_in_the_documents_resolves_to_a_file_heading_or_name():
+    """README.md and docs/*.md link to files that exist, to headings that exist, never to line
+    numbers (every move would break them), and a `name` in a link to a module is defined there
+    (the Reading order links to names: a rename that forgets the documents fails here)."""
+    problems, linked_names = [], 0
+    for document in DOCUMENTS:
+        for text, target in LINK.findall(document.read_text()):
+            if target.startswith(("http://", "https://")):
+                continue
+            where = f"{document.relative_to(REPO)}: [{text}]({target})"
+            path, _, anchor = target.partition("#")
+            destination = (document.parent / path).resolve() if path else document
+            if re.search(r"#L\d", target):
+                problems.append(f"{where}: a line-number link")
+            elif not destination.exists():
+                problems.append(f"{where}: no such file")
+            elif anchor and destination.suffix == ".md" and \
+                    anchor not in heading_anchors(destination):
+                problems.append(f"{where}: no such heading")
+            elif destination.suffix == ".py":
+                names = [name for name in re.findall(r"`([^`]+)`", text) if "/" not in name
+                         and not name.endswith(".py")]
+                linked_names += len(names)
+                missing = set(names) - defined_names(destination)
+                problems += [f"{where}: {name} is not defined there" for name in missing]
+    assert problems == []
+    assert linked_names >= 50  # the Reading order names the lesson's functions
+
+
+def test_the_readme_is_a_front_door_with_a_reading_order():
     text = (REPO / "README.md").read_text()
-    targets = re.findall(r"\]\(([^)\s]+)\)", text)
-    local = [t for t in targets if not t.startswith(("http://", "https://", "#"))]
-    assert local, "the README links to the code"
-    missing = [t for t in local if not (REPO / t.split("#")[0]).exists()]
-    assert missing == []
-    assert not [t for t in local if re.search(r"#L\d", t)]  # every move would break them
+    assert len(text.splitlines()) <= 300
+    assert "## Reading order" in text
 
 
 def test_train_py_stays_a_lesson_and_no_module_grows_past_a_screenful_of_roles():

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from conftest import run_script, save_random_adapter
 from safetensors import safe_open
+from transformers import PreTrainedTokenizerBase
 
 import lora_model
 from cli import UsageError
@@ -103,6 +107,31 @@ def test_merge_refuses_a_folder_that_holds_files_unless_overwrite(run_dir, tmp_p
     merge_adapter(run_dir, out, overwrite=True)
     assert (out / "model.safetensors").is_file()
     assert (out / "notes.txt").read_text() == "keep me"
+
+
+def test_a_merge_that_finds_the_disk_full_leaves_the_previous_merged_model(run_dir, tmp_path,
+                                                                          monkeypatch, capsys):
+    """--overwrite of a merged folder when the disk fills up halfway (the tokenizer's files):
+    exit 1 with one sentence naming the file, and the folder still holds the previous merge,
+    byte for byte, with nothing half-written beside it."""
+    out = tmp_path / "merged"
+    merge_adapter(run_dir, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def disk_full(self, folder, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(Path(folder) / "vocab.txt"))
+
+    monkeypatch.setattr(PreTrainedTokenizerBase, "save_pretrained", disk_full)
+    code = lora_model.main(["merge", "--checkpoint", str(run_dir), "--out", str(out),
+                            "--overwrite"])
+    assert code == 1
+    err = capsys.readouterr().err
+    line = err.strip().splitlines()[-1]
+    assert "Traceback" not in err
+    assert ": error: could not write " in line and "no space left on device" in line
+    assert line.endswith("free some space and run the same command again")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged", "run"]
 
 
 def test_merge_never_writes_into_a_run_or_adapter_folder(run_dir):

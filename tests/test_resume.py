@@ -193,6 +193,40 @@ def test_a_full_disk_stops_the_run_in_one_sentence_and_the_same_command_resumes(
     assert_same_result(folder, setup["reference"])
 
 
+@pytest.mark.parametrize(("kind", "written", "resumes_at"), [
+    ("log", "log.jsonl", None),  # at step 2, before the first snapshot: starts again
+    ("checkpoint", "adapter", 3),  # the first validation (step 4): the step-3 snapshot
+    ("plots", "training_curves.png", 18),  # after training: the last snapshot
+    ("metrics", "metrics.json", 18),
+])
+def test_a_full_disk_at_any_write_is_one_sentence_and_the_same_command_finishes(
+        setup, tmp_path, capsys, kind, written, resumes_at):
+    """The disk is full when the run writes the log, the best checkpoint, the plots or
+    metrics.json, reported as the libraries report it (no file name in Python's and
+    matplotlib's OSError, safetensors' own error type): exit 1 and one line naming the file;
+    nothing half-written is left where a reader would take it for whole (metrics.json last,
+    the checkpoint swapped in whole); the same command then ends with the uninterrupted
+    run's result."""
+    folder = tmp_path / "run"
+    full = interrupted_run(setup, f"disk-full-at:{kind}", folder)
+    assert full.returncode == 1, full.stderr[-3000:]
+    assert "Traceback" not in full.stderr
+    last_line = full.stderr.strip().splitlines()[-1]
+    assert f": error: could not write {folder / written}: no space left on device (" in last_line
+    assert ("free some space and run the same command again: it resumes from the last "
+            "snapshot, which is intact") in last_line
+    # How much space the run needs, once a snapshot shows its size.
+    assert ("(the run needs about " in last_line) == (resumes_at is not None), last_line
+    assert not (folder / "metrics.json").exists()
+    assert not [p.name for p in folder.iterdir() if p.name.endswith(".partial")]
+    resumed = resumed_run(setup, folder, capsys)
+    if resumes_at is None:
+        assert "starting it again from the beginning" in resumed.stdout
+    else:
+        assert resumed_step(resumed.stdout) == resumes_at
+    assert_same_result(folder, setup["reference"])
+
+
 # ---------------------------------------------------------------------------------------------
 # Damaged snapshots and other settings
 

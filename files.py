@@ -1,0 +1,93 @@
+"""Writing files whole or not at all: what a reader (a user, another script, a resumed run)
+finds is the old version or the new one, never half of one, whatever kills the writer.
+
+Every write goes to a name beside the target first and is renamed over it, and a rename is
+atomic on one filesystem. A full disk then fails the write (an ``OSError`` naming the file;
+``cli.run_command`` turns it into one sentence) and leaves the old version in place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from cli import DISK_FULL_ERRORS
+
+# How libraries that do not raise OSError (safetensors' Rust writer) word a full disk.
+DISK_FULL_WORDS = tuple(os.strerror(code) for code in DISK_FULL_ERRORS)
+
+
+@contextlib.contextmanager
+def writing(target: Path) -> Iterator[None]:
+    """Around a write of `target`: a full disk becomes an ``OSError`` that names `target`.
+
+    Python's own write() reports ENOSPC without a file name, `datasets` and matplotlib pass
+    that on, and safetensors raises its own error type: without this, the one-line message
+    (``cli.disk_full_message``) could not say what was being written, or where.
+    """
+    try:
+        yield
+    except OSError as error:
+        if error.errno in DISK_FULL_ERRORS and error.filename is None:
+            raise OSError(error.errno, os.strerror(error.errno), str(target)) from error
+        raise
+    except Exception as error:
+        if any(words in str(error) for words in DISK_FULL_WORDS):
+            code = next(c for c in DISK_FULL_ERRORS if os.strerror(c) in str(error))
+            raise OSError(code, os.strerror(code), str(target)) from error
+        raise
+
+
+def write_json(path: Path, value: object) -> None:
+    """Write `value` as indented JSON, whole or not at all: into a file beside `path`, then
+    renamed over it."""
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        with writing(path):
+            partial.write_text(json.dumps(value, indent=2) + "\n")
+    except OSError:
+        partial.unlink(missing_ok=True)
+        raise
+    os.replace(partial, path)
+
+
+def sync_to_disk(path: Path) -> None:
+    """fsync a file or folder: its bytes (or its list of names) are on disk when this returns."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def swap_in_folder(new: Path, folder: Path) -> None:
+    """Put the complete folder `new` in the place of `folder` (which may not exist yet).
+
+    Two renames, each atomic: `folder` is always the old or the new one whole, except for the
+    instant between them, when the old one is `.NAME.old` beside it.
+    """
+    old = folder.with_name(f".{folder.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(new, folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_folder(folder: Path, write: Callable[[Path], None]) -> None:
+    """Have `write(partial)` fill a new folder beside `folder`, then swap it in
+    (``swap_in_folder``): a failed or killed write leaves the previous `folder` (or none)."""
+    partial = folder.with_name(f".{folder.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)  # a write that a kill cut short
+    partial.mkdir(parents=True)
+    try:
+        with writing(folder):
+            write(partial)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    swap_in_folder(partial, folder)
