@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -41,7 +42,6 @@ DEFAULT_DATA = "imdb"
 DEFAULT_MAX_LENGTH = 128
 MIN_MAX_LENGTH = 8  # [CLS] + [SEP] + a few tokens; anything shorter cannot carry a review
 DEFAULT_DATA_SEED = 0
-LABEL_NAMES = ("negative", "positive")
 # Tensor Cores and vectorised CPU kernels prefer sequence lengths that are multiples of 8.
 PAD_TO_MULTIPLE_OF = 8
 # Tokenizers without a known limit report a huge sentinel as model_max_length.
@@ -80,8 +80,8 @@ def add_data_arguments(parser: argparse.ArgumentParser, from_checkpoint: bool = 
     add_flag(group, FIXED, "--text-column", default=TEXT,
              help=f"column holding the review text (default: {TEXT})")
     add_flag(group, FIXED, "--label-column", default=LABEL,
-             help="column holding the label: 0/1, neg/pos or negative/positive "
-                  f"(default: {LABEL})")
+             help="column holding the label: a class name or an integer id (see train.py "
+                  f"--labels) (default: {LABEL})")
     add_flag(group, FIXED, "--eval-samples", type=at_least(1), default=None, metavar="M",
              help="score only M test reviews: split.shuffle(seed=DATA_SEED)"
                   ".select(range(M)) (default: the whole test split)")
@@ -164,11 +164,13 @@ def split_train_validation(train: Dataset, n_train: int | None, validation_size:
     all that remain) is then drawn from the rest with the subset rule. Training therefore sees
     exactly ``n_train`` reviews and never a validation review; the test split is not touched.
     """
-    counts = [sum(1 for label in train[LABEL] if label == k) for k in range(len(LABEL_NAMES))]
-    if min(counts) < 2:
+    names = train.features[LABEL].names
+    counts = Counter(train[LABEL])
+    if min(counts[k] for k in range(len(names))) < 2:
+        held = ", ".join(f"{counts[k]} {name}" for k, name in enumerate(names))
         raise UsageError(
-            f"the training data holds {counts[0]} negative and {counts[1]} positive reviews; "
-            "the stratified validation split and training need at least 2 of each class")
+            f"the training data holds {held} reviews; the stratified validation split and "
+            "training need at least 2 of each class")
     if n_train is None:
         n_val = validation_count(validation_size, len(train))
     else:
@@ -184,9 +186,11 @@ def split_train_validation(train: Dataset, n_train: int | None, validation_size:
     parts = train.train_test_split(test_size=n_val, stratify_by_column=LABEL, seed=seed)
     rest, validation = parts["train"], parts["test"]
     subset = take_subset(rest, n_train, seed, flag="--train-samples")
-    if len(set(subset[LABEL])) < len(LABEL_NAMES):
-        raise UsageError(f"the {len(subset)} training reviews drawn hold only one class; "
-                         "raise --train-samples or change --data-seed")
+    missing = [name for k, name in enumerate(names) if k not in set(subset[LABEL])]
+    if missing:
+        raise UsageError(f"the {len(subset)} training reviews drawn hold no "
+                         f"{', '.join(missing)} review; raise --train-samples or change "
+                         "--data-seed")
     return subset, validation
 
 

@@ -1,10 +1,16 @@
 """Reading reviews from where they are: a Hugging Face Hub dataset, a folder in the original
 ``aclImdb`` layout, or a folder of ``train.*``/``test.*`` files (Parquet, CSV, JSON Lines).
 
-``load_split`` gives every split the same two columns, ``text`` (str) and ``label`` (0 =
-negative, 1 = positive, a ``ClassLabel``), whatever the source looked like, and refuses in one
-sentence what it cannot read as reviews: a file that does not parse, missing columns, labels
-that are not two classes, texts that are not text or are empty. Nothing is dropped silently.
+``load_split`` gives every split the same two columns, ``text`` (str) and ``label`` (a class
+id, a ``ClassLabel`` that holds the class names), whatever the source looked like, and refuses
+in one sentence what it cannot read: a file that does not parse, missing columns, texts that
+are not text or are empty, labels outside the classes. Nothing is dropped silently.
+
+The classes (``label_names_for``), in id order:
+* 0/1, neg/pos or negative/positive (any case): ``negative`` = 0 and ``positive`` = 1, IMDB's;
+* other integers: ids 0..K-1, named "0".."K-1" (or by ``--labels``);
+* strings: the names sorted (or in the order ``--labels`` gives).
+The training split decides them; every other split must hold only those.
 """
 
 from __future__ import annotations
@@ -20,7 +26,9 @@ from pyarrow.lib import ArrowException
 from cli import UsageError
 
 TEXT, LABEL = "text", "label"
-# Strings some datasets use for the two classes (compared lower-cased, stripped).
+# IMDB's two classes, and the labels some datasets use for them (compared lower-cased,
+# stripped): data labelled only with these keeps this meaning and order.
+BINARY_LABEL_NAMES = ("negative", "positive")
 LABEL_ALIASES = {"0": 0, "1": 1, "neg": 0, "pos": 1, "negative": 0, "positive": 1}
 # File endings accepted in a local data folder, and the `datasets` builder that reads each.
 FILE_BUILDERS = {".parquet": "parquet", ".csv": "csv", ".jsonl": "json", ".json": "json"}
@@ -32,12 +40,17 @@ TEXT_DTYPES = ("string", "large_string")
 SHOWN_VALUE_CHARS = 60
 ACLIMDB_CLASSES = {"neg": 0, "pos": 1}
 
-FEATURES = Features({TEXT: Value("string"), LABEL: ClassLabel(names=["neg", "pos"])})
+FEATURES = Features({TEXT: Value("string"), LABEL: ClassLabel(names=list(BINARY_LABEL_NAMES))})
 
 
-def load_split(data: str, split: str, text_column: str = TEXT,
-               label_column: str = LABEL) -> Dataset:
-    """Load one split ("train" or "test") as a Dataset with columns ``text`` and ``label``."""
+def load_split(data: str, split: str, text_column: str = TEXT, label_column: str = LABEL,
+               label_names: tuple[str, ...] | None = None) -> Dataset:
+    """Load one split ("train" or "test") as a Dataset with columns ``text`` and ``label``.
+
+    `label_names` are the classes in id order (None: this split's labels decide them,
+    ``label_names_for``). The training split must hold an example of each (they are --labels
+    there); another split may hold fewer.
+    """
     folder = Path(data).expanduser()
     if folder.is_dir():
         if is_aclimdb(folder):
@@ -50,7 +63,8 @@ def load_split(data: str, split: str, text_column: str = TEXT,
         raise UsageError(f"--data folder {data} does not exist")
     else:
         raw, source = load_hub_split(data, split), f"{data} ({split})"
-    return check_reviews(normalize_columns(raw, text_column, label_column, source), source)
+    return check_reviews(normalize_columns(raw, text_column, label_column, source, label_names,
+                                           decide_classes=split == "train"), source)
 
 
 def looks_like_path(name: str) -> bool:
@@ -154,10 +168,12 @@ def load_hub_split(name: str, split: str) -> Dataset:
 
 
 def normalize_columns(raw: Dataset, text_column: str = TEXT, label_column: str = LABEL,
-                      source: str = "the data") -> Dataset:
-    """Keep the text and label columns, renamed to ``text``/``label``, labels mapped to 0/1.
+                      source: str = "the data", label_names: tuple[str, ...] | None = None,
+                      decide_classes: bool = True) -> Dataset:
+    """Keep the text and label columns, renamed to ``text``/``label``, labels mapped to ids.
 
-    `source` names the data in error messages.
+    `source` names the data in error messages; `label_names` as in ``load_split``, checked
+    against the labels (``label_names_for``) where `decide_classes` or when None.
     """
     if text_column == label_column:
         raise UsageError(
@@ -171,17 +187,100 @@ def normalize_columns(raw: Dataset, text_column: str = TEXT, label_column: str =
             "choose them with --text-column / --label-column")
     raw = raw.select_columns([text_column, label_column])
     check_text_column(raw, text_column, source)
-    bad = [(row, value) for row, value in enumerate(raw[label_column])
-           if label_to_int(value) is None]
-    if bad:
-        shown = ", ".join(f"row {row}: {value!r}" for row, value in bad[:3])
-        raise UsageError(f"{len(bad)} labels are not 0/1, neg/pos or negative/positive "
-                         f"({shown})")
-    return raw.map(
-        lambda batch: {TEXT: batch[text_column],
-                       LABEL: [label_to_int(v) for v in batch[label_column]]},
-        batched=True, remove_columns=raw.column_names, features=FEATURES,
-        desc="Checking labels")
+    values = [class_label_name(raw.features[label_column], v) for v in raw[label_column]]
+    if label_names is None or decide_classes:
+        label_names = label_names_for(values, source, label_names)
+    ids = [label_id(value, label_names) for value in values]
+    unknown = [(row, value) for row, value in enumerate(values) if ids[row] is None]
+    if unknown:
+        shown = ", ".join(f"row {row}: {value!r}" for row, value in unknown[:3])
+        raise UsageError(f"{len(unknown)} labels of {source} are not among the classes "
+                         f"{', '.join(label_names)} ({shown}); every label must be one the "
+                         "training data has (or --labels names)")
+    features = Features({TEXT: Value("string"), LABEL: ClassLabel(names=list(label_names))})
+    return raw.map(lambda batch, indices: {TEXT: batch[text_column],
+                                           LABEL: [ids[i] for i in indices]},
+                   batched=True, with_indices=True, remove_columns=raw.column_names,
+                   features=features, desc="Checking labels")
+
+
+def class_label_name(feature: object, value: object) -> object:
+    """A raw label as the data means it: a ClassLabel's id becomes its name (the Hub's imdb
+    stores 0/1 with the names neg/pos)."""
+    if isinstance(feature, ClassLabel) and isinstance(value, int) and value >= 0:
+        return feature.int2str(value)
+    return value
+
+
+def as_integer(value: object) -> int | None:
+    """`value` as an int when it is one (2, 2.0; not True, not "2"), else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return None
+
+
+def label_names_for(values: list, source: str,
+                    given: tuple[str, ...] | None = None) -> tuple[str, ...]:
+    """The class names, in id order, of a training split's raw label `values`.
+
+    Labels that are all 0/1 or neg/pos/negative/positive keep IMDB's two classes; integer ids
+    0..K-1 are named by `given` (--labels) or "0".."K-1"; strings are `given`, or their sorted
+    set. A class with no example, or a single class, is refused.
+    """
+    if not given and all(label_to_int(value) is not None for value in values):
+        return BINARY_LABEL_NAMES
+    integers = [as_integer(value) for value in values]
+    if all(i is not None for i in integers):
+        if min(integers) < 0:
+            raise UsageError(f"the labels of {source} include {min(integers)}: integer labels "
+                             "are class ids 0..K-1")
+        count = max(max(integers) + 1, len(given or ()))
+        names = given or tuple(str(i) for i in range(count))
+        if len(names) < count:
+            raise UsageError(f"--labels names {len(names)} classes, but the labels of {source} "
+                             f"go up to id {count - 1}; name every class 0..{count - 1}")
+        present = set(integers)
+    else:
+        strings = [str(value).strip() for value in values if value is not None]
+        ids = sorted({v for v in strings if v.lstrip("-").isdigit()}, key=int)
+        if ids and len(ids) < len(set(strings)):  # "1" beside "positive": which is meant?
+            others = sorted(set(strings) - set(ids))
+            raise UsageError(f"the labels of {source} mix class ids ({', '.join(ids[:5])}) "
+                             f"and class names ({', '.join(others[:5])}); label every row "
+                             "the same way")
+        if ids and not given:
+            return label_names_for([int(v) for v in strings], source, given)
+        names = given or tuple(sorted(set(strings)))
+        present = {names.index(v) for v in strings if v in names}
+    absent = [name for i, name in enumerate(names) if i not in present]
+    if absent:
+        raise UsageError(f"the classes {', '.join(map(repr, absent))} have no example in "
+                         f"{source}; every class needs training examples")
+    if len(names) < 2:
+        raise UsageError(f"the labels of {source} hold one class ({names[0]!r}); a classifier "
+                         "needs at least two")
+    return tuple(names)
+
+
+def label_id(value: object, label_names: tuple[str, ...]) -> int | None:
+    """The class id of a raw label among `label_names`, else None."""
+    if tuple(label_names) == BINARY_LABEL_NAMES:
+        return label_to_int(value)
+    integer = as_integer(value)
+    if integer is not None:
+        return integer if 0 <= integer < len(label_names) else None
+    if value is None:
+        return None
+    name = str(value).strip()
+    if name in label_names:
+        return label_names.index(name)
+    if name.isdigit() and int(name) < len(label_names):  # an id, written as text ("2")
+        return int(name)
+    return None
 
 
 def check_text_column(raw: Dataset, column: str, source: str) -> None:

@@ -27,7 +27,6 @@ from tqdm.auto import tqdm
 
 from cli import UsageError, check_can_write, run_command
 from data import (
-    LABEL_NAMES,
     PaddingCollator,
     Preprocessing,
     add_data_arguments,
@@ -38,17 +37,19 @@ from data import (
     tokenize,
     tokenizer_fingerprint,
 )
-from data_sources import load_split
+from data_sources import BINARY_LABEL_NAMES, LABEL, load_split
 from files import write_json
 from lora_model import (
     add_model_argument,
     checkpoint_base_model,
+    checkpoint_label_names,
     find_checkpoint,
+    label_names_of,
     load_base_model,
     load_checkpoint,
     load_tokenizer,
 )
-from report import METRIC_NAMES, plot_comparison
+from report import metric_names, plot_comparison
 from runtime import (
     add_runtime_arguments,
     autocast,
@@ -66,9 +67,9 @@ PLOT_FORMATS = (".png", ".svg", ".pdf")  # the image types --plot can write
 @torch.inference_mode()
 def predict_logits(model: torch.nn.Module, loader, device: torch.device, precision: str,
                    desc: str = "Evaluating") -> tuple[np.ndarray, np.ndarray]:
-    """Run `model` over `loader`: (logits as float32 [n, 2], labels [n]) in the order scored."""
+    """Run `model` over `loader`: (logits as float32 [n, K], labels [n]) in the order scored."""
     model.eval()
-    logits = [torch.empty((0, len(LABEL_NAMES)), device=device)]  # a rank may get no batch
+    logits = [torch.empty((0, model.config.num_labels), device=device)]  # a rank may get none
     labels = [torch.empty(0, dtype=torch.long, device=device)]
     for batch in tqdm(loader, desc=desc, leave=False, disable=not is_main_process()):
         # Worker processes deliver CPU batches (they must not touch CUDA); the main process's
@@ -115,21 +116,37 @@ def predict_in_order(model: torch.nn.Module, loader, device: torch.device, preci
     return gather_in_order(logits, labels, positions=list(loader.sampler))
 
 
-def compute_metrics(labels: np.ndarray, logits: np.ndarray) -> dict:
-    """Accuracy, binary precision/recall/F1 (positive = 1), mean cross-entropy, confusion matrix."""
+def compute_metrics(labels: np.ndarray, logits: np.ndarray,
+                    label_names: tuple[str, ...] = BINARY_LABEL_NAMES) -> dict:
+    """Accuracy, precision/recall/F1, mean cross-entropy and the confusion matrix.
+
+    Two classes: precision, recall and F1 of the positive class (id 1). K > 2 classes: their
+    macro (every class weighs the same) and weighted (by support) means, named macro_f1 etc.,
+    and ``per_class``: precision, recall, F1 and support of each class by name.
+    """
     predictions = logits.argmax(axis=-1)
-    precision, recall, f1, _ = precision_recall_fscore_support(
-        labels, predictions, average="binary", pos_label=1, zero_division=0)
+    ids = list(range(len(label_names)))
     loss = F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels).long())
-    return {
-        "accuracy": float(accuracy_score(labels, predictions)),
-        "precision": float(precision),
-        "recall": float(recall),
-        "f1": float(f1),
-        "loss": float(loss),
-        "n": len(labels),
-        "confusion_matrix": confusion_matrix(labels, predictions, labels=[0, 1]).tolist(),
-    }
+    metrics = {"accuracy": float(accuracy_score(labels, predictions))}
+    if len(label_names) == 2:
+        precision, recall, f1, _ = precision_recall_fscore_support(
+            labels, predictions, average="binary", pos_label=1, zero_division=0)
+        metrics.update(precision=float(precision), recall=float(recall), f1=float(f1))
+    else:
+        for average in ("macro", "weighted"):
+            precision, recall, f1, _ = precision_recall_fscore_support(
+                labels, predictions, labels=ids, average=average, zero_division=0)
+            metrics.update({f"{average}_precision": float(precision),
+                            f"{average}_recall": float(recall), f"{average}_f1": float(f1)})
+        per_class = precision_recall_fscore_support(labels, predictions, labels=ids,
+                                                    zero_division=0)
+        metrics["per_class"] = {
+            name: {"precision": float(p), "recall": float(r), "f1": float(f),
+                   "support": int(n)}
+            for name, p, r, f, n in zip(label_names, *per_class, strict=True)}
+    metrics.update(loss=float(loss), n=len(labels),
+                   confusion_matrix=confusion_matrix(labels, predictions, labels=ids).tolist())
+    return metrics
 
 
 def evaluate_model(model: torch.nn.Module, loader, device: torch.device, precision: str,
@@ -140,7 +157,7 @@ def evaluate_model(model: torch.nn.Module, loader, device: torch.device, precisi
     each logit is the one a single process computes) and gets the metrics of the whole set.
     """
     logits, labels = predict_in_order(model, loader, device, precision, desc)
-    return compute_metrics(labels, logits)
+    return compute_metrics(labels, logits, label_names_of(model))
 
 
 def format_comparison(results: list[tuple[str, dict]]) -> str:
@@ -149,7 +166,7 @@ def format_comparison(results: list[tuple[str, dict]]) -> str:
     show_change = len(results) == 2
     header = ["metric", *names] + (["change"] if show_change else [])
     rows = [header]
-    for metric in METRIC_NAMES:
+    for metric in metric_names(results[0][1]):
         values = [metrics[metric] for _, metrics in results]
         row = [metric, *(f"{v:.4f}" for v in values)]
         if show_change:
@@ -162,6 +179,18 @@ def format_comparison(results: list[tuple[str, dict]]) -> str:
                        for i, (cell, w) in enumerate(zip(row, widths, strict=True)))
              for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    # More than two classes: each result's per-class table below.
+    return "\n\n".join(["\n".join(lines), *(format_per_class(name, metrics)
+                                             for name, metrics in results
+                                             if "per_class" in metrics)])
+
+
+def format_per_class(name: str, metrics: dict) -> str:
+    """The per-class table of a K > 2 result."""
+    width = max(len(label) for label in metrics["per_class"])
+    lines = [f"{name}, per class:", f"{'class'.ljust(width)}  precision  recall      f1  support"]
+    lines += [f"{label.ljust(width)}  {m['precision']:9.4f}  {m['recall']:6.4f}  {m['f1']:6.4f}"
+              f"  {m['support']:7d}" for label, m in metrics["per_class"].items()]
     return "\n".join(lines)
 
 
@@ -228,6 +257,11 @@ def run(args: argparse.Namespace) -> list[dict]:
         raise UsageError(f"the checkpoints were trained on different base models "
                          f"({', '.join(sorted(bases))}); evaluate them in separate runs")
     base_name = args.model or next(iter(bases), None)
+    label_sets = {checkpoint_label_names(c) for c in checkpoints}
+    if len(label_sets) > 1:
+        raise UsageError("the checkpoints were trained on different classes ("
+                         + "; ".join(", ".join(names) for names in sorted(label_sets))
+                         + "); evaluate them in separate runs")
     if args.base and base_name is None:
         raise UsageError("--base needs --model (or an adapter or head --checkpoint to read the "
                          "base model from)")
@@ -235,8 +269,11 @@ def run(args: argparse.Namespace) -> list[dict]:
     use_device(device)
     fill_device_defaults(args, device)
     precision = pick_precision(args.precision, device)
-    test = take_subset(load_split(args.data, "test", args.text_column, args.label_column),
+    # The checkpoints' classes, which the test labels must be among; --base alone: the data's.
+    test = take_subset(load_split(args.data, "test", args.text_column, args.label_column,
+                                  next(iter(label_sets), None)),
                        args.eval_samples, args.data_seed)
+    label_names = tuple(test.features[LABEL].names)
     print(f"Scoring {len(test)} test reviews on {device} in {precision}", file=sys.stderr)
 
     # The base model is scored as the first checkpoint was trained, as train.py's "before".
@@ -246,7 +283,8 @@ def run(args: argparse.Namespace) -> list[dict]:
     rows = []
     for name, checkpoint in models:
         if checkpoint is None:
-            model, tokenizer = load_base_model(base_name), load_tokenizer(base_name)
+            model = load_base_model(base_name, label_names)
+            tokenizer = load_tokenizer(base_name)
             preprocessing = resolve_preprocessing(first, args.truncation, args.max_length, None)
         else:
             model, tokenizer = load_checkpoint(checkpoint, args.model)
@@ -268,7 +306,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         write_json(args.json, {"results": rows})
         print(f"Wrote {args.json}", file=sys.stderr)
     if args.plot:
-        plot_comparison([(row["name"], row) for row in rows], args.plot)
+        plot_comparison([(row["name"], row) for row in rows], args.plot, label_names)
         print(f"Wrote {args.plot}", file=sys.stderr)
     return rows
 

@@ -47,8 +47,8 @@ from cli import (
     run_command,
     unit_fraction,
 )
-from data import LABEL_NAMES, PREPROCESSING_FILE
-from data_sources import looks_like_path
+from data import PREPROCESSING_FILE
+from data_sources import BINARY_LABEL_NAMES, looks_like_path
 from files import write_folder
 
 DEFAULT_MODEL = "bert-base-uncased"
@@ -79,6 +79,10 @@ CLASSIFIER_SUFFIX = "ForSequenceClassification"  # architectures that carry a tr
 TOKENIZER_CONFIG = "tokenizer_config.json"
 # A --method head checkpoint: the head's weights alone, and the base model they sit on.
 HEAD_CONFIG = "head_config.json"
+# Written into every checkpoint folder: the class names in id order, so that evaluate.py and
+# predict.py build a head with as many outputs and print the names (a checkpoint without one
+# predates it and knows IMDB's two classes).
+LABELS_FILE = "labels.json"
 HEAD_WEIGHTS = "head.safetensors"
 # What train.py trains (--method): each is a row of the comparison in docs/results.md.
 METHODS = {
@@ -172,9 +176,10 @@ def check_tokenizer_fits(tokenizer, vocab_size: int, name: str) -> None:
                          "model was trained with beside its weights")
 
 
-def load_base_model(name: str) -> PreTrainedModel:
-    """The pre-trained encoder in fp32 with a new 2-label classifier head drawn from
-    ``HEAD_SEED``.
+def load_base_model(name: str,
+                    label_names: tuple[str, ...] = BINARY_LABEL_NAMES) -> PreTrainedModel:
+    """The pre-trained encoder in fp32 with a new classifier head drawn from ``HEAD_SEED``,
+    one output per class of `label_names` (which the config records as id2label).
 
     transformers 5 loads weights in the dtype they were stored in (``dtype="auto"``): a model
     saved in fp16 would train an fp16 head and LoRA weights, which AdamW updates in steps
@@ -186,9 +191,15 @@ def load_base_model(name: str) -> PreTrainedModel:
         torch.manual_seed(HEAD_SEED)
         return _from_pretrained(
             AutoModelForSequenceClassification.from_pretrained, name, "model",
-            dtype=MODEL_DTYPE, num_labels=len(LABEL_NAMES),
-            id2label=dict(enumerate(LABEL_NAMES)),
-            label2id={label: i for i, label in enumerate(LABEL_NAMES)})
+            dtype=MODEL_DTYPE, num_labels=len(label_names),
+            id2label=dict(enumerate(label_names)),
+            label2id={label: i for i, label in enumerate(label_names)})
+
+
+def label_names_of(model: torch.nn.Module) -> tuple[str, ...]:
+    """The class names of a classifier (a PeftModel's are its base model's), in id order."""
+    config = model.config
+    return tuple(config.id2label[i] for i in range(config.num_labels))
 
 
 def wrap_with_lora(model: PreTrainedModel, r: int = DEFAULT_LORA_R,
@@ -276,10 +287,11 @@ def save_checkpoint(model: torch.nn.Module, tokenizer, folder: Path, method: str
     name (a few kB; the frozen encoder is the base model's). full: every weight, as a plain
     transformers model folder, the format of a merged model.
     """
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / LABELS_FILE).write_text(json.dumps(list(label_names_of(model))) + "\n")
     if method == "lora":
         save_adapter(model, tokenizer, folder)
         return
-    folder.mkdir(parents=True, exist_ok=True)
     if method == "head":
         save_file({name: tensor.detach().cpu().contiguous()
                    for name, tensor in model.state_dict().items() if is_head_parameter(name)},
@@ -289,6 +301,17 @@ def save_checkpoint(model: torch.nn.Module, tokenizer, folder: Path, method: str
     else:
         model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+
+
+def checkpoint_label_names(folder: Path) -> tuple[str, ...]:
+    """The class names a checkpoint was trained on (``LABELS_FILE``; a merged model's config;
+    IMDB's two for a checkpoint older than the labels file)."""
+    if (folder / LABELS_FILE).is_file():
+        return tuple(json.loads((folder / LABELS_FILE).read_text()))
+    if is_merged_model(folder):
+        id2label = json.loads((folder / MODEL_CONFIG).read_text()).get("id2label") or {}
+        return tuple(id2label[str(i)] for i in range(len(id2label))) or BINARY_LABEL_NAMES
+    return BINARY_LABEL_NAMES
 
 
 def checkpoint_method(folder: Path) -> str | None:
@@ -362,7 +385,7 @@ def load_checkpoint_base(folder: Path,
     """
     recorded = checkpoint_base_model(folder)
     base_name = base_model or recorded
-    model = load_base_model(base_name)
+    model = load_base_model(base_name, checkpoint_label_names(folder))
     if base_model and base_model != recorded:
         check_same_vocabulary(folder, base_name)
     return model, base_name, recorded
@@ -496,8 +519,9 @@ def merge_adapter(checkpoint: str | Path, out: str | Path, base_model: str | Non
     def write(partial: Path) -> None:
         model.save_pretrained(partial)
         tokenizer.save_pretrained(partial)
-        if (folder / PREPROCESSING_FILE).is_file():  # how to tokenize for it travels with it
-            shutil.copyfile(folder / PREPROCESSING_FILE, partial / PREPROCESSING_FILE)
+        for name in (PREPROCESSING_FILE, LABELS_FILE):  # how to tokenize, and the classes
+            if (folder / name).is_file():
+                shutil.copyfile(folder / name, partial / name)
         # --overwrite replaces the merged model's files; the folder's other files stay.
         for entry in out.iterdir() if out.is_dir() else ():
             if not (partial / entry.name).exists():

@@ -24,7 +24,6 @@ from datasets import Dataset
 
 from cli import UsageError, run_command
 from data import (
-    LABEL_NAMES,
     PaddingCollator,
     Preprocessing,
     add_preprocessing_arguments,
@@ -35,7 +34,13 @@ from data import (
 )
 from data_sources import FEATURES, LABEL, TEXT
 from evaluate import predict_in_order
-from lora_model import ADAPTER_CONFIG, add_model_argument, find_checkpoint, load_checkpoint
+from lora_model import (
+    ADAPTER_CONFIG,
+    add_model_argument,
+    find_checkpoint,
+    label_names_of,
+    load_checkpoint,
+)
 from runtime import (
     add_runtime_arguments,
     fill_device_defaults,
@@ -150,13 +155,14 @@ def predict_reviews(model: torch.nn.Module, tokenizer, texts: list[str],
                          batch_size, collator, shuffle=False)
     logits, _ = predict_in_order(model, loader, device, precision, desc="Predicting")
     probabilities = softmax(logits.astype(np.float64))
+    names = label_names_of(model)  # the classes the checkpoint was trained on
     predictions = []
     for text, probs, n_tokens in zip(texts, probabilities, token_counts(tokenizer, texts),
                                      strict=True):
         best = int(probs.argmax())
         predictions.append(Prediction(
-            text=text, label=LABEL_NAMES[best], probability=float(probs[best]),
-            probabilities={name: float(p) for name, p in zip(LABEL_NAMES, probs, strict=True)},
+            text=text, label=names[best], probability=float(probs[best]),
+            probabilities={name: float(p) for name, p in zip(names, probs, strict=True)},
             tokens=n_tokens, truncated=n_tokens > max_length))
     return predictions
 

@@ -22,9 +22,15 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 from cli import UsageError, run_command
-from data import LABEL_NAMES
+from data_sources import BINARY_LABEL_NAMES
 from files import writing
-from lora_model import ADAPTER_DIR, METHODS, MODEL_DIR
+from lora_model import (
+    ADAPTER_DIR,
+    METHODS,
+    MODEL_DIR,
+    checkpoint_folder,
+    checkpoint_label_names,
+)
 
 # The files of a run folder: written by train.py, read here.
 CONFIG_FILE = "config.json"
@@ -34,9 +40,11 @@ CURVES_PNG = "training_curves.png"
 COMPARISON_PNG = "comparison.png"
 REPORT_MD = "report.md"
 
-# The metrics every comparison table shows, in this order (evaluate.compute_metrics makes them).
-METRIC_NAMES = ("accuracy", "precision", "recall", "f1", "loss")
-PLOTTED_METRICS = ("accuracy", "precision", "recall", "f1")
+# The metrics every comparison table shows, in this order (evaluate.compute_metrics makes them):
+# for two classes, the positive class's precision/recall/F1; for more, their macro means.
+BINARY_METRICS = ("accuracy", "precision", "recall", "f1", "loss")
+MULTICLASS_METRICS = ("accuracy", "macro_precision", "macro_recall", "macro_f1", "weighted_f1",
+                      "loss")
 # Weight of the exponential moving average drawn over the raw training loss (TensorBoard's
 # "smoothing"): loss is logged as a mean over --log-every steps, which is still noisy.
 SMOOTHING = 0.6
@@ -173,9 +181,9 @@ def plot_validation_scores(axes, validation: list[dict]) -> None:
                   transform=axes.transAxes)
         return
     steps = [r["step"] for r in validation]
-    for metric, label, color in (("accuracy", "accuracy", "tab:purple"),
-                                 ("f1", "F1", "tab:red")):
-        axes.plot(steps, [r["validation"][metric] for r in validation], marker="o",
+    for score, label, color in ((lambda m: m["accuracy"], "accuracy", "tab:purple"),
+                                (headline_f1, "F1", "tab:red")):
+        axes.plot(steps, [score(r["validation"]) for r in validation], marker="o",
                   color=color, label=f"validation {label}")
     best = best_validation(validation)
     if best is not None:
@@ -183,7 +191,8 @@ def plot_validation_scores(axes, validation: list[dict]) -> None:
         axes.plot(best["step"], best["validation"]["accuracy"], marker="o", markersize=16,
                   markerfacecolor="none", markeredgecolor="black", markeredgewidth=1.5,
                   linestyle="none", label=f"saved checkpoint (step {best['step']})")
-    values = [r["validation"][m] for r in validation for m in ("accuracy", "f1")]
+    values = [value for r in validation
+              for value in (r["validation"]["accuracy"], headline_f1(r["validation"]))]
     # Zoom to the scores with some margin, but not far beyond the 0..1 range of a score
     # (a little room above 1.0 keeps markers of a perfect score from being clipped).
     low, high = min(values), max(values)
@@ -206,8 +215,10 @@ def display_name(name: str) -> str:
     return path.name or name
 
 
-def plot_comparison(results: list[tuple[str, dict]], out: str | Path) -> Path:
-    """Bars of accuracy, precision, recall and F1 per result, and each confusion matrix."""
+def plot_comparison(results: list[tuple[str, dict]], out: str | Path,
+                    label_names: tuple[str, ...] | None = None) -> Path:
+    """Bars of accuracy, precision, recall and F1 per result, and each confusion matrix
+    (its classes named by `label_names`, see ``class_names``)."""
     if not results:
         raise ValueError("nothing to plot")
     n = len(results)
@@ -215,30 +226,34 @@ def plot_comparison(results: list[tuple[str, dict]], out: str | Path) -> Path:
     grid = figure.add_gridspec(2, n, height_ratios=(1.1, 1))
     plot_metric_bars(figure.add_subplot(grid[0, :]), results)
     for column, (name, metrics) in enumerate(results):
-        plot_confusion_matrix(figure.add_subplot(grid[1, column]), display_name(name), metrics)
+        plot_confusion_matrix(figure.add_subplot(grid[1, column]), display_name(name), metrics,
+                              class_names(metrics, label_names))
     figure.suptitle(" vs ".join(display_name(name) for name, _ in results), fontsize=14)
     return save_figure(figure, out)
 
 
 def plot_metric_bars(axes, results: list[tuple[str, dict]]) -> None:
     """Grouped bars, one group per metric, one bar per result, each labelled with its value."""
-    positions = np.arange(len(PLOTTED_METRICS))
+    plotted = plotted_metrics(results[0][1])
+    positions = np.arange(len(plotted))
     width = 0.8 / len(results)
     for i, (name, metrics) in enumerate(results):
         offsets = positions - 0.4 + width * (i + 0.5)
-        bars = axes.bar(offsets, [metrics[m] for m in PLOTTED_METRICS], width,
+        bars = axes.bar(offsets, [metrics[m] for m in plotted], width,
                         label=f"{display_name(name)} (n={metrics['n']})")
         axes.bar_label(bars, fmt="%.3f", padding=2, fontsize=9)
-    axes.set_xticks(positions, [m if m != "f1" else "F1" for m in PLOTTED_METRICS])
+    axes.set_xticks(positions, [m.replace("f1", "F1").replace("_", " ") for m in plotted])
     axes.set_ylim(0, 1.12)  # room above 1.0 for the value labels
     axes.set_ylabel("score on the test reviews")
-    axes.axhline(0.5, color="gray", linestyle=":", linewidth=1, label="chance (0.5)")
+    chance = 1 / len(results[0][1]["confusion_matrix"])  # guessing one of K classes
+    axes.axhline(chance, color="gray", linestyle=":", linewidth=1,
+                 label=f"chance ({chance:.2g})")
     axes.legend(loc="upper left", ncols=min(len(results), 4))
     axes.grid(axis="y", alpha=0.3)
 
 
-def plot_confusion_matrix(axes, title: str, metrics: dict) -> None:
-    """A 2 x 2 confusion matrix: counts and the share of each true class, rows = true label."""
+def plot_confusion_matrix(axes, title: str, metrics: dict, names: list[str]) -> None:
+    """A K x K confusion matrix: counts and the share of each true class, rows = true label."""
     matrix = np.array(metrics["confusion_matrix"])
     axes.imshow(matrix, cmap="Blues", vmin=0, vmax=max(int(matrix.max()), 1))
     row_totals = matrix.sum(axis=1, keepdims=True).clip(min=1)
@@ -246,8 +261,8 @@ def plot_confusion_matrix(axes, title: str, metrics: dict) -> None:
         dark = count > matrix.max() / 2
         axes.text(column, row, f"{count}\n({count / row_totals[row, 0]:.0%})", ha="center",
                   va="center", fontsize=11, color="white" if dark else "black")
-    axes.set_xticks(range(len(LABEL_NAMES)), LABEL_NAMES)
-    axes.set_yticks(range(len(LABEL_NAMES)), LABEL_NAMES)
+    axes.set_xticks(range(len(names)), names, rotation=30 if len(names) > 2 else 0)
+    axes.set_yticks(range(len(names)), names)
     axes.set_xlabel("predicted label")
     axes.set_ylabel("true label")
     axes.set_title(f"{title}: confusion matrix")
@@ -276,7 +291,7 @@ def markdown_table(header: list[str], rows: list[list[str]], align: str = "") ->
 def metrics_table(before: dict, after: dict) -> str:
     """The before/after/change table, four decimals, as train.py prints it."""
     rows = [[metric, f"{before[metric]:.4f}", f"{after[metric]:.4f}",
-             f"{after[metric] - before[metric]:+.4f}"] for metric in METRIC_NAMES]
+             f"{after[metric] - before[metric]:+.4f}"] for metric in metric_names(after)]
     rows.append(["n", str(before["n"]), str(after["n"]), ""])
     return markdown_table(["metric", "before", "after", "change"], rows, "lrrr")
 
@@ -343,6 +358,7 @@ def report_markdown(run_dir: Path, config: dict, metrics: dict, training: list[d
         f"Before: the pre-trained model with its seeded random classifier head. After: {chosen}, "
         "loaded back from disk. Change = after - before.",
         metrics_table(before, after),
+        *per_class_tables(after),
         f"![Before vs after: metrics and confusion matrices]({COMPARISON_PNG})",
         "## Parameters",
         parameters_section(metrics, method),
@@ -357,6 +373,39 @@ def report_markdown(run_dir: Path, config: dict, metrics: dict, training: list[d
     if versions:
         sections.append(f"Versions: {versions}.")
     return "\n\n".join(sections) + "\n"
+
+
+def per_class_tables(metrics: dict) -> list[str]:
+    """A K > 2 result's per-class precision, recall, F1 and support (none for two classes)."""
+    if "per_class" not in metrics:
+        return []
+    rows = [[name, f"{m['precision']:.4f}", f"{m['recall']:.4f}", f"{m['f1']:.4f}",
+             str(m["support"])] for name, m in metrics["per_class"].items()]
+    return ["After, per class:", markdown_table(["class", "precision", "recall", "F1", "support"],
+                                                rows, "lrrrr")]
+
+
+def metric_names(metrics: dict) -> tuple[str, ...]:
+    """The metrics a table shows for a result with these `metrics` (two classes or more)."""
+    return MULTICLASS_METRICS if "macro_f1" in metrics else BINARY_METRICS
+
+
+def plotted_metrics(metrics: dict) -> list[str]:
+    """The scores the comparison plot draws as bars (the table's, but loss and weighted F1)."""
+    return [m for m in metric_names(metrics) if m not in ("loss", "weighted_f1")]
+
+
+def headline_f1(metrics: dict) -> float:
+    """The F1 a result is summed up by: the positive class's (two classes) or the macro mean."""
+    return metrics["f1"] if "f1" in metrics else metrics["macro_f1"]
+
+
+def class_names(metrics: dict, label_names: tuple[str, ...] | None = None) -> list[str]:
+    """The class names of a result, in id order: its per-class table's, else `label_names`,
+    else IMDB's two."""
+    if "per_class" in metrics:
+        return list(metrics["per_class"])
+    return list(label_names or BINARY_LABEL_NAMES)
 
 
 def write_report(run_dir: str | Path, metrics: dict | None = None) -> Path:
@@ -376,8 +425,9 @@ def write_report(run_dir: str | Path, metrics: dict | None = None) -> Path:
         raise UsageError(f"{log_path} is missing: is {run_dir} a finished train.py run folder?")
     training, validation = read_log(log_path)
     plot_training_curves(log_path, run_dir / CURVES_PNG)
+    checkpoint = checkpoint_folder(run_dir, config.get("method", "lora"))
     plot_comparison([("before", metrics["before"]), ("after", metrics["after"])],
-                    run_dir / COMPARISON_PNG)
+                    run_dir / COMPARISON_PNG, checkpoint_label_names(checkpoint))
     report = run_dir / REPORT_MD
     with writing(report):
         report.write_text(report_markdown(run_dir, config, metrics, training, validation))

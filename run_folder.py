@@ -108,7 +108,11 @@ def release_run_folders() -> None:
 
 def run_settings(args: argparse.Namespace, precision: str, world_size: int) -> dict:
     """The run's flags as JSON values, with the resolved precision and the process count."""
-    return {**{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+    def as_json(value: object) -> object:  # as JSON writes and reads it back: comparable
+        return str(value) if isinstance(value, Path) else \
+            list(value) if isinstance(value, tuple) else value
+
+    return {**{k: as_json(v) for k, v in vars(args).items()},
             "resolved_precision": precision, "world_size": world_size}
 
 

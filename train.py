@@ -44,7 +44,7 @@ from data import (
     take_subset,
     tokenize,
 )
-from data_sources import load_split
+from data_sources import LABEL, load_split
 from evaluate import evaluate_model, format_comparison, test_loader_for
 from files import write_json
 from lora_model import (
@@ -59,7 +59,7 @@ from lora_model import (
     parameter_counts,
     prepare_model,
 )
-from report import LOG_FILE, METRICS_FILE, REPORT_MD, RunLog, write_report
+from report import LOG_FILE, METRICS_FILE, REPORT_MD, RunLog, headline_f1, write_report
 from runtime import autocast, is_main_process, print_main
 from train_flags import ADJUSTABLE_ON_RESUME, build_parser, fill_flag_defaults
 
@@ -257,7 +257,8 @@ class Trainer:
         self.log({"epoch": epoch + 1, "validation": metrics, "best": improved})
         if is_main_process():
             tqdm.write(f"step {self.state.step}: validation accuracy {metrics['accuracy']:.4f}, "
-                       f"F1 {metrics['f1']:.4f}" + ("  (best so far, saved)" if improved else ""))
+                       f"F1 {headline_f1(metrics):.4f}"
+                       + ("  (best so far, saved)" if improved else ""))
 
     # -- the log and the snapshots ---------------------------------------------------------
 
@@ -329,13 +330,15 @@ def run(args: argparse.Namespace) -> dict:
     # to every rank) is the one-process init; other ranks draw their own dropout masks.
     transformers.set_seed(args.seed + rank)
 
-    # Data: train/validation carved from the training split, the test split scored before/after.
+    # Data: train/validation carved from the training split, whose labels decide the classes
+    # (or --labels does); the test split, scored before and after, holds only those.
     tokenizer = load_tokenizer(args.model)
-    train, validation = split_train_validation(
-        load_split(args.data, "train", args.text_column, args.label_column),
-        args.train_samples, args.validation_size, args.data_seed)
-    test = take_subset(load_split(args.data, "test", args.text_column, args.label_column),
-                       args.eval_samples, args.data_seed)
+    train = load_split(args.data, "train", args.text_column, args.label_column, args.labels)
+    label_names = tuple(train.features[LABEL].names)
+    train, validation = split_train_validation(train, args.train_samples, args.validation_size,
+                                               args.data_seed)
+    test = take_subset(load_split(args.data, "test", args.text_column, args.label_column,
+                                  label_names), args.eval_samples, args.data_seed)
     collator = PaddingCollator(tokenizer.pad_token_id, device)
     tokenize_started = time.perf_counter()
     # Every rank tokenizes (the `datasets` cache files are written atomically, so concurrent
@@ -351,7 +354,7 @@ def run(args: argparse.Namespace) -> dict:
                                     world_size=world_size)
     test_loader = test_loader_for(tokenizer, test, args, device, rank, world_size)
     tokenize_seconds = time.perf_counter() - tokenize_started
-    model = load_base_model(args.model).to(device)
+    model = load_base_model(args.model, label_names).to(device)
     if args.method == "lora":
         check_lora_targets(model, args.lora_targets)
 
@@ -412,8 +415,7 @@ def run(args: argparse.Namespace) -> dict:
                "parameters": {"trainable": trainable, "total": total},
                "train_seconds": train_seconds,
                "train_samples_per_s": len(train) * args.epochs / train_seconds,
-               "tokenize_seconds": tokenize_seconds,
-               "test_seconds": test_seconds,
+               "tokenize_seconds": tokenize_seconds, "test_seconds": test_seconds,
                "wall_seconds": time.perf_counter() - run_started}
     if is_main_process():
         write_report(args.output_dir, metrics)

@@ -70,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
              help="validation reviews carved (stratified, seeded) out of the training "
                   "split: a fraction of the training reviews (<1) or a count (>=1) "
                   f"(default: {DEFAULT_VALIDATION_SIZE})")
+    add_flag(group, FIXED, "--labels", type=class_names, default=None, metavar="A,B,...",
+             help="the class names in id order, comma-separated: string labels must be "
+                  "among them, integer labels are ids into them (default: 0/1 and "
+                  "neg/pos/negative/positive are negative, positive; other integers are "
+                  "0..K-1; strings are sorted)")
     add_flag(group, FIXED, "--group-by-length", action="store_true",
              help="batch training reviews of similar length (shuffled groups, a new "
                   "random draw every epoch): less padding, faster with --max-length "
@@ -112,6 +117,15 @@ def build_parser() -> argparse.ArgumentParser:
                   "takes minutes, so it pays only on long runs (default: off; see "
                   "BENCHMARKS.md)")
     return parser
+
+
+def class_names(text: str) -> tuple[str, ...]:
+    """--labels: comma-separated class names, at least two, none empty or repeated."""
+    names = tuple(name.strip() for name in text.split(","))
+    if len(names) < 2 or "" in names or len(set(names)) < len(names):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give two or more distinct class names, comma-separated (a,b,c)")
+    return names
 
 
 def fill_flag_defaults(args: argparse.Namespace) -> None:

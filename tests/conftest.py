@@ -217,7 +217,7 @@ def save_random_adapter(model_dir: str, folder: Path, r: int = 4, scale: float =
 # Files whose tests start first, in this order: the real-data run is the suite's long pole, and
 # the resume and torchrun files hold most of the rest of the work. pytest.ini keeps this order
 # (--no-loadscope-reorder) when it hands whole files to its workers.
-START_FIRST = ("test_real_data.py", "test_resume.py", "test_distributed.py")
+START_FIRST = ("test_real_data.py", "test_resume.py", "test_distributed.py", "test_labels.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -133,10 +133,16 @@ def test_missing_text_column_lists_the_columns(train, csv_data_dir):
                    "columns: text, label", "--text-column")
 
 
-def test_labels_outside_the_two_classes_are_shown(train, csv_data_dir):
+def test_labels_that_mix_class_ids_and_names_are_refused(train, csv_data_dir):
     (csv_data_dir / "train.csv").write_text(
         "text,label\ngood,1\nmeh,3\nbad,0\nfine,positive\nhmm,neutral\n")
-    assert_refused(train(), "2 labels are not 0/1", "row 1: '3'", "row 4: 'neutral'")
+    assert_refused(train(), "mix class ids (0, 1, 3) and class names (neutral, positive)")
+
+
+def test_a_test_label_outside_the_training_classes_is_shown(train, csv_data_dir):
+    (csv_data_dir / "test.csv").write_text("text,label\ngood,1\nmeh,neutral\nbad,0\n")
+    assert_refused(train(), "1 labels of", "are not among the classes negative, positive",
+                   "row 1: 'neutral'")
 
 
 def test_text_and_label_columns_that_are_the_same(train):
@@ -202,7 +208,7 @@ def test_empty_texts_are_counted_and_refused(train, csv_data_dir):
 def test_training_data_with_a_single_class(train, csv_data_dir):
     (csv_data_dir / "train.csv").write_text(
         "text,label\n" + "".join(f"great film {i},1\n" for i in range(20)))
-    assert_refused(train(), "0 negative and 20 positive reviews", "at least 2 of each class")
+    assert_refused(train(), "0 negative, 20 positive reviews", "at least 2 of each class")
 
 
 @pytest.mark.parametrize("flag, value, phrase", [

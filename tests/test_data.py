@@ -161,10 +161,13 @@ def test_missing_column_names_the_columns_that_exist(tmp_path):
         load_split(str(tmp_path), "train", text_column="body")
 
 
-def test_unknown_labels_are_shown_with_their_rows(tmp_path):
+def test_integer_labels_are_class_ids_and_a_missing_id_is_refused(tmp_path):
     (tmp_path / "train.csv").write_text("text,label\ngood,1\nmeh,3\nbad,0\n")
-    with pytest.raises(UsageError, match=r"1 labels .*row 1: 3"):
+    with pytest.raises(UsageError, match=r"the classes '2' have no example in .*train.csv"):
         load_split(str(tmp_path), "train")
+    (tmp_path / "train.csv").write_text("text,label\ngood,1\nmeh,2\nbad,0\n")
+    split = load_split(str(tmp_path), "train")
+    assert split.features["label"].names == ["0", "1", "2"] and split["label"] == [1, 2, 0]
 
 
 def test_validation_split_is_stratified_disjoint_and_leaves_exactly_n_for_training():
