@@ -2,9 +2,9 @@
 
 The reviews come from ``data_sources.load_split`` (the Hub's ``imdb``, an ``aclImdb`` folder
 or a folder of Parquet/CSV/JSON Lines files), each split with exactly two columns, ``text``
-and ``label`` (0 = negative, 1 = positive). Here they are cut into subsets, tokenized (cached
-by ``datasets``) and batched by a ``DataLoader`` whose collate pads each batch to its longest
-review, rounded up to a multiple of 8.
+and ``label`` (a class id: for IMDB 0 = negative, 1 = positive). Here they are cut into
+subsets, tokenized (cached by ``datasets``) and batched by a ``DataLoader`` whose collate pads
+each batch to its longest review, rounded up to a multiple of 8.
 
 Subset rule (applied identically by ``train.py`` and ``evaluate.py``, so both score the same
 test reviews): ``split.shuffle(seed=data_seed).select(range(n))``.
@@ -140,20 +140,20 @@ def take_subset(split: Dataset, n: int | None, seed: int, flag: str = "--eval-sa
     return split.shuffle(seed=seed).select(range(n))
 
 
-def validation_count(validation_size: float, n_train: int) -> int:
+def validation_count(validation_size: float, n_train: int, n_classes: int = 2) -> int:
     """Validation examples for `n_train` training examples: a fraction (<1) or a count (>=1).
 
-    At least 2, one of each class, which the stratified split needs.
+    At least `n_classes`, one of each class, which the stratified split needs.
     """
     if validation_size >= 1:
         if not float(validation_size).is_integer():
             raise UsageError(f"--validation-size {validation_size:g} is neither a fraction "
                              "below 1 nor a whole count")
-        if validation_size < 2:
+        if validation_size < n_classes:
             raise UsageError(f"--validation-size {validation_size:g}: the stratified split needs "
-                             "at least 2 validation reviews, one of each class")
+                             f"at least {n_classes} validation reviews, one of each class")
         return int(validation_size)
-    return max(2, round(validation_size * n_train))
+    return max(n_classes, round(validation_size * n_train))
 
 
 def split_train_validation(train: Dataset, n_train: int | None, validation_size: float,
@@ -171,18 +171,17 @@ def split_train_validation(train: Dataset, n_train: int | None, validation_size:
         raise UsageError(
             f"the training data holds {held} reviews; the stratified validation split and "
             "training need at least 2 of each class")
-    if n_train is None:
-        n_val = validation_count(validation_size, len(train))
-    else:
-        n_val = validation_count(validation_size, n_train)
+    n_val = validation_count(validation_size, len(train) if n_train is None else n_train,
+                             len(names))
     if n_train is not None and n_train + n_val > len(train):
         room = f"choose at most {len(train) - n_val}" if n_val < len(train) else \
             "lower --validation-size"
         raise UsageError(f"--train-samples {n_train} plus {n_val} validation reviews exceed "
                          f"the {len(train)} training reviews; {room}")
-    if n_val > len(train) - 2:
-        raise UsageError(f"the validation split ({n_val}) would leave fewer than 2 of the "
-                         f"{len(train)} training reviews for training; lower --validation-size")
+    if n_val > len(train) - len(names):
+        raise UsageError(f"the validation split ({n_val}) would leave fewer than {len(names)} "
+                         f"of the {len(train)} training reviews for training (one of each "
+                         "class); lower --validation-size")
     parts = train.train_test_split(test_size=n_val, stratify_by_column=LABEL, seed=seed)
     rest, validation = parts["train"], parts["test"]
     subset = take_subset(rest, n_train, seed, flag="--train-samples")

@@ -187,7 +187,12 @@ def normalize_columns(raw: Dataset, text_column: str = TEXT, label_column: str =
             "choose them with --text-column / --label-column")
     raw = raw.select_columns([text_column, label_column])
     check_text_column(raw, text_column, source)
-    values = [class_label_name(raw.features[label_column], v) for v in raw[label_column]]
+    feature, values = raw.features[label_column], raw[label_column]
+    if isinstance(feature, ClassLabel):  # ids with names (the Hub's imdb: 0/1 named neg/pos)
+        if all(label_to_int(name) is not None for name in feature.names):
+            values = [feature.int2str(v) if v >= 0 else v for v in values]  # IMDB's meaning
+        elif label_names is None:
+            label_names = tuple(feature.names)  # the data's own classes, in its own order
     if label_names is None or decide_classes:
         label_names = label_names_for(values, source, label_names)
     ids = [label_id(value, label_names) for value in values]
@@ -202,14 +207,6 @@ def normalize_columns(raw: Dataset, text_column: str = TEXT, label_column: str =
                                            LABEL: [ids[i] for i in indices]},
                    batched=True, with_indices=True, remove_columns=raw.column_names,
                    features=features, desc="Checking labels")
-
-
-def class_label_name(feature: object, value: object) -> object:
-    """A raw label as the data means it: a ClassLabel's id becomes its name (the Hub's imdb
-    stores 0/1 with the names neg/pos)."""
-    if isinstance(feature, ClassLabel) and isinstance(value, int) and value >= 0:
-        return feature.int2str(value)
-    return value
 
 
 def as_integer(value: object) -> int | None:
@@ -252,10 +249,10 @@ def label_names_for(values: list, source: str,
             raise UsageError(f"the labels of {source} mix class ids ({', '.join(ids[:5])}) "
                              f"and class names ({', '.join(others[:5])}); label every row "
                              "the same way")
-        if ids and not given:
+        if ids:  # integer ids written as text (a JSON "2")
             return label_names_for([int(v) for v in strings], source, given)
         names = given or tuple(sorted(set(strings)))
-        present = {names.index(v) for v in strings if v in names}
+        present = {label_id(v, names) for v in strings} - {None}
     absent = [name for i, name in enumerate(names) if i not in present]
     if absent:
         raise UsageError(f"the classes {', '.join(map(repr, absent))} have no example in "

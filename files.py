@@ -42,17 +42,22 @@ def writing(target: Path) -> Iterator[None]:
         raise
 
 
-def write_json(path: Path, value: object) -> None:
-    """Write `value` as indented JSON, whole or not at all: into a file beside `path`, then
-    renamed over it."""
+def write_file(path: Path, write: Callable[[Path], None]) -> None:
+    """Have `write(partial)` write a file beside `path`, then rename it over `path`: whole or
+    not at all (a failed write leaves the previous `path`, or none)."""
     partial = path.with_name(f".{path.name}.partial")
     try:
         with writing(path):
-            partial.write_text(json.dumps(value, indent=2) + "\n")
-    except OSError:
+            write(partial)
+    except BaseException:
         partial.unlink(missing_ok=True)
         raise
     os.replace(partial, path)
+
+
+def write_json(path: Path, value: object) -> None:
+    """Write `value` as indented JSON, whole or not at all (``write_file``)."""
+    write_file(path, lambda partial: partial.write_text(json.dumps(value, indent=2) + "\n"))
 
 
 def sync_to_disk(path: Path) -> None:

@@ -307,10 +307,22 @@ def checkpoint_label_names(folder: Path) -> tuple[str, ...]:
     """The class names a checkpoint was trained on (``LABELS_FILE``; a merged model's config;
     IMDB's two for a checkpoint older than the labels file)."""
     if (folder / LABELS_FILE).is_file():
-        return tuple(json.loads((folder / LABELS_FILE).read_text()))
+        try:
+            return tuple(json.loads((folder / LABELS_FILE).read_text()))
+        except ValueError as error:
+            raise UsageError(f"{folder / LABELS_FILE} is damaged ({error}); it holds the class "
+                             "names as a JSON list: restore it or train again") from error
     if is_merged_model(folder):
         id2label = json.loads((folder / MODEL_CONFIG).read_text()).get("id2label") or {}
-        return tuple(id2label[str(i)] for i in range(len(id2label))) or BINARY_LABEL_NAMES
+        names = tuple(id2label[str(i)] for i in range(len(id2label)))
+        # transformers names classes it was not told about LABEL_0, LABEL_1, ... (and saves no
+        # names for two such): a two-class model of another project is taken for IMDB's, as
+        # before labels were recorded.
+        if len(names) < 3:
+            return BINARY_LABEL_NAMES if names in ((), ("LABEL_0", "LABEL_1")) else names
+        if names == tuple(f"LABEL_{i}" for i in range(len(names))):
+            return tuple(map(str, range(len(names))))
+        return names
     return BINARY_LABEL_NAMES
 
 
@@ -507,6 +519,9 @@ def merge_adapter(checkpoint: str | Path, out: str | Path, base_model: str | Non
             checkpoint_method(out / name) for name in (ADAPTER_DIR, MODEL_DIR)):
         raise UsageError(f"--out {out} holds an adapter or a run; choose a new folder for the "
                          "merged model")
+    if Path.cwd().resolve().is_relative_to(out.resolve()):  # it is swapped in whole, below
+        raise UsageError(f"--out {out} holds the current folder; choose a folder of its own "
+                         "for the merged model")
     check_can_write(out, "--out", overwrite)
     model, tokenizer = load_checkpoint(folder, base_model)
     # merge_and_unload writes W + (alpha / r) B A into each adapted layer, puts the trained

@@ -1,4 +1,5 @@
-"""Label your own reviews with a fine-tuned model: negative or positive, with its probability.
+"""Label your own texts with a fine-tuned model: its class (negative or positive for IMDB), with
+its probability.
 
     python predict.py --checkpoint runs/NAME "This film was a delight." "Two hours I want back."
     python predict.py --checkpoint runs/NAME --file reviews.txt --json   # one review per line
@@ -70,7 +71,8 @@ class Prediction:
 def build_parser() -> argparse.ArgumentParser:
     """The predict.py command line."""
     parser = argparse.ArgumentParser(
-        description="Label reviews as negative or positive with a fine-tuned checkpoint and "
+        description="Label reviews (or any texts) with the classes of a fine-tuned checkpoint "
+                    "(negative or positive for IMDB) and "
                     "print each label with its probability.")
     parser.add_argument("texts", nargs="*", metavar="TEXT",
                         help="reviews to label; without TEXT or --file, one review per line is "

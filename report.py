@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 from cli import UsageError, run_command
 from data_sources import BINARY_LABEL_NAMES
-from files import writing
+from files import write_file, writing
 from lora_model import (
     ADAPTER_DIR,
     METHODS,
@@ -130,8 +130,7 @@ def save_figure(figure: Figure, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(figure)
-    with writing(path):
-        figure.savefig(path, dpi=DPI)
+    write_file(path, lambda partial: figure.savefig(partial, dpi=DPI, format=path.suffix[1:]))
     return path
 
 
@@ -429,8 +428,8 @@ def write_report(run_dir: str | Path, metrics: dict | None = None) -> Path:
     plot_comparison([("before", metrics["before"]), ("after", metrics["after"])],
                     run_dir / COMPARISON_PNG, checkpoint_label_names(checkpoint))
     report = run_dir / REPORT_MD
-    with writing(report):
-        report.write_text(report_markdown(run_dir, config, metrics, training, validation))
+    text = report_markdown(run_dir, config, metrics, training, validation)
+    write_file(report, lambda partial: partial.write_text(text))
     return report
 
 

@@ -53,7 +53,9 @@ from runtime import from_main_process, is_main_process, print_main, wait_for_all
 LOCK_FILE = ".train.lock"
 # Everything a run writes into its folder (what --overwrite clears first).
 RUN_FILES = (ADAPTER_DIR, MODEL_DIR, CONFIG_FILE, LOG_FILE, METRICS_FILE, REPORT_MD, CURVES_PNG,
-             COMPARISON_PNG, *ALL_SNAPSHOT_DIRS)
+             COMPARISON_PNG, *ALL_SNAPSHOT_DIRS,
+             *(f".{name}.{kind}" for name in (ADAPTER_DIR, MODEL_DIR)  # files.write_folder's
+               for kind in ("partial", "old")))
 # The open lock files of this process: a lock lasts as long as its file stays open.
 _held_locks: dict[Path, TextIO] = {}
 
@@ -117,9 +119,15 @@ def run_settings(args: argparse.Namespace, precision: str, world_size: int) -> d
 
 
 def differing_settings(saved: dict, current: dict, adjustable: set[str]) -> list[str]:
-    """'--lr 0.002 (now 0.0005)' for every setting that differs, but the `adjustable` ones."""
+    """'--lr 0.002 (now 0.0005)' for every setting that differs, but the `adjustable` ones.
+
+    A flag newer than the saved run (not in `saved`) matches when it is off now (None or
+    False): the older train.py behaved as the flag's default does.
+    """
     differences = []
     for key in sorted(current.keys() - adjustable):
+        if key not in saved and current[key] in (None, False):
+            continue
         if saved.get(key, "(not recorded)") != current[key]:
             name = key if key in ("resolved_precision", "world_size") else \
                 "--" + key.replace("_", "-")
@@ -246,13 +254,12 @@ def disk_full_advice(args: argparse.Namespace) -> str:
     and the next while it is written) and the best checkpoint."""
     folder = args.output_dir if isinstance(args.output_dir, Path) else Path(".")
     snapshot = next((folder / name for name in SNAPSHOT_DIRS if (folder / name).is_dir()), None)
-    advice = ": it resumes from the last snapshot, which is intact"
-    if snapshot is not None:
-        checkpoint = checkpoint_folder(folder, args.method)
-        needed = 3 * folder_size(snapshot) + (folder_size(checkpoint) if checkpoint.is_dir()
-                                              else 0)
-        advice += f" (the run needs about {format_size(needed)} for its snapshots and checkpoint)"
-    return advice
+    if snapshot is None:
+        return ": the run starts again (it had written no snapshot yet)"
+    checkpoint = checkpoint_folder(folder, args.method)
+    needed = 3 * folder_size(snapshot) + (folder_size(checkpoint) if checkpoint.is_dir() else 0)
+    return (": it resumes from the last snapshot, which is intact (the run needs about "
+            f"{format_size(needed)} for its snapshots and checkpoint)")
 
 
 def finish_run_folder(folder: Path) -> None:

@@ -20,10 +20,11 @@ import pandas as pd
 import pytest
 import torch
 from conftest import IMDB_DIR, minilm_path, run_forked, run_main
+from datasets import ClassLabel, Dataset, Features, Value
 from safetensors.torch import load_file
 from sklearn.metrics import classification_report
 from test_distributed import read_log, torchrun
-from transformers import AutoConfig
+from transformers import AutoConfig, BertConfig, BertForSequenceClassification
 
 import evaluate as evaluate_script
 import lora_model
@@ -31,7 +32,7 @@ import predict as predict_script
 import train as train_script
 from cli import UsageError
 from data import PaddingCollator, make_loader, tokenize
-from data_sources import BINARY_LABEL_NAMES, label_names_for, load_split
+from data_sources import BINARY_LABEL_NAMES, label_names_for, load_split, normalize_columns
 from evaluate import compute_metrics, predict_in_order
 
 CPU = torch.device("cpu")
@@ -86,9 +87,26 @@ def three_queues(tiny_model_dir, tmp_path_factory) -> dict:
     (["bug", "billing", "praise", "bug"], None, NAMES),  # strings, sorted
     (["bug", "billing", "praise"], ("praise", "bug", "billing"), ("praise", "bug", "billing")),
     ([1, 0, 2], ("low", "mid", "high"), ("low", "mid", "high")),  # ids named by --labels
+    (["1", "0", "2"], ("low", "mid", "high"), ("low", "mid", "high")),  # ids written as text
+    (["1", "0", "2"], None, ("0", "1", "2")),
+    (["neg", "pos"], BINARY_LABEL_NAMES, BINARY_LABEL_NAMES),  # --labels negative,positive
 ])
 def test_the_training_labels_decide_the_classes(values, given, expected):
     assert label_names_for(values, "train.csv", given) == expected
+
+
+@pytest.mark.parametrize("names", [["unacceptable", "acceptable"], ["1", "2"],
+                                   ["sports", "world", "business"]])
+def test_a_class_label_column_keeps_its_own_names_and_ids(names):
+    """Hub datasets store ids with names (yelp_polarity's are "1", "2"; CoLA's put
+    unacceptable first): the names and their order are the data's, not sorted."""
+    raw = Dataset.from_dict({"text": [f"text {i}" for i in range(2 * len(names))],
+                             "label": [i % len(names) for i in range(2 * len(names))]},
+                            features=Features({"text": Value("string"),
+                                               "label": ClassLabel(names=names)}))
+    split = normalize_columns(raw)
+    assert split.features["label"].names == names
+    assert split["label"] == raw["label"]
 
 
 @pytest.mark.parametrize(("values", "given", "phrase"), [
@@ -344,3 +362,29 @@ def test_three_kinds_of_real_text_are_learned_and_evaluate_reproduces_them(tmp_p
     assert result.returncode == 0, result.stderr[-3000:]
     [row] = json.loads(out.read_text())["results"]
     assert {key: row[key] for key in metrics["after"]} == metrics["after"]
+
+
+def test_fewer_validation_reviews_than_classes_is_one_sentence(tiny_model_dir, tmp_path, capsys):
+    data = write_tickets(tmp_path / "data")
+    result = run_main(train_script.main, capsys, "--model", tiny_model_dir, "--data", str(data),
+                      "--output-dir", str(tmp_path / "run"), *FLAGS, "--validation-size", "2")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "the stratified split needs at least 3 validation reviews, one of each class" in \
+        result.stderr.strip().splitlines()[-1]
+
+
+def test_a_classifier_saved_with_transformers_default_names_counts_as_imdbs(tiny_model_dir,
+                                                                           tmp_path):
+    """A two-class model of another project (id2label LABEL_0, LABEL_1, transformers' default)
+    is scored on IMDB as before labels were recorded; with more classes, by id."""
+    for count, expected in ((2, BINARY_LABEL_NAMES), (3, ("0", "1", "2"))):
+        folder = tmp_path / f"classifier-{count}"
+        config = BertConfig.from_pretrained(tiny_model_dir, num_labels=count)
+        BertForSequenceClassification(config).save_pretrained(folder)
+        assert lora_model.checkpoint_label_names(folder) == expected
+
+
+def test_merge_refuses_the_current_folder(three_queues, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UsageError, match="holds the current folder"):
+        lora_model.merge_adapter(three_queues["run"], ".", overwrite=True)

@@ -213,10 +213,12 @@ def test_a_full_disk_at_any_write_is_one_sentence_and_the_same_command_finishes(
     assert "Traceback" not in full.stderr
     last_line = full.stderr.strip().splitlines()[-1]
     assert f": error: could not write {folder / written}: no space left on device (" in last_line
-    assert ("free some space and run the same command again: it resumes from the last "
-            "snapshot, which is intact") in last_line
-    # How much space the run needs, once a snapshot shows its size.
-    assert ("(the run needs about " in last_line) == (resumes_at is not None), last_line
+    assert "free some space and run the same command again: " in last_line
+    if resumes_at is None:
+        assert last_line.endswith(": the run starts again (it had written no snapshot yet)")
+    else:  # with how much space the run needs, which its snapshot shows
+        assert ": it resumes from the last snapshot, which is intact (the run needs about " \
+            in last_line
     assert not (folder / "metrics.json").exists()
     assert not [p.name for p in folder.iterdir() if p.name.endswith(".partial")]
     resumed = resumed_run(setup, folder, capsys)
@@ -294,11 +296,16 @@ def test_resume_from_the_previous_snapshot_gives_the_identical_result(setup, kil
 
 def test_a_run_folder_from_before_the_rename_to_snapshot_resumes(setup, killed_copy, capsys):
     """Runs written before the resumable state was called a snapshot keep it in checkpoint/
-    and checkpoint-previous/ (the same files): they resume from the newer, end exactly as the
-    uninterrupted run, and the finished run deletes the old folders too."""
+    and checkpoint-previous/ (the same files), and their config.json lacks the flags added
+    since: they resume from the newer, end exactly as the uninterrupted run, and the finished
+    run deletes the old folders too."""
     for new, old in zip(("snapshot", "snapshot-previous"), resumable.OLD_SNAPSHOT_DIRS,
                         strict=True):
         (killed_copy / new).rename(killed_copy / old)
+    # Its config.json does not know the flags added since (--labels), nor its snapshots.
+    config = json.loads((killed_copy / "config.json").read_text())
+    del config["labels"]
+    (killed_copy / "config.json").write_text(json.dumps(config))
     resumed = resumed_run(setup, killed_copy, capsys)
     assert resumed_step(resumed.stdout) == 6
     assert_same_result(killed_copy, setup["reference"])
