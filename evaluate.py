@@ -15,6 +15,7 @@ Hugging Face's ``evaluate`` package, which this project does not use.)
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_f
 from tqdm.auto import tqdm
 
 from cli import UsageError, check_can_write, run_command
+from comparison import calibration, format_comparisons, paired_comparison, softmax
 from data import (
     PaddingCollator,
     Preprocessing,
@@ -38,7 +40,7 @@ from data import (
     tokenizer_fingerprint,
 )
 from data_sources import BINARY_LABEL_NAMES, LABEL, load_split
-from files import write_json
+from files import write_file, write_json
 from lora_model import (
     add_model_argument,
     checkpoint_base_model,
@@ -214,9 +216,14 @@ def build_parser() -> argparse.ArgumentParser:
         "default: the one recorded in the first adapter or head checkpoint (a full or merged "
         "checkpoint holds every weight and does not use it)"))
     parser.add_argument("--json", type=Path, metavar="PATH",
-                        help="also write the results to this JSON file")
+                        help="also write the results to this JSON file: a row per model (with "
+                             "its accuracy's 95%% Wilson interval, ECE and Brier score) and "
+                             "a paired comparison of each row with the first")
+    parser.add_argument("--predictions", type=Path, metavar="PATH",
+                        help="also write each scored review's true class and every model's "
+                             "class probabilities to this JSON Lines file, in data order")
     parser.add_argument("--overwrite", action="store_true",
-                        help="allow --json and --plot to replace existing files")
+                        help="allow --json, --predictions and --plot to replace existing files")
     parser.add_argument("--plot", type=Path, metavar="PATH",
                         help="also draw the results into this image (.png, .svg or .pdf): "
                              "accuracy, precision, recall and F1 side by side, and each "
@@ -224,6 +231,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_arguments(parser, from_checkpoint=True)
     add_runtime_arguments(parser)
     return parser
+
+
+def prediction_lines(labels: np.ndarray, probabilities: dict[str, np.ndarray]) -> str:
+    """--predictions: a JSON line per scored review, in data order: its position, its true
+    class id and each model's class probabilities (softmax of the logits)."""
+    return "".join(json.dumps({"index": i, "label": int(label), "probabilities": {
+        name: rows[i].tolist() for name, rows in probabilities.items()}}) + "\n"
+        for i, label in enumerate(labels))
 
 
 def test_loader_for(tokenizer, test_split, args, device: torch.device, rank: int = 0,
@@ -244,8 +259,9 @@ def run(args: argparse.Namespace) -> list[dict]:
     """Score every requested model; print the table; return the JSON rows."""
     if not args.base and not args.checkpoint:
         raise UsageError("nothing to evaluate: give --base and/or --checkpoint PATH")
-    if args.json:
-        check_can_write(args.json, "--json", args.overwrite, kind="file")
+    for flag, path in (("--json", args.json), ("--predictions", args.predictions)):
+        if path:
+            check_can_write(path, flag, args.overwrite, kind="file")
     if args.plot and args.plot.suffix.lower() not in PLOT_FORMATS:
         raise UsageError(f"--plot {args.plot} must end in {', '.join(PLOT_FORMATS)}")
     if args.plot:
@@ -280,7 +296,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     first = Preprocessing.recorded_in(checkpoints[0]) if checkpoints else None
     models = ([("base", None)] if args.base else []) + [(str(p), p) for p in checkpoints]
     loaders = {}  # one tokenization per tokenizer and preprocessing, shared by the rows
-    rows = []
+    rows, probabilities = [], {}
     for name, checkpoint in models:
         if checkpoint is None:
             model = load_base_model(base_name, label_names)
@@ -294,17 +310,32 @@ def run(args: argparse.Namespace) -> list[dict]:
         if key not in loaders:
             loaders[key] = test_loader_for(tokenizer, test, args, device,
                                            preprocessing=preprocessing)
-        metrics = evaluate_model(model.to(device), loaders[key], device, precision,
-                                 desc=f"Scoring {name}")
+        # As evaluate_model computes the metrics, keeping the logits for the statistics below.
+        logits, labels = predict_in_order(model.to(device), loaders[key], device, precision,
+                                          desc=f"Scoring {name}")
+        probabilities[name] = softmax(logits)
         rows.append({"name": name, "checkpoint": None if checkpoint is None else str(checkpoint),
-                     **metrics, "truncation": preprocessing.truncation,
+                     **compute_metrics(labels, logits, label_names_of(model)),
+                     **calibration(labels, probabilities[name]),
+                     "truncation": preprocessing.truncation,
                      "max_length": preprocessing.max_length})
         del model
+    # Every row scored the same reviews in data order, so `labels` are every row's labels and
+    # the rows compare review by review: each against the first (the base model with --base).
+    first = rows[0]["name"]
+    comparisons = [paired_comparison(first, row["name"], labels, probabilities[first],
+                                     probabilities[row["name"]]) for row in rows[1:]]
     print(format_comparison([(row["name"], row) for row in rows]))
+    print("\n" + format_comparisons(rows, comparisons))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        write_json(args.json, {"results": rows})
+        write_json(args.json, {"results": rows, "comparisons": comparisons})
         print(f"Wrote {args.json}", file=sys.stderr)
+    if args.predictions:
+        args.predictions.parent.mkdir(parents=True, exist_ok=True)
+        text = prediction_lines(labels, probabilities)
+        write_file(args.predictions, lambda partial: partial.write_text(text))
+        print(f"Wrote {args.predictions}", file=sys.stderr)
     if args.plot:
         plot_comparison([(row["name"], row) for row in rows], args.plot, label_names)
         print(f"Wrote {args.plot}", file=sys.stderr)

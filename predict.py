@@ -19,11 +19,11 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from datasets import Dataset
 
 from cli import UsageError, run_command
+from comparison import softmax
 from data import (
     PaddingCollator,
     Preprocessing,
@@ -139,12 +139,6 @@ def token_counts(tokenizer, texts: list[str]) -> list[int]:
     return [len(ids) for ids in encoded["input_ids"]]
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise softmax, shifted by the row maximum so large logits do not overflow."""
-    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
-    return shifted / shifted.sum(axis=-1, keepdims=True)
-
-
 def predict_reviews(model: torch.nn.Module, tokenizer, texts: list[str],
                     preprocessing: Preprocessing, batch_size: int, device: torch.device,
                     precision: str) -> list[Prediction]:
@@ -156,7 +150,7 @@ def predict_reviews(model: torch.nn.Module, tokenizer, texts: list[str],
     loader = make_loader(tokenize(reviews, tokenizer, max_length, preprocessing.truncation),
                          batch_size, collator, shuffle=False)
     logits, _ = predict_in_order(model, loader, device, precision, desc="Predicting")
-    probabilities = softmax(logits.astype(np.float64))
+    probabilities = softmax(logits)
     names = label_names_of(model)  # the classes the checkpoint was trained on
     predictions = []
     for text, probs, n_tokens in zip(texts, probabilities, token_counts(tokenizer, texts),
