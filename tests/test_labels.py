@@ -165,28 +165,7 @@ def test_three_classes_train_with_k_outputs_and_keep_their_names(three_queues):
 
 
 def test_k_class_metrics_are_scikit_learns_on_the_same_predictions(three_queues):
-    """metrics.json's after row against classification_report on the checkpoint's own
-    predictions: accuracy, macro and weighted means, each class's precision/recall/F1/support."""
-    run, data = three_queues["run"], three_queues["data"]
-    model, tokenizer = lora_model.load_checkpoint(run)
-    test = load_split(str(data), "test", "message", "queue", NAMES)
-    loader = make_loader(tokenize(test, tokenizer, 128), 8, PaddingCollator(0, CPU),
-                         shuffle=False)
-    logits, labels = predict_in_order(model, loader, CPU, "fp32")
-    report = classification_report(labels, logits.argmax(-1), labels=[0, 1, 2],
-                                   target_names=list(NAMES), output_dict=True, zero_division=0)
-    after = json.loads((run / "metrics.json").read_text())["after"]
-    assert after["accuracy"] == pytest.approx(report["accuracy"], abs=1e-12)
-    for average in ("macro", "weighted"):
-        for name in ("precision", "recall", "f1"):
-            assert after[f"{average}_{name}"] == pytest.approx(
-                report[f"{average} avg"][name if name != "f1" else "f1-score"], abs=1e-12)
-    for queue in NAMES:
-        expected = report[queue]
-        assert after["per_class"][queue] == pytest.approx(
-            {"precision": expected["precision"], "recall": expected["recall"],
-             "f1": expected["f1-score"], "support": expected["support"]}, abs=1e-12)
-    assert compute_metrics(labels, logits, NAMES) == after
+    assert_metrics_are_scikit_learns(three_queues["run"], three_queues["data"], NAMES)
 
 
 def test_evaluate_reproduces_the_run_and_refuses_checkpoints_of_other_classes(
@@ -244,25 +223,55 @@ def test_a_merged_model_shows_the_names_in_plain_transformers(three_queues, tmp_
 # --- five classes, resume, torchrun -----------------------------------------------------------
 
 
-def test_five_integer_classes_named_by_the_labels_flag(tiny_model_dir, tmp_path):
-    """Integer ids 0..4 named on the command line: the names reach the checkpoint and the
-    metrics, and --labels is a setting a resumed run must repeat."""
-    rows = [{"message": f"{text} ({i})", "queue": k}
-            for i in range(6) for k, text in enumerate(
-                ["red apple", "green leaf", "blue sky", "black night", "white snow"])]
+def assert_metrics_are_scikit_learns(run: Path, data: Path, names: tuple[str, ...]) -> None:
+    """metrics.json's after row against classification_report on the checkpoint's own
+    predictions: accuracy, macro and weighted means, each class's precision/recall/F1/support."""
+    model, tokenizer = lora_model.load_checkpoint(run)
+    test = load_split(str(data), "test", "message", "queue", names)
+    loader = make_loader(tokenize(test, tokenizer, 128), 8, PaddingCollator(0, CPU),
+                         shuffle=False)
+    logits, labels = predict_in_order(model, loader, CPU, "fp32")
+    ids = list(range(len(names)))
+    report = classification_report(labels, logits.argmax(-1), labels=ids,
+                                   target_names=list(names), output_dict=True, zero_division=0)
+    after = json.loads((run / "metrics.json").read_text())["after"]
+    assert after["accuracy"] == pytest.approx(report["accuracy"], abs=1e-12)
+    for average in ("macro", "weighted"):
+        for name in ("precision", "recall", "f1"):
+            assert after[f"{average}_{name}"] == pytest.approx(
+                report[f"{average} avg"][name if name != "f1" else "f1-score"], abs=1e-12)
+    for name in names:
+        expected = report[name]
+        assert after["per_class"][name] == pytest.approx(
+            {"precision": expected["precision"], "recall": expected["recall"],
+             "f1": expected["f1-score"], "support": expected["support"]}, abs=1e-12)
+    assert compute_metrics(labels, logits, names) == after
+
+
+def test_five_string_classes_in_the_order_the_labels_flag_gives(tiny_model_dir, tmp_path):
+    """Five string labels in a custom column, ordered by --labels (not sorted): the names
+    reach the checkpoint and the metrics in that order, the metrics are scikit-learn's, and
+    --labels is a setting a resumed run must repeat."""
+    names = ("red", "green", "blue", "black", "white")
+    rows = [{"message": f"{text} ({i})", "queue": name}
+            for i in range(6) for name, text in zip(
+                names, ["red apple", "green leaf", "blue sky", "black night", "white snow"],
+                strict=True)]
     data = tmp_path / "data"
     data.mkdir()
     pd.DataFrame(rows).to_csv(data / "train.csv", index=False)
     pd.DataFrame(rows[:15]).to_csv(data / "test.csv", index=False)
-    names = ("red", "green", "blue", "black", "white")
     run = tmp_path / "run"
     flags = [*FLAGS, "--validation-size", "10", "--labels", ",".join(names)]
     assert train_script.main(["--model", tiny_model_dir, "--data", str(data),
                               "--output-dir", str(run), *flags]) == 0
+    assert json.loads((run / "adapter" / lora_model.LABELS_FILE).read_text()) == list(names)
     after = json.loads((run / "metrics.json").read_text())["after"]
     assert list(after["per_class"]) == list(names)
     assert [after["per_class"][name]["support"] for name in names] == [3] * 5
+    assert np.array(after["confusion_matrix"]).shape == (5, 5)
     assert json.loads((run / "config.json").read_text())["labels"] == list(names)
+    assert_metrics_are_scikit_learns(run, data, names)
 
 
 def test_an_interrupted_three_class_run_resumes_to_the_identical_result(three_queues, tmp_path,
