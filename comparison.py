@@ -3,7 +3,8 @@ are, and whether one model beats another on the same reviews.
 
 * ``wilson_interval``: the 95% Wilson score interval of an accuracy (sound near 0 and 1 and for
   small n, where the normal approximation is not).
-* ``expected_calibration_error`` and ``brier_score``: does a 0.9 probability mean 90%?
+* ``expected_calibration_error``, ``brier_score`` and ``reliability_bins`` (the reliability
+  diagram's data): does a 0.9 probability mean 90%? (temperature.py makes it closer to it.)
 * ``paired_comparison``: two models scored on the same reviews, compared review by review: the
   accuracy difference with a paired bootstrap interval, and the exact McNemar test on the
   reviews where exactly one of them is right. Pairing removes the variation between reviews that
@@ -40,20 +41,26 @@ def wilson_interval(correct: int, n: int, z: float = Z_95) -> list[float]:
     return [float(center - half), float(center + half)]
 
 
-def expected_calibration_error(labels: np.ndarray, probabilities: np.ndarray,
-                               bins: int = CALIBRATION_BINS) -> float:
-    """Sum over equal-width bins of the top-class probability of
-    |accuracy_b - confidence_b| * n_b / n."""
+def reliability_bins(labels: np.ndarray, probabilities: np.ndarray,
+                     bins: int = CALIBRATION_BINS) -> list[dict]:
+    """The reliability diagram's data: for each non-empty equal-width bin of the top-class
+    probability, its range, its review count, and the accuracy and mean confidence in it."""
     confidence = probabilities.max(axis=-1)
     correct = probabilities.argmax(axis=-1) == labels
     # Bin b holds confidences in (b/bins, (b+1)/bins]; a confidence of exactly 0 goes to bin 0.
     which = np.clip(np.ceil(confidence * bins).astype(int) - 1, 0, bins - 1)
-    error = 0.0
-    for b in range(bins):
-        members = which == b
-        if members.any():
-            error += abs(correct[members].mean() - confidence[members].mean()) * members.mean()
-    return float(error)
+    return [{"low": b / bins, "high": (b + 1) / bins, "n": int(members.sum()),
+             "accuracy": float(correct[members].mean()),
+             "confidence": float(confidence[members].mean())}
+            for b in range(bins) if (members := which == b).any()]
+
+
+def expected_calibration_error(labels: np.ndarray, probabilities: np.ndarray,
+                               bins: int = CALIBRATION_BINS) -> float:
+    """Sum over equal-width bins of the top-class probability of
+    |accuracy_b - confidence_b| * n_b / n."""
+    return float(sum(abs(b["accuracy"] - b["confidence"]) * b["n"]
+                     for b in reliability_bins(labels, probabilities, bins)) / len(labels))
 
 
 def brier_score(labels: np.ndarray, probabilities: np.ndarray) -> float:
@@ -62,12 +69,14 @@ def brier_score(labels: np.ndarray, probabilities: np.ndarray) -> float:
     return float(((probabilities - truth) ** 2).sum(axis=1).mean())
 
 
-def calibration(labels: np.ndarray, probabilities: np.ndarray) -> dict:
-    """The interval and calibration entries of one result: accuracy_ci, ece, brier."""
+def interval_and_calibration(labels: np.ndarray, probabilities: np.ndarray) -> dict:
+    """The statistics of one result beside its metrics: accuracy_ci, ece, brier and the
+    reliability bins."""
     correct = int((probabilities.argmax(axis=-1) == labels).sum())
     return {"accuracy_ci": wilson_interval(correct, len(labels)),
             "ece": expected_calibration_error(labels, probabilities),
-            "brier": brier_score(labels, probabilities)}
+            "brier": brier_score(labels, probabilities),
+            "reliability": reliability_bins(labels, probabilities)}
 
 
 def mcnemar_p(a_only: int, b_only: int) -> float:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,7 @@ from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_f
 from tqdm.auto import tqdm
 
 from cli import UsageError, check_can_write, run_command
-from comparison import calibration, format_comparisons, paired_comparison, softmax
+from comparison import format_comparisons, interval_and_calibration, paired_comparison, softmax
 from data import (
     PaddingCollator,
     Preprocessing,
@@ -61,6 +62,12 @@ from runtime import (
     pick_device,
     pick_precision,
     use_device,
+)
+from temperature import (
+    UNCALIBRATED,
+    add_calibration_argument,
+    scale_logits,
+    temperature_to_apply,
 )
 
 PLOT_FORMATS = (".png", ".svg", ".pdf")  # the image types --plot can write
@@ -151,15 +158,38 @@ def compute_metrics(labels: np.ndarray, logits: np.ndarray,
     return metrics
 
 
-def evaluate_model(model: torch.nn.Module, loader, device: torch.device, precision: str,
-                   desc: str = "Evaluating") -> dict:
-    """The one evaluation both scripts use: metrics of `model` on every example of `loader`.
+@dataclass
+class Scores:
+    """A model scored on a split: its metrics, and each example's raw logits and true class
+    (in dataset order), with the temperature the metrics were computed at."""
+
+    metrics: dict
+    logits: np.ndarray  # float32 [n, K], before any temperature
+    labels: np.ndarray
+    temperature: float
+
+    def probabilities(self) -> np.ndarray:
+        """Class probabilities as the metrics saw them: softmax(logits / temperature)."""
+        return softmax(scale_logits(self.logits, self.temperature))
+
+
+def score_model(model: torch.nn.Module, loader, device: torch.device, precision: str,
+                temperature: float = UNCALIBRATED, desc: str = "Evaluating") -> Scores:
+    """The one evaluation both scripts use: `model` on every example of `loader`, its logits
+    divided by `temperature` (temperature.py; 1 = the model's own probabilities).
 
     Under torchrun every rank scores its share (``make_loader`` hands out whole batches, so
-    each logit is the one a single process computes) and gets the metrics of the whole set.
+    each logit is the one a single process computes) and gets the scores of the whole set.
     """
     logits, labels = predict_in_order(model, loader, device, precision, desc)
-    return compute_metrics(labels, logits, label_names_of(model))
+    metrics = compute_metrics(labels, scale_logits(logits, temperature), label_names_of(model))
+    return Scores(metrics, logits, labels, temperature)
+
+
+def evaluate_model(model: torch.nn.Module, loader, device: torch.device, precision: str,
+                   desc: str = "Evaluating") -> dict:
+    """The metrics of ``score_model`` with the model's own probabilities (validation)."""
+    return score_model(model, loader, device, precision, desc=desc).metrics
 
 
 def format_comparison(results: list[tuple[str, dict]]) -> str:
@@ -227,7 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--plot", type=Path, metavar="PATH",
                         help="also draw the results into this image (.png, .svg or .pdf): "
                              "accuracy, precision, recall and F1 side by side, and each "
-                             "model's confusion matrix")
+                             "model's confusion matrix, and a reliability diagram of each "
+                             "model's confidence against its accuracy")
+    add_calibration_argument(parser)
     add_data_arguments(parser, from_checkpoint=True)
     add_runtime_arguments(parser)
     return parser
@@ -239,6 +271,18 @@ def prediction_lines(labels: np.ndarray, probabilities: dict[str, np.ndarray]) -
     return "".join(json.dumps({"index": i, "label": int(label), "probabilities": {
         name: rows[i].tolist() for name, rows in probabilities.items()}}) + "\n"
         for i, label in enumerate(labels))
+
+
+def calibration_note(rows: list[dict], calibrate: bool) -> str:
+    """Which rows' probabilities were divided by a stored temperature, and how to see them raw."""
+    scaled = [f"{row['name']} (T = {row['temperature']:.3g})" for row in rows
+              if row["temperature"] != UNCALIBRATED]
+    if scaled:
+        return (f"Probabilities divided by the temperature fitted on the validation split: "
+                f"{', '.join(scaled)}; --no-calibration shows the raw ones (accuracy and F1 "
+                f"are the same either way)")
+    return ("Raw probabilities (--no-calibration)" if not calibrate
+            else "Raw probabilities: no checkpoint holds a fitted temperature")
 
 
 def test_loader_for(tokenizer, test_split, args, device: torch.device, rank: int = 0,
@@ -267,6 +311,9 @@ def run(args: argparse.Namespace) -> list[dict]:
     if args.plot:
         check_can_write(args.plot, "--plot", args.overwrite, kind="file")
     checkpoints = [find_checkpoint(path) for path in args.checkpoint]
+    # Each checkpoint's probabilities as train.py scored its "after" row: divided by the
+    # temperature fitted on the validation split, unless --no-calibration.
+    temperatures = {c: temperature_to_apply(c, args.calibrate) for c in checkpoints}
     bases = {checkpoint_base_model(c) for c in checkpoints} - {None}
     if len(bases) > 1 and not args.model:
         # --model replaces every checkpoint's base model; with two there is no one choice.
@@ -310,14 +357,13 @@ def run(args: argparse.Namespace) -> list[dict]:
         if key not in loaders:
             loaders[key] = test_loader_for(tokenizer, test, args, device,
                                            preprocessing=preprocessing)
-        # As evaluate_model computes the metrics, keeping the logits for the statistics below.
-        logits, labels = predict_in_order(model.to(device), loaders[key], device, precision,
-                                          desc=f"Scoring {name}")
-        probabilities[name] = softmax(logits)
+        temperature = UNCALIBRATED if checkpoint is None else temperatures[checkpoint]
+        scores = score_model(model.to(device), loaders[key], device, precision, temperature,
+                             desc=f"Scoring {name}")
+        labels, probabilities[name] = scores.labels, scores.probabilities()
         rows.append({"name": name, "checkpoint": None if checkpoint is None else str(checkpoint),
-                     **compute_metrics(labels, logits, label_names_of(model)),
-                     **calibration(labels, probabilities[name]),
-                     "truncation": preprocessing.truncation,
+                     **scores.metrics, **interval_and_calibration(labels, probabilities[name]),
+                     "temperature": temperature, "truncation": preprocessing.truncation,
                      "max_length": preprocessing.max_length})
         del model
     # Every row scored the same reviews in data order, so `labels` are every row's labels and
@@ -327,6 +373,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                                      probabilities[row["name"]]) for row in rows[1:]]
     print(format_comparison([(row["name"], row) for row in rows]))
     print("\n" + format_comparisons(rows, comparisons))
+    print(calibration_note(rows, args.calibrate), file=sys.stderr)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         write_json(args.json, {"results": rows, "comparisons": comparisons})

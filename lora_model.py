@@ -50,6 +50,7 @@ from cli import (
 from data import PREPROCESSING_FILE
 from data_sources import BINARY_LABEL_NAMES, looks_like_path
 from files import write_folder
+from temperature import TEMPERATURE_FILE
 
 DEFAULT_MODEL = "bert-base-uncased"
 # The classifier head of the pre-trained ("before") model is random; drawing it from a fixed
@@ -534,7 +535,8 @@ def merge_adapter(checkpoint: str | Path, out: str | Path, base_model: str | Non
     def write(partial: Path) -> None:
         model.save_pretrained(partial)
         tokenizer.save_pretrained(partial)
-        for name in (PREPROCESSING_FILE, LABELS_FILE):  # how to tokenize, and the classes
+        # How to tokenize, the classes and the fitted temperature travel with the weights.
+        for name in (PREPROCESSING_FILE, LABELS_FILE, TEMPERATURE_FILE):
             if (folder / name).is_file():
                 shutil.copyfile(folder / name, partial / name)
         # --overwrite replaces the merged model's files; the folder's other files stay.

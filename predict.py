@@ -49,6 +49,7 @@ from runtime import (
     pick_precision,
     use_device,
 )
+from temperature import UNCALIBRATED, add_calibration_argument, scale_logits, temperature_to_apply
 
 STDIN = "-"
 # The table shows the start of each review; --json gives the whole text.
@@ -91,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_argument(parser, default=None, help_text=(
         "base model (Hub name or folder) for an adapter checkpoint; default: the one recorded "
         f"in its {ADAPTER_CONFIG}"))
+    add_calibration_argument(parser)
     add_runtime_arguments(parser)
     return parser
 
@@ -141,8 +143,9 @@ def token_counts(tokenizer, texts: list[str]) -> list[int]:
 
 def predict_reviews(model: torch.nn.Module, tokenizer, texts: list[str],
                     preprocessing: Preprocessing, batch_size: int, device: torch.device,
-                    precision: str) -> list[Prediction]:
-    """Label `texts` in order, with the tokenizer, collator and loop evaluate.py uses."""
+                    precision: str, temperature: float = UNCALIBRATED) -> list[Prediction]:
+    """Label `texts` in order, with the tokenizer, collator and loop evaluate.py uses; the
+    probabilities are those of the logits divided by `temperature` (temperature.py)."""
     # The collator and loader expect a label column; these placeholders are never read.
     reviews = Dataset.from_dict({TEXT: texts, LABEL: [0] * len(texts)}, features=FEATURES)
     collator = PaddingCollator(tokenizer.pad_token_id, device)
@@ -150,7 +153,7 @@ def predict_reviews(model: torch.nn.Module, tokenizer, texts: list[str],
     loader = make_loader(tokenize(reviews, tokenizer, max_length, preprocessing.truncation),
                          batch_size, collator, shuffle=False)
     logits, _ = predict_in_order(model, loader, device, precision, desc="Predicting")
-    probabilities = softmax(logits)
+    probabilities = softmax(scale_logits(logits, temperature))
     names = label_names_of(model)  # the classes the checkpoint was trained on
     predictions = []
     for text, probs, n_tokens in zip(texts, probabilities, token_counts(tokenizer, texts),
@@ -217,12 +220,14 @@ def run(args: argparse.Namespace) -> list[Prediction]:
     use_device(device)
     fill_device_defaults(args, device)
     precision = pick_precision(args.precision, device)
-    model, tokenizer = load_checkpoint(args.checkpoint, args.model)
-    preprocessing = resolve_preprocessing(
-        Preprocessing.recorded_in(find_checkpoint(args.checkpoint)), args.truncation,
-        args.max_length, args.checkpoint)
+    folder = find_checkpoint(args.checkpoint)
+    # The probabilities evaluate.py scores: divided by the checkpoint's fitted temperature.
+    temperature = temperature_to_apply(folder, args.calibrate)
+    model, tokenizer = load_checkpoint(folder, args.model)
+    preprocessing = resolve_preprocessing(Preprocessing.recorded_in(folder), args.truncation,
+                                          args.max_length, args.checkpoint)
     predictions = predict_reviews(model.to(device), tokenizer, texts, preprocessing,
-                                  args.eval_batch_size, device, precision)
+                                  args.eval_batch_size, device, precision, temperature)
     if args.json:
         print(format_json_lines(predictions))
         n_truncated = sum(p.truncated for p in predictions)

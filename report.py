@@ -31,6 +31,7 @@ from lora_model import (
     checkpoint_folder,
     checkpoint_label_names,
 )
+from temperature import UNCALIBRATED
 
 # The files of a run folder: written by train.py, read here.
 CONFIG_FILE = "config.json"
@@ -216,19 +217,47 @@ def display_name(name: str) -> str:
 
 def plot_comparison(results: list[tuple[str, dict]], out: str | Path,
                     label_names: tuple[str, ...] | None = None) -> Path:
-    """Bars of accuracy, precision, recall and F1 per result, and each confusion matrix
-    (its classes named by `label_names`, see ``class_names``)."""
+    """Bars of accuracy, precision, recall and F1 per result, each confusion matrix (its
+    classes named by `label_names`, see ``class_names``) and, for results that hold their
+    reliability bins (evaluate.py's), each reliability diagram."""
     if not results:
         raise ValueError("nothing to plot")
     n = len(results)
-    figure = new_figure(figsize=(max(8.0, 3.6 * n), 8.5), layout="constrained")
-    grid = figure.add_gridspec(2, n, height_ratios=(1.1, 1))
+    with_reliability = all("reliability" in metrics for _, metrics in results)
+    rows = 3 if with_reliability else 2
+    figure = new_figure(figsize=(max(8.0, 3.6 * n), 4.5 * rows), layout="constrained")
+    grid = figure.add_gridspec(rows, n, height_ratios=(1.1, 1, 1)[:rows])
     plot_metric_bars(figure.add_subplot(grid[0, :]), results)
     for column, (name, metrics) in enumerate(results):
         plot_confusion_matrix(figure.add_subplot(grid[1, column]), display_name(name), metrics,
                               class_names(metrics, label_names))
+        if with_reliability:
+            plot_reliability(figure.add_subplot(grid[2, column]), display_name(name), metrics)
     figure.suptitle(" vs ".join(display_name(name) for name, _ in results), fontsize=14)
     return save_figure(figure, out)
+
+
+def plot_reliability(axes, title: str, metrics: dict) -> None:
+    """A reliability diagram: the accuracy of the reviews in each bin of top-class probability,
+    as a bar over the bin, against the diagonal a calibrated model would follow; each bar
+    labelled with its review count, the mean confidence marked in it."""
+    bins = metrics["reliability"]
+    lows = [b["low"] for b in bins]
+    widths = [b["high"] - b["low"] for b in bins]
+    bars = axes.bar(lows, [b["accuracy"] for b in bins], widths, align="edge",
+                    edgecolor="black", linewidth=0.5, label="accuracy in the bin")
+    axes.bar_label(bars, labels=[str(b["n"]) for b in bins], padding=2, fontsize=8)
+    axes.plot([b["confidence"] for b in bins], [b["confidence"] for b in bins], "o",
+              color="tab:red", markersize=3, label="mean confidence")
+    axes.plot([0, 1], [0, 1], color="gray", linestyle=":", linewidth=1, label="calibrated")
+    axes.set_xlim(0, 1)
+    axes.set_ylim(0, 1.12)  # room above 1.0 for the counts
+    axes.set_xlabel("confidence (top-class probability)")
+    axes.set_ylabel("accuracy")
+    temperature = metrics.get("temperature", UNCALIBRATED)
+    scaled = f", T={temperature:.3g}" if temperature != UNCALIBRATED else ""
+    axes.set_title(f"{title}: reliability (ECE {metrics['ece']:.3f}{scaled})")
+    axes.legend(loc="upper left", fontsize=8)
 
 
 def plot_metric_bars(axes, results: list[tuple[str, dict]]) -> None:
@@ -311,6 +340,26 @@ def parameters_section(metrics: dict, method: str = "lora") -> str:
             "classifier head beside its trained copy.")
 
 
+def calibration_section(metrics: dict) -> list[str]:
+    """The fitted temperature and the ECE and NLL it changed (none for runs before it)."""
+    calibration = metrics.get("calibration")
+    if not calibration:
+        return []
+    rows = [[f"{measure} on {split}", f"{effect[key]['raw']:.4f}",
+             f"{effect[key]['calibrated']:.4f}"]
+            for split, effect in (("validation", calibration["validation"]),
+                                  ("test", calibration["test"]))
+            for measure, key in (("ECE", "ece"), ("NLL", "nll"))]
+    return ["## Calibration",
+            f"The fine-tuned model's logits are divided by the temperature "
+            f"{calibration['temperature']:.4g}, fitted on the "
+            f"{calibration['validation']['examples']:,} validation reviews by minimising their "
+            "NLL; the after row above is scored so (its loss too), as evaluate.py and "
+            "predict.py do. Predicted classes, and so accuracy and F1, are the same with or "
+            "without it.",
+            markdown_table(["", "raw", "calibrated"], rows, "lrr")]
+
+
 def timing_rows(metrics: dict, n_steps: int | None) -> list[list[str]]:
     """Wall time, training time, throughput and step count, as table rows."""
     wall = metrics.get("wall_seconds")
@@ -359,6 +408,7 @@ def report_markdown(run_dir: Path, config: dict, metrics: dict, training: list[d
         metrics_table(before, after),
         *per_class_tables(after),
         f"![Before vs after: metrics and confusion matrices]({COMPARISON_PNG})",
+        *calibration_section(metrics),
         "## Parameters",
         parameters_section(metrics, method),
         "## Data",

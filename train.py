@@ -45,7 +45,7 @@ from data import (
     tokenize,
 )
 from data_sources import LABEL, load_split
-from evaluate import evaluate_model, format_comparison, test_loader_for
+from evaluate import evaluate_model, format_comparison, score_model, test_loader_for
 from files import write_json
 from lora_model import (
     METHODS,
@@ -61,6 +61,7 @@ from lora_model import (
 )
 from report import LOG_FILE, METRICS_FILE, REPORT_MD, RunLog, headline_f1, write_report
 from runtime import autocast, is_main_process, print_main
+from temperature import calibration_effect, fit_calibration, format_calibration, save_temperature
 from train_flags import ADJUSTABLE_ON_RESUME, build_parser, fill_flag_defaults
 
 # Parameters that AdamW should not decay: biases and LayerNorm weights (BERT convention).
@@ -405,13 +406,22 @@ def run(args: argparse.Namespace) -> dict:
     gc.collect()
 
     # After: the best checkpoint, scored exactly as evaluate.py will: loaded back from disk
-    # (once rank 0 has finished writing it).
+    # (once rank 0 has finished writing it), its logits divided by one temperature fitted on
+    # the validation reviews (temperature.py: the same accuracy, more honest probabilities).
     runtime.wait_for_all_ranks()
     best = load_checkpoint(args.output_dir, args.model)[0].to(device)
+    validated = score_model(best, validation_loader, device, precision, desc="Calibrating")
+    calibration = fit_calibration(validated.logits, validated.labels)
+    temperature = calibration["temperature"]
+    if is_main_process():
+        save_temperature(checkpoint_folder(args.output_dir, args.method), calibration)
     test_started = time.perf_counter()
-    after = evaluate_model(best, test_loader, device, precision, desc="Scoring fine-tuned")
+    scored = score_model(best, test_loader, device, precision, temperature,
+                         desc="Scoring fine-tuned")
     test_seconds["after"] = time.perf_counter() - test_started
-    metrics = {"before": before, "after": after,
+    calibration["test"] = calibration_effect(scored.logits, scored.labels, temperature)
+    after = scored.metrics
+    metrics = {"before": before, "after": after, "calibration": calibration,
                "parameters": {"trainable": trainable, "total": total},
                "train_seconds": train_seconds,
                "train_samples_per_s": len(train) * args.epochs / train_seconds,
@@ -423,6 +433,7 @@ def run(args: argparse.Namespace) -> dict:
         run_folder.finish_run_folder(args.output_dir)
     print_main(f"\nTest reviews ({len(test)}), pre-trained vs fine-tuned ({args.method}):")
     print_main(format_comparison([("before", before), ("after", after)]))
+    print_main(format_calibration(calibration))
     print_main(f"\nTraining took {train_seconds:.0f} s ({metrics['train_samples_per_s']:.1f} "
                f"samples/s). Wrote {args.output_dir / METRICS_FILE} and "
                f"{args.output_dir / REPORT_MD} with its plots; the checkpoint is in "

@@ -15,6 +15,7 @@ import pytest
 import torch
 from conftest import IMDB_DIR, MACHINE_ENV, minilm_path, run_script
 from peft import PeftModel
+from scipy.stats import binomtest
 from transformers import AutoModelForSequenceClassification
 
 from data import PaddingCollator, make_loader, take_subset, tokenize
@@ -72,18 +73,43 @@ def test_fine_tuning_lifts_accuracy_from_chance(smoke_run):
     assert f"{metrics['after']['accuracy']:.4f}" in result.stdout
 
 
-def test_evaluate_reproduces_the_fine_tuned_row_exactly(smoke_run, tmp_path):
-    """evaluate.py on the run folder gives train.py's "after" numbers to the last digit. (The
-    "before" row is the same code on the base model: the tiny-model tests prove it equal.)"""
+def test_evaluate_reproduces_both_rows_and_its_statistics_hold(smoke_run, tmp_path):
+    """evaluate.py --base --checkpoint on the run folder gives train.py's "before" and "after"
+    numbers to the last digit (the after row divided by the fitted temperature, as train.py
+    scored it), and its accuracies and McNemar p are those recomputed from --predictions."""
     run, _ = smoke_run
     metrics = read_json(run / "metrics.json")
-    out = tmp_path / "out.json"
-    result = run_script("evaluate.py", "--checkpoint", str(run), "--data", str(IMDB_DIR),
-                        "--eval-samples", str(EVAL_SAMPLES), "--json", str(out),
-                        env=MACHINE_ENV, timeout=SMOKE_TIMEOUT_S)
+    out, predictions = tmp_path / "out.json", tmp_path / "p.jsonl"
+    result = run_script("evaluate.py", "--base", "--checkpoint", str(run), "--data",
+                        str(IMDB_DIR), "--eval-samples", str(EVAL_SAMPLES), "--json", str(out),
+                        "--predictions", str(predictions), env=MACHINE_ENV,
+                        timeout=SMOKE_TIMEOUT_S)
     assert result.returncode == 0, result.stderr[-3000:]
-    [adapted] = read_json(out)["results"]
+    written = read_json(out)
+    base, adapted = written["results"]
+    assert {k: base[k] for k in metrics["before"]} == metrics["before"]
     assert {k: adapted[k] for k in metrics["after"]} == metrics["after"]
+    calibration = metrics["calibration"]
+    assert adapted["temperature"] == calibration["temperature"]
+    assert adapted["ece"] == pytest.approx(calibration["test"]["ece"]["calibrated"])
+    # The fit minimised the validation NLL, and T = 1 was among its candidates.
+    validation, test_ece = calibration["validation"], calibration["test"]["ece"]
+    assert validation["nll"]["calibrated"] <= validation["nll"]["raw"]
+    print(f"temperature {calibration['temperature']:.3f}; test ECE "
+          f"{test_ece['raw']:.4f} -> {test_ece['calibrated']:.4f}")
+
+    lines = [json.loads(line) for line in predictions.read_text().splitlines()]
+    labels = np.array([line["label"] for line in lines])
+    right = {row["name"]: np.array([np.argmax(line["probabilities"][row["name"]])
+                                    for line in lines]) == labels for row in (base, adapted)}
+    assert right[base["name"]].mean() == base["accuracy"]
+    assert right[adapted["name"]].mean() == adapted["accuracy"]
+    base_only = int((right[base["name"]] & ~right[adapted["name"]]).sum())
+    adapted_only = int((~right[base["name"]] & right[adapted["name"]]).sum())
+    [comparison] = written["comparisons"]
+    assert comparison["discordant"] == [base_only, adapted_only]
+    assert comparison["mcnemar_p"] == binomtest(base_only, base_only + adapted_only).pvalue
+    assert comparison["mcnemar_p"] < 1e-10  # fine-tuning beats a random head beyond doubt
 
 
 def first_test_reviews(n: int):

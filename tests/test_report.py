@@ -112,6 +112,39 @@ def test_comparison_of_several_checkpoints_grows_with_their_number(tmp_path):
     assert [report.display_name(name) for name, _ in results] == ["base", "a", "b", "c"]
 
 
+def test_results_with_reliability_bins_get_a_reliability_diagram(tmp_path):
+    bins = [{"low": 0.5, "high": 0.6, "n": 40, "accuracy": 0.55, "confidence": 0.57},
+            {"low": 0.9, "high": 1.0, "n": 60, "accuracy": 0.9, "confidence": 0.96}]
+    evaluated = [("base", {**BEFORE, "ece": 0.1, "reliability": bins}),
+                 ("runs/a/adapter", {**AFTER, "ece": 0.04, "reliability": bins[1:],
+                                     "temperature": 1.3})]
+    plain = report.plot_comparison([("base", BEFORE), ("after", AFTER)], tmp_path / "p.png")
+    diagrams = report.plot_comparison(evaluated, tmp_path / "r.png")
+    assert_sensible_png(diagrams)
+    assert imread(diagrams).shape[0] > 1.3 * imread(plain).shape[0]  # a third row of panels
+    axes = report.new_figure().add_subplot()
+    report.plot_reliability(axes, "a", evaluated[1][1])
+    [bar] = axes.containers[0]  # one bar per non-empty bin: its range and its accuracy
+    assert (bar.get_x(), bar.get_width(), bar.get_height()) == pytest.approx((0.9, 0.1, 0.9))
+    assert [text.get_text() for text in axes.texts] == ["60"]  # the bin's review count
+    assert axes.get_title() == "a: reliability (ECE 0.040, T=1.3)"
+
+
+def test_a_run_with_a_fitted_temperature_reports_it(tmp_path):
+    run = write_run(tmp_path / "run")
+    metrics = json.loads((run / report.METRICS_FILE).read_text())
+    effect = {"ece": {"raw": 0.0712, "calibrated": 0.0231},
+              "nll": {"raw": 0.4311, "calibrated": 0.4102}}
+    metrics["calibration"] = {"temperature": 1.4567, "validation": {"examples": 500, **effect},
+                              "test": effect}
+    (run / report.METRICS_FILE).write_text(json.dumps(metrics))
+    rows = markdown_rows(report.write_report(run).read_text())
+    assert rows["ECE on validation"] == ["0.0712", "0.0231"]
+    assert rows["NLL on test"] == ["0.4311", "0.4102"]
+    assert "temperature 1.457, fitted on the 500 validation reviews" in (
+        run / report.REPORT_MD).read_text()
+
+
 def test_smoothing_is_a_debiased_moving_average():
     assert report.smooth([2.0, 2.0, 2.0]) == pytest.approx([2.0, 2.0, 2.0])
     # weight 0.5: averages 0.5 and 1.25, divided by 1 - 0.5 and 1 - 0.25.
