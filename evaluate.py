@@ -6,7 +6,8 @@ Each checkpoint is scored on the reviews tokenized as it was trained (its record
 --truncation and --max-length), unless the flags say otherwise.
 
 This file also holds what train.py shares with it: the one evaluation function
-(``evaluate_model``) that produced every number either script prints. evaluate.py runs in one
+(``score_model``; ``evaluate_model`` is its metrics alone) that produced every number either
+script prints. evaluate.py runs in one
 process; under torchrun train.py has each rank score a share of the reviews, and
 ``evaluate_model`` gathers the shares back into one set of metrics. (Not to be confused with
 Hugging Face's ``evaluate`` package, which this project does not use.)
@@ -23,7 +24,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 from tqdm.auto import tqdm
 
@@ -66,6 +66,7 @@ from runtime import (
 from temperature import (
     UNCALIBRATED,
     add_calibration_argument,
+    mean_cross_entropy,
     scale_logits,
     temperature_to_apply,
 )
@@ -126,8 +127,12 @@ def predict_in_order(model: torch.nn.Module, loader, device: torch.device, preci
 
 
 def compute_metrics(labels: np.ndarray, logits: np.ndarray,
-                    label_names: tuple[str, ...] = BINARY_LABEL_NAMES) -> dict:
-    """Accuracy, precision/recall/F1, mean cross-entropy and the confusion matrix.
+                    label_names: tuple[str, ...] = BINARY_LABEL_NAMES,
+                    temperature: float = UNCALIBRATED) -> dict:
+    """Accuracy, precision/recall/F1, the loss and the confusion matrix.
+
+    The loss is the mean cross-entropy of softmax(logits / temperature) (temperature.py); the
+    predicted classes are the raw logits' argmax, which no temperature changes.
 
     Two classes: precision, recall and F1 of the positive class (id 1). K > 2 classes: their
     macro (every class weighs the same) and weighted (by support) means, named macro_f1 etc.,
@@ -135,7 +140,7 @@ def compute_metrics(labels: np.ndarray, logits: np.ndarray,
     """
     predictions = logits.argmax(axis=-1)
     ids = list(range(len(label_names)))
-    loss = F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels).long())
+    loss = mean_cross_entropy(logits, labels, temperature)
     metrics = {"accuracy": float(accuracy_score(labels, predictions))}
     if len(label_names) == 2:
         precision, recall, f1, _ = precision_recall_fscore_support(
@@ -182,13 +187,14 @@ def score_model(model: torch.nn.Module, loader, device: torch.device, precision:
     each logit is the one a single process computes) and gets the scores of the whole set.
     """
     logits, labels = predict_in_order(model, loader, device, precision, desc)
-    metrics = compute_metrics(labels, scale_logits(logits, temperature), label_names_of(model))
+    metrics = compute_metrics(labels, logits, label_names_of(model), temperature)
     return Scores(metrics, logits, labels, temperature)
 
 
 def evaluate_model(model: torch.nn.Module, loader, device: torch.device, precision: str,
                    desc: str = "Evaluating") -> dict:
-    """The metrics of ``score_model`` with the model's own probabilities (validation)."""
+    """The metrics of ``score_model`` with the model's own probabilities (train.py's "before"
+    row and its validations)."""
     return score_model(model, loader, device, precision, desc=desc).metrics
 
 
@@ -274,26 +280,35 @@ def prediction_lines(labels: np.ndarray, probabilities: dict[str, np.ndarray]) -
 
 
 def calibration_note(rows: list[dict], calibrate: bool) -> str:
-    """Which rows' probabilities were divided by a stored temperature, and how to see them raw."""
+    """Which rows' probabilities were divided by a stored temperature and which are raw."""
     scaled = [f"{row['name']} (T = {row['temperature']:.3g})" for row in rows
               if row["temperature"] != UNCALIBRATED]
+    raw = [row["name"] for row in rows
+           if row["checkpoint"] is not None and row["temperature"] == UNCALIBRATED]
+    if not calibrate:
+        return "Raw probabilities (--no-calibration)"
+    notes = []
     if scaled:
-        return (f"Probabilities divided by the temperature fitted on the validation split: "
-                f"{', '.join(scaled)}; --no-calibration shows the raw ones (accuracy and F1 "
-                f"are the same either way)")
-    return ("Raw probabilities (--no-calibration)" if not calibrate
-            else "Raw probabilities: no checkpoint holds a fitted temperature")
+        notes.append("Probabilities divided by the temperature fitted on the validation split: "
+                     f"{', '.join(scaled)} (--no-calibration shows the raw ones; accuracy and "
+                     "F1 are the same either way)")
+    if raw:
+        notes.append(f"Raw probabilities (no fitted temperature stored): {', '.join(raw)}"
+                     + ("; their loss, ECE and Brier compare with the others' only raw, under "
+                        "--no-calibration" if scaled else ""))
+    return "\n".join(notes) or "Raw probabilities: the base model has no temperature"
 
 
-def test_loader_for(tokenizer, test_split, args, device: torch.device, rank: int = 0,
-                    world_size: int = 1, preprocessing: Preprocessing | None = None):
-    """The test reviews tokenized for `tokenizer`, in a fixed-order evaluation loader.
+def evaluation_loader(tokenizer, split, args, device: torch.device, rank: int = 0,
+                      world_size: int = 1, preprocessing: Preprocessing | None = None):
+    """The reviews of `split` (test or validation) tokenized for `tokenizer`, in a fixed-order
+    evaluation loader of --eval-batch-size batches.
 
     `preprocessing` (default: args' --truncation and --max-length) decides the token ids.
     Under torchrun it holds rank `rank`'s share of the reviews (see ``make_loader``).
     """
     preprocessing = preprocessing or Preprocessing(args.truncation, args.max_length)
-    tokens = tokenize(test_split, tokenizer, preprocessing.max_length, preprocessing.truncation)
+    tokens = tokenize(split, tokenizer, preprocessing.max_length, preprocessing.truncation)
     collator = PaddingCollator(tokenizer.pad_token_id, device)
     return make_loader(tokens, args.eval_batch_size, collator, shuffle=False,
                        num_workers=args.num_workers, rank=rank, world_size=world_size)
@@ -355,8 +370,8 @@ def run(args: argparse.Namespace) -> list[dict]:
                                                   args.truncation, args.max_length, name)
         key = (tokenizer_fingerprint(tokenizer), preprocessing)
         if key not in loaders:
-            loaders[key] = test_loader_for(tokenizer, test, args, device,
-                                           preprocessing=preprocessing)
+            loaders[key] = evaluation_loader(tokenizer, test, args, device,
+                                             preprocessing=preprocessing)
         temperature = UNCALIBRATED if checkpoint is None else temperatures[checkpoint]
         scores = score_model(model.to(device), loaders[key], device, precision, temperature,
                              desc=f"Scoring {name}")

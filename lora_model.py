@@ -85,6 +85,8 @@ HEAD_CONFIG = "head_config.json"
 # predates it and knows IMDB's two classes).
 LABELS_FILE = "labels.json"
 HEAD_WEIGHTS = "head.safetensors"
+# The small files beside a checkpoint's weights that say how to use them.
+CHECKPOINT_NOTES = (PREPROCESSING_FILE, LABELS_FILE, TEMPERATURE_FILE)
 # What train.py trains (--method): each is a row of the comparison in docs/results.md.
 METHODS = {
     "lora": "LoRA adapters on the frozen encoder, plus the classifier head",
@@ -536,12 +538,13 @@ def merge_adapter(checkpoint: str | Path, out: str | Path, base_model: str | Non
         model.save_pretrained(partial)
         tokenizer.save_pretrained(partial)
         # How to tokenize, the classes and the fitted temperature travel with the weights.
-        for name in (PREPROCESSING_FILE, LABELS_FILE, TEMPERATURE_FILE):
+        for name in CHECKPOINT_NOTES:
             if (folder / name).is_file():
                 shutil.copyfile(folder / name, partial / name)
-        # --overwrite replaces the merged model's files; the folder's other files stay.
+        # --overwrite replaces the merged model's files; the folder's other files stay (but
+        # not an earlier model's notes: a temperature belongs to the weights it was fitted on).
         for entry in out.iterdir() if out.is_dir() else ():
-            if not (partial / entry.name).exists():
+            if entry.name not in CHECKPOINT_NOTES and not (partial / entry.name).exists():
                 (shutil.copytree if entry.is_dir() else shutil.copy2)(entry, partial / entry.name)
 
     # Only now is anything written (a refused merge leaves no folder behind), and whole or not

@@ -31,7 +31,7 @@ from lora_model import (
     checkpoint_folder,
     checkpoint_label_names,
 )
-from temperature import UNCALIBRATED
+from temperature import UNCALIBRATED, format_calibration
 
 # The files of a run folder: written by train.py, read here.
 CONFIG_FILE = "config.json"
@@ -341,7 +341,7 @@ def parameters_section(metrics: dict, method: str = "lora") -> str:
 
 
 def calibration_section(metrics: dict) -> list[str]:
-    """The fitted temperature and the ECE and NLL it changed (none for runs before it)."""
+    """The fitted temperature and the ECE and loss it changed (none for runs before it)."""
     calibration = metrics.get("calibration")
     if not calibration:
         return []
@@ -349,14 +349,10 @@ def calibration_section(metrics: dict) -> list[str]:
              f"{effect[key]['calibrated']:.4f}"]
             for split, effect in (("validation", calibration["validation"]),
                                   ("test", calibration["test"]))
-            for measure, key in (("ECE", "ece"), ("NLL", "nll"))]
-    return ["## Calibration",
-            f"The fine-tuned model's logits are divided by the temperature "
-            f"{calibration['temperature']:.4g}, fitted on the "
-            f"{calibration['validation']['examples']:,} validation reviews by minimising their "
-            "NLL; the after row above is scored so (its loss too), as evaluate.py and "
-            "predict.py do. Predicted classes, and so accuracy and F1, are the same with or "
-            "without it.",
+            for measure, key in (("ECE", "ece"), ("loss", "loss"))]
+    return ["## Calibration", format_calibration(calibration) + ". The after row above is "
+            "scored with it (its loss too), as evaluate.py and predict.py do; predicted "
+            "classes, and so accuracy and F1, are the same with or without it.",
             markdown_table(["", "raw", "calibrated"], rows, "lrr")]
 
 

@@ -118,8 +118,10 @@ def run_settings(args: argparse.Namespace, precision: str, world_size: int) -> d
             "resolved_precision": precision, "world_size": world_size}
 
 
-def differing_settings(saved: dict, current: dict, adjustable: set[str]) -> list[str]:
-    """'--lr 0.002 (now 0.0005)' for every setting that differs, but the `adjustable` ones.
+def differing_settings(saved: dict, current: dict,
+                       adjustable: set[str]) -> list[tuple[str, object, object]]:
+    """(name, saved value, current value) of every setting that differs, but the `adjustable`
+    ones; the name as the user knows it ('--lr', or 'resolved_precision' for what no flag sets).
 
     A flag newer than the saved run (not in `saved`) matches when it is off now (None or
     False): the older train.py behaved as the flag's default does.
@@ -131,8 +133,7 @@ def differing_settings(saved: dict, current: dict, adjustable: set[str]) -> list
         if saved.get(key, "(not recorded)") != current[key]:
             name = key if key in ("resolved_precision", "world_size") else \
                 "--" + key.replace("_", "-")
-            differences.append(f"{name} {saved.get(key, '(not recorded)')} "
-                               f"(now {current[key]})")
+            differences.append((name, saved.get(key, "(not recorded)"), current[key]))
     return differences
 
 
@@ -167,7 +168,8 @@ def plan_resume(args: argparse.Namespace, settings: dict, adjustable: set[str]) 
     except (OSError, ValueError) as error:
         raise UsageError(f"--output-dir {folder}: its {CONFIG_FILE} is unreadable ({error}); "
                          "pass --overwrite to start over") from error
-    differences = differing_settings(saved, settings, adjustable)
+    differences = [f"{name} {then} (now {now})"
+                   for name, then, now in differing_settings(saved, settings, adjustable)]
     if differences:
         raise UsageError(f"--output-dir {folder} holds an unfinished run with other settings: "
                          f"{'; '.join(differences)}. Repeat its settings to resume it, or pass "

@@ -13,7 +13,6 @@ must differ only in --seed, --data-seed and flags that do not change the result 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import numpy as np
 from cli import UsageError, check_can_write, run_command
 from files import write_json
 from report import CONFIG_FILE, CONFIG_SHOWN_ELSEWHERE, METRICS_FILE, metric_names, read_json
+from run_folder import differing_settings
 from train_flags import ADJUSTABLE_ON_RESUME
 
 # What a sweep varies; with the flags a resumed run may change (they do not change the result)
@@ -37,13 +37,17 @@ def read_run(folder: Path) -> tuple[dict, dict]:
     return read_json(folder / CONFIG_FILE), read_json(folder / METRICS_FILE)
 
 
-def configuration_differences(configs: list[dict]) -> list[str]:
-    """'--lr: 0.002, 0.0005' for every setting outside MAY_DIFFER whose value is not the same
-    in every run (a setting missing from a run counts as its own value)."""
-    keys = sorted(set().union(*configs) - MAY_DIFFER)
-    return [f"--{key.replace('_', '-')}: " + ", ".join(
-                json.dumps(config.get(key, "(not recorded)")) for config in configs)
-            for key in keys if len({json.dumps(config.get(key)) for config in configs}) > 1]
+def configuration_differences(folders: list[Path], configs: list[dict]) -> list[str]:
+    """'--lr 0.002 in runs/a, 0.0005 in runs/b' for every setting outside MAY_DIFFER on which
+    a run differs from the first (``differing_settings``, in both directions: either run may
+    be the older, whose config.json lacks a newer flag)."""
+    differences = {}
+    for folder, config in zip(folders[1:], configs[1:], strict=True):
+        for name, first, other in differing_settings(configs[0], config, MAY_DIFFER):
+            differences.setdefault(name, f"{name} {first} in {folders[0]}, {other} in {folder}")
+        for name, other, first in differing_settings(config, configs[0], MAY_DIFFER):
+            differences.setdefault(name, f"{name} {first} in {folders[0]}, {other} in {folder}")
+    return list(differences.values())
 
 
 def spread(values: list[float]) -> dict:
@@ -117,10 +121,16 @@ def run(args: argparse.Namespace) -> dict:
     if args.json:
         check_can_write(args.json, "--json", args.overwrite, kind="file")
     runs = [read_run(folder) for folder in args.runs]
-    differences = configuration_differences([config for config, _ in runs])
+    differences = configuration_differences(args.runs, [config for config, _ in runs])
     if differences:
-        raise UsageError("the runs are not of one configuration; they differ in "
-                         + "; ".join(differences))
+        raise UsageError("the runs are not of one configuration: " + "; ".join(differences))
+    calibrated = [folder for folder, (_, metrics) in zip(args.runs, runs, strict=True)
+                  if "calibration" in metrics]
+    if calibrated and len(calibrated) < len(runs):
+        # Their "after" loss is that of calibrated probabilities; the older runs' is raw.
+        raise UsageError(f"only {', '.join(map(str, calibrated))} of the runs have a fitted "
+                         "temperature; the others come from a train.py before temperature "
+                         "scaling, and their losses do not compare: train them again")
     summary = summarize(runs)
     print(format_summary(summary))
     if args.json:

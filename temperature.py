@@ -20,16 +20,19 @@ import math
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from scipy.optimize import minimize_scalar
-from scipy.special import log_softmax
 
 from cli import UsageError
 from comparison import expected_calibration_error, softmax
 from files import write_json
 
 TEMPERATURE_FILE = "temperature.json"
-# The search range: far outside it a model is either useless or the fit is fooled by a tiny
-# validation split on which every review is right (the NLL then keeps falling as T -> 0).
+# The search range. A fit whose loss is no lower than at an end of it found nothing to
+# calibrate: typically every validation review was right, and the loss keeps falling as T -> 0
+# (each logit multiplied without limit, until the loss underflows to 0). Such a T would make
+# every wrong test review a confident one: it is not used.
 MIN_TEMPERATURE, MAX_TEMPERATURE = 0.05, 20.0
 UNCALIBRATED = 1.0  # dividing by 1 changes no logit: the model's own probabilities
 
@@ -39,50 +42,67 @@ def scale_logits(logits: np.ndarray, temperature: float) -> np.ndarray:
     return logits / np.float32(temperature)
 
 
-def mean_nll(logits: np.ndarray, labels: np.ndarray, temperature: float = UNCALIBRATED) -> float:
-    """Mean cross-entropy of softmax(logits / temperature) against `labels`, in float64."""
-    log_probabilities = log_softmax(np.asarray(logits, dtype=np.float64) / temperature, axis=-1)
-    return float(-log_probabilities[np.arange(len(labels)), labels].mean())
+def mean_cross_entropy(logits: np.ndarray, labels: np.ndarray,
+                       temperature: float = UNCALIBRATED) -> float:
+    """The loss: mean cross-entropy of softmax(logits / temperature) against `labels`, in
+    float64. Every table's "loss" is this, and the temperature fit minimises it."""
+    scaled = torch.from_numpy(np.asarray(logits, dtype=np.float64)) / temperature
+    return float(F.cross_entropy(scaled, torch.from_numpy(np.asarray(labels)).long()))
 
 
 def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
-    """The T in [MIN_TEMPERATURE, MAX_TEMPERATURE] that minimises the mean NLL of
+    """The T in [MIN_TEMPERATURE, MAX_TEMPERATURE] that minimises the loss of
     softmax(logits / T): a one-dimensional search over log T (Brent's bounded method)."""
     if len(labels) == 0:
         raise ValueError("fitting a temperature needs at least one scored example")
-    result = minimize_scalar(lambda log_t: mean_nll(logits, labels, math.exp(log_t)),
-                             bounds=(math.log(MIN_TEMPERATURE), math.log(MAX_TEMPERATURE)),
-                             method="bounded", options={"xatol": 1e-6})
+    result = minimize_scalar(
+        lambda log_t: mean_cross_entropy(logits, labels, math.exp(log_t)),
+        bounds=(math.log(MIN_TEMPERATURE), math.log(MAX_TEMPERATURE)), method="bounded",
+        options={"xatol": 1e-6})
     return float(math.exp(result.x))
 
 
 def calibration_effect(logits: np.ndarray, labels: np.ndarray, temperature: float) -> dict:
-    """ECE and NLL of `logits` before and after dividing them by `temperature`."""
+    """ECE and loss of `logits` before and after dividing them by `temperature`."""
     raw, scaled = softmax(logits), softmax(scale_logits(logits, temperature))
     return {"ece": {"raw": expected_calibration_error(labels, raw),
                     "calibrated": expected_calibration_error(labels, scaled)},
-            "nll": {"raw": mean_nll(logits, labels),
-                    "calibrated": mean_nll(logits, labels, temperature)}}
+            "loss": {"raw": mean_cross_entropy(logits, labels),
+                     "calibrated": mean_cross_entropy(logits, labels, temperature)}}
 
 
 def fit_calibration(logits: np.ndarray, labels: np.ndarray) -> dict:
     """Fit the temperature on a checkpoint's validation logits: {"temperature": T,
-    "validation": {"examples": n, "ece": {"raw", "calibrated"}, "nll": {...}}}."""
-    temperature = fit_temperature(logits, labels)
-    return {"temperature": temperature, "validation": {
+    "validation": {"examples": n, "ece": {"raw", "calibrated"}, "loss": {...}}}, and
+    "unused_fit" with T = 1 when the fit found no minimum inside its range."""
+    fitted = fit_temperature(logits, labels)
+    at_edge = min(mean_cross_entropy(logits, labels, end)
+                  for end in (MIN_TEMPERATURE, MAX_TEMPERATURE)) <= mean_cross_entropy(
+        logits, labels, fitted)
+    temperature = UNCALIBRATED if at_edge else fitted
+    calibration = {"temperature": temperature, "validation": {
         "examples": len(labels), **calibration_effect(logits, labels, temperature)}}
+    if at_edge:
+        calibration["unused_fit"] = fitted
+    return calibration
 
 
 def save_temperature(folder: Path, calibration: dict) -> None:
     """Write ``TEMPERATURE_FILE`` into a checkpoint folder: T and what its fit did on the
     validation split (`calibration` as ``fit_calibration`` returns it)."""
-    write_json(Path(folder) / TEMPERATURE_FILE, {
-        "temperature": calibration["temperature"], "validation": calibration["validation"]})
+    write_json(Path(folder) / TEMPERATURE_FILE,
+               {key: calibration[key] for key in ("temperature", "validation", "unused_fit")
+                if key in calibration})
 
 
 def format_calibration(calibration: dict) -> str:
     """One sentence on the fitted temperature and the ECE before and after it."""
     validation, test = calibration["validation"], calibration.get("test")
+    if "unused_fit" in calibration:
+        return (f"No temperature: its fit on the {validation['examples']} validation reviews "
+                f"found no minimum inside [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}] "
+                f"(T = {calibration['unused_fit']:.3g}; typically every one of them was right), "
+                "so the raw probabilities are kept (T = 1)")
     text = (f"Temperature {calibration['temperature']:.3g}, fitted on "
             f"{validation['examples']} validation reviews: ECE {validation['ece']['raw']:.4f} "
             f"-> {validation['ece']['calibrated']:.4f} there")

@@ -45,10 +45,9 @@ from data import (
     tokenize,
 )
 from data_sources import LABEL, load_split
-from evaluate import evaluate_model, format_comparison, score_model, test_loader_for
+from evaluate import evaluate_model, evaluation_loader, format_comparison, score_model
 from files import write_json
 from lora_model import (
-    METHODS,
     check_encoder,
     check_lora_targets,
     checkpoint_folder,
@@ -62,7 +61,7 @@ from lora_model import (
 from report import LOG_FILE, METRICS_FILE, REPORT_MD, RunLog, headline_f1, write_report
 from runtime import autocast, is_main_process, print_main
 from temperature import calibration_effect, fit_calibration, format_calibration, save_temperature
-from train_flags import ADJUSTABLE_ON_RESUME, build_parser, fill_flag_defaults
+from train_flags import ADJUSTABLE_ON_RESUME, build_parser, describe_method, fill_flag_defaults
 
 # Parameters that AdamW should not decay: biases and LayerNorm weights (BERT convention).
 NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight")
@@ -308,6 +307,9 @@ class Trainer:
             resumable.check_data_order(self.train_loader.sampler, rest["epoch_order"], saved.epoch)
         rank = dist.get_rank() if runtime.is_distributed() else 0
         resumable.restore_rng_states(rest["rng"][rank], self.device)
+        print_main(f"Resuming from {folder} at step {self.state.step} of {self.total_steps} "
+                   f"(epoch {min(self.state.epoch + 1, self.args.epochs)}, batch "
+                   f"{self.state.batches_done} of {self.batches_per_epoch})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -348,12 +350,8 @@ def run(args: argparse.Namespace) -> dict:
                                args.batch_size, collator, shuffle=True, seed=args.seed,
                                num_workers=args.num_workers, rank=rank, world_size=world_size,
                                group_by_length=args.group_by_length)
-    validation_loader = make_loader(tokenize(validation, tokenizer, args.max_length,
-                                             args.truncation),
-                                    args.eval_batch_size, collator, shuffle=False,
-                                    num_workers=args.num_workers, rank=rank,
-                                    world_size=world_size)
-    test_loader = test_loader_for(tokenizer, test, args, device, rank, world_size)
+    validation_loader = evaluation_loader(tokenizer, validation, args, device, rank, world_size)
+    test_loader = evaluation_loader(tokenizer, test, args, device, rank, world_size)
     tokenize_seconds = time.perf_counter() - tokenize_started
     model = load_base_model(args.model, label_names).to(device)
     if args.method == "lora":
@@ -363,16 +361,14 @@ def run(args: argparse.Namespace) -> dict:
         **run_folder.run_settings(args, precision, world_size), "resolved_device": str(device),
         "train_examples": len(train), "validation_examples": len(validation),
         "test_examples": len(test), "versions": run_folder.library_versions()})
+    processes = f" x {world_size} processes" if world_size > 1 else ""
     print_main(f"Data: {len(train)} training, {len(validation)} validation, {len(test)} test "
-               f"reviews; {device}, {precision}"
-               + (f" x {world_size} processes" if world_size > 1 else "")
-               + f"; output in {args.output_dir}")
+               f"reviews; {device}, {precision}{processes}; output in {args.output_dir}")
 
     # Before: the pre-trained model (seeded random head) on the test reviews.
     test_started = time.perf_counter()
     if snapshot is None:
-        before = evaluate_model(model, test_loader, device, precision,
-                                desc="Scoring pre-trained")
+        before = evaluate_model(model, test_loader, device, precision, desc="Scoring pre-trained")
         test_seconds = {"before": time.perf_counter() - test_started}
     else:  # scored when the run started; the snapshot keeps the numbers
         before = json.loads((snapshot / resumable.PROGRESS_FILE).read_text())["before"]
@@ -383,9 +379,7 @@ def run(args: argparse.Namespace) -> dict:
     model = prepare_model(model, args.method, args.lora_r, args.lora_alpha, args.lora_dropout,
                           args.lora_targets)
     trainable, total = parameter_counts(model)
-    what = (f"LoRA r={args.lora_r}, alpha={args.lora_alpha:g} on {args.lora_targets}"
-            if args.method == "lora" else METHODS[args.method])
-    print_main(f"{what}, lr {args.lr:g}: {format_parameter_counts(trainable, total)}")
+    print_main(f"{describe_method(args)}: {format_parameter_counts(trainable, total)}")
     if args.compile:
         # In place: parameter names, and so the saved weights, stay the same. Dynamic shapes:
         # batches are padded to their longest review, so the width changes from batch to batch.
@@ -394,10 +388,6 @@ def run(args: argparse.Namespace) -> dict:
     trainer.state.before = before
     if snapshot is not None:
         trainer.resume_from(snapshot)
-        position = trainer.state
-        print_main(f"Resuming from {snapshot} at step {position.step} of "
-                   f"{trainer.total_steps} (epoch {min(position.epoch + 1, args.epochs)}, "
-                   f"batch {position.batches_done} of {trainer.batches_per_epoch})")
     trainer.train()
     train_seconds = trainer.state.train_seconds
     # Free the trained model and its optimizer before the best checkpoint is loaded, so that
@@ -412,16 +402,14 @@ def run(args: argparse.Namespace) -> dict:
     best = load_checkpoint(args.output_dir, args.model)[0].to(device)
     validated = score_model(best, validation_loader, device, precision, desc="Calibrating")
     calibration = fit_calibration(validated.logits, validated.labels)
-    temperature = calibration["temperature"]
     if is_main_process():
         save_temperature(checkpoint_folder(args.output_dir, args.method), calibration)
     test_started = time.perf_counter()
-    scored = score_model(best, test_loader, device, precision, temperature,
+    scored = score_model(best, test_loader, device, precision, calibration["temperature"],
                          desc="Scoring fine-tuned")
     test_seconds["after"] = time.perf_counter() - test_started
-    calibration["test"] = calibration_effect(scored.logits, scored.labels, temperature)
-    after = scored.metrics
-    metrics = {"before": before, "after": after, "calibration": calibration,
+    calibration["test"] = calibration_effect(scored.logits, scored.labels, scored.temperature)
+    metrics = {"before": before, "after": scored.metrics, "calibration": calibration,
                "parameters": {"trainable": trainable, "total": total},
                "train_seconds": train_seconds,
                "train_samples_per_s": len(train) * args.epochs / train_seconds,
@@ -432,7 +420,7 @@ def run(args: argparse.Namespace) -> dict:
         write_json(args.output_dir / METRICS_FILE, metrics)  # last: the run is finished
         run_folder.finish_run_folder(args.output_dir)
     print_main(f"\nTest reviews ({len(test)}), pre-trained vs fine-tuned ({args.method}):")
-    print_main(format_comparison([("before", before), ("after", after)]))
+    print_main(format_comparison([("before", before), ("after", scored.metrics)]))
     print_main(format_calibration(calibration))
     print_main(f"\nTraining took {train_seconds:.0f} s ({metrics['train_samples_per_s']:.1f} "
                f"samples/s). Wrote {args.output_dir / METRICS_FILE} and "

@@ -138,6 +138,14 @@ def fill_flag_defaults(args: argparse.Namespace) -> None:
         args.model = str(Path(args.model).expanduser().resolve())
 
 
+def describe_method(args: argparse.Namespace) -> str:
+    """What the run trains and how fast, in words: 'LoRA r=8, alpha=32 on query,value, lr
+    0.002' (or the --method's own description)."""
+    what = (f"LoRA r={args.lora_r}, alpha={args.lora_alpha:g} on {args.lora_targets}"
+            if args.method == "lora" else METHODS[args.method])
+    return f"{what}, lr {args.lr:g}"
+
+
 # The flags a resumed run may change, as each declares where it is defined (add_flag).
 ADJUSTABLE_ON_RESUME = {dest for dest, rule in resume_rules(build_parser()).items()
                         if rule == ADJUSTABLE}

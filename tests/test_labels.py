@@ -34,7 +34,7 @@ from cli import UsageError
 from data import PaddingCollator, make_loader, tokenize
 from data_sources import BINARY_LABEL_NAMES, label_names_for, load_split, normalize_columns
 from evaluate import compute_metrics, predict_in_order
-from temperature import checkpoint_temperature, scale_logits
+from temperature import checkpoint_temperature
 
 CPU = torch.device("cpu")
 # Support tickets in three queues, with their own column names: string labels, sorted to ids.
@@ -248,7 +248,7 @@ def assert_metrics_are_scikit_learns(run: Path, data: Path, names: tuple[str, ..
              "f1": expected["f1-score"], "support": expected["support"]}, abs=1e-12)
     # The after row's loss is that of the logits divided by the fitted temperature.
     temperature = checkpoint_temperature(lora_model.find_checkpoint(run))
-    assert compute_metrics(labels, scale_logits(logits, temperature), names) == after
+    assert compute_metrics(labels, logits, names, temperature) == after
 
 
 def test_five_string_classes_in_the_order_the_labels_flag_gives(tiny_model_dir, tmp_path):

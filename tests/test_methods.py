@@ -27,6 +27,7 @@ from lora_model import (
     load_merged_model,
     merge_adapter,
 )
+from temperature import TEMPERATURE_FILE
 from train_flags import DEFAULT_LRS
 
 MAX_LENGTH, TRUNCATION = "8", "head+tail"
@@ -82,11 +83,14 @@ def test_each_method_trains_what_it_names(runs, tiny_model_dir):
                            base.state_dict()["classifier.weight"])
 
 
-def test_checkpoints_record_their_truncation(runs):
+def test_checkpoints_record_their_truncation_and_temperature(runs):
     for method, run in runs.items():
         folder = run / (ADAPTER_DIR if method == "lora" else MODEL_DIR)
         assert read_json(folder / PREPROCESSING_FILE) == {"truncation": TRUNCATION,
                                                           "max_length": int(MAX_LENGTH)}
+        # The temperature fitted after training sits beside the weights of every method.
+        assert read_json(folder / TEMPERATURE_FILE)["temperature"] == read_json(
+            run / "metrics.json")["calibration"]["temperature"]
 
 
 def test_evaluate_scores_each_checkpoint_with_its_recorded_truncation(runs, shared_data_dir,

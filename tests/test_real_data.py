@@ -16,6 +16,7 @@ import torch
 from conftest import IMDB_DIR, MACHINE_ENV, minilm_path, run_script
 from peft import PeftModel
 from scipy.stats import binomtest
+from test_temperature import ece
 from transformers import AutoModelForSequenceClassification
 
 from data import PaddingCollator, make_loader, take_subset, tokenize
@@ -91,15 +92,17 @@ def test_evaluate_reproduces_both_rows_and_its_statistics_hold(smoke_run, tmp_pa
     assert {k: adapted[k] for k in metrics["after"]} == metrics["after"]
     calibration = metrics["calibration"]
     assert adapted["temperature"] == calibration["temperature"]
-    assert adapted["ece"] == pytest.approx(calibration["test"]["ece"]["calibrated"])
-    # The fit minimised the validation NLL, and T = 1 was among its candidates.
+    # The fit minimised the validation loss, and T = 1 was among its candidates.
     validation, test_ece = calibration["validation"], calibration["test"]["ece"]
-    assert validation["nll"]["calibrated"] <= validation["nll"]["raw"]
+    assert validation["loss"]["calibrated"] <= validation["loss"]["raw"]
     print(f"temperature {calibration['temperature']:.3f}; test ECE "
           f"{test_ece['raw']:.4f} -> {test_ece['calibrated']:.4f}")
 
     lines = [json.loads(line) for line in predictions.read_text().splitlines()]
     labels = np.array([line["label"] for line in lines])
+    calibrated = np.array([line["probabilities"][adapted["name"]] for line in lines])
+    assert test_ece["calibrated"] == pytest.approx(ece(calibrated, labels), abs=1e-6)
+    assert adapted["ece"] == pytest.approx(ece(calibrated, labels), abs=1e-6)
     right = {row["name"]: np.array([np.argmax(line["probabilities"][row["name"]])
                                     for line in lines]) == labels for row in (base, adapted)}
     assert right[base["name"]].mean() == base["accuracy"]

@@ -134,15 +134,15 @@ def test_a_run_with_a_fitted_temperature_reports_it(tmp_path):
     run = write_run(tmp_path / "run")
     metrics = json.loads((run / report.METRICS_FILE).read_text())
     effect = {"ece": {"raw": 0.0712, "calibrated": 0.0231},
-              "nll": {"raw": 0.4311, "calibrated": 0.4102}}
+              "loss": {"raw": 0.4311, "calibrated": 0.4102}}
     metrics["calibration"] = {"temperature": 1.4567, "validation": {"examples": 500, **effect},
                               "test": effect}
     (run / report.METRICS_FILE).write_text(json.dumps(metrics))
     rows = markdown_rows(report.write_report(run).read_text())
     assert rows["ECE on validation"] == ["0.0712", "0.0231"]
-    assert rows["NLL on test"] == ["0.4311", "0.4102"]
-    assert "temperature 1.457, fitted on the 500 validation reviews" in (
-        run / report.REPORT_MD).read_text()
+    assert rows["loss on test"] == ["0.4311", "0.4102"]
+    assert ("Temperature 1.46, fitted on 500 validation reviews: ECE 0.0712 -> 0.0231 there, "
+            "0.0712 -> 0.0231 on the test reviews") in (run / report.REPORT_MD).read_text()
 
 
 def test_smoothing_is_a_debiased_moving_average():

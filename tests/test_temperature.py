@@ -22,7 +22,9 @@ from temperature import (
     MAX_TEMPERATURE,
     MIN_TEMPERATURE,
     TEMPERATURE_FILE,
+    fit_calibration,
     fit_temperature,
+    format_calibration,
     scale_logits,
     temperature_to_apply,
 )
@@ -78,16 +80,33 @@ def test_the_fit_is_the_minimum_of_the_nll_and_recovers_a_known_temperature():
 
 
 @pytest.mark.parametrize("temperature", [0.1, 0.7, 3.0, 19.0])
-def test_a_temperature_changes_the_loss_but_no_prediction(temperature):
+@pytest.mark.parametrize("names", [("neg", "pos"), ("a", "b", "c")])
+def test_a_temperature_changes_the_loss_but_no_prediction(temperature, names):
     logits, labels = overconfident_logits(300, 2.0)
-    logits, labels = logits[:, :2], (labels > 0).astype(int)  # two classes: precision/recall
-    raw, scaled = compute_metrics(labels, logits), compute_metrics(
-        labels, scale_logits(logits, temperature))
+    if len(names) == 2:
+        logits, labels = logits[:, :2], (labels > 0).astype(int)
+    raw = compute_metrics(labels, logits, names)
+    scaled = compute_metrics(labels, logits, names, temperature)
     assert (scale_logits(logits, temperature).argmax(1) == logits.argmax(1)).all()
-    for name in ("accuracy", "precision", "recall", "f1", "confusion_matrix", "n"):
-        assert scaled[name] == raw[name], name
-    assert scaled["loss"] == pytest.approx(nll(logits / temperature, labels), rel=1e-5)
+    assert {k: v for k, v in scaled.items() if k != "loss"} == {
+        k: v for k, v in raw.items() if k != "loss"}  # per class and K x K too, for K = 3
+    assert scaled["loss"] == pytest.approx(nll(logits.astype(np.float64) / temperature, labels),
+                                           rel=1e-9)
+    assert raw["loss"] == pytest.approx(nll(logits, labels), rel=1e-9)
     assert abs(scaled["loss"] - raw["loss"]) > 1e-3
+
+
+def test_a_fit_at_the_edge_of_its_range_keeps_the_raw_probabilities():
+    # Every validation review right: the loss keeps falling as T -> 0 (logits x 20 and more).
+    labels = np.array([0, 1, 1, 0, 1, 0, 1, 1])
+    logits = np.eye(2, dtype=np.float32)[labels] * 2.0
+    calibration = fit_calibration(logits, labels)
+    assert calibration["temperature"] == 1.0
+    assert calibration["unused_fit"] < 0.1  # towards the lower end
+    assert "No temperature" in format_calibration(calibration)
+    # With one mistake among them there is something to fit, inside the range.
+    logits[0] = logits[0][::-1]
+    assert "unused_fit" not in fit_calibration(logits, labels)
 
 
 def test_reliability_bins_by_hand():
@@ -133,8 +152,9 @@ def test_train_stores_the_temperature_and_evaluate_and_predict_apply_it(
     assert MIN_TEMPERATURE < temperature < MAX_TEMPERATURE and abs(temperature - 1) > 0.05
     validation = calibration["validation"]
     assert validation["examples"] == 8
-    assert validation["nll"]["calibrated"] <= validation["nll"]["raw"]  # T = 1 was a candidate
-    assert f"temperature {temperature:.4g}" in (run / "report.md").read_text()
+    assert validation["loss"]["calibrated"] <= validation["loss"]["raw"]  # T = 1 a candidate
+    assert f"Temperature {temperature:.3g}, fitted on 8 validation reviews" in (
+        run / "report.md").read_text()
 
     # evaluate.py applies the stored temperature: train.py's "after" row to the last digit.
     out, raw_out, raw_lines = tmp_path / "out.json", tmp_path / "raw.json", tmp_path / "raw.jsonl"
@@ -182,11 +202,26 @@ def test_train_stores_the_temperature_and_evaluate_and_predict_apply_it(
     assert scaled_p == pytest.approx(np.exp(log_softmax(np.log(plain_p) / temperature)),
                                      abs=1e-5)
 
-    # A merged model carries the temperature with it.
+    # A merged model carries the temperature with it; merging a checkpoint without one over
+    # it (--overwrite) leaves none: a temperature belongs to the weights it was fitted on.
     merged = merge_adapter(run, tmp_path / "merged")
     assert (merged / TEMPERATURE_FILE).read_bytes() == (
         run / ADAPTER_DIR / TEMPERATURE_FILE).read_bytes()
     assert temperature_to_apply(merged, calibrate=True) == temperature
+    older = tmp_path / "older"  # a checkpoint saved before temperature scaling existed
+    shutil.copytree(run / ADAPTER_DIR, older)
+    (older / TEMPERATURE_FILE).unlink()
+    merge_adapter(older, merged, overwrite=True)
+    assert not (merged / TEMPERATURE_FILE).exists()
+
+    # Such a checkpoint is scored raw, and evaluate.py names it beside a calibrated one.
+    result = run_main(evaluate.main, capsys, "--checkpoint", str(run), "--checkpoint",
+                      str(older), *data, "--json", str(out), "--overwrite")
+    assert result.returncode == 0, result.stderr
+    calibrated_row, older_row = read_json(out)["results"]
+    assert (calibrated_row["temperature"], older_row["temperature"]) == (temperature, 1.0)
+    assert {key: older_row[key] for key in after} == {key: raw[key] for key in after}
+    assert f"Raw probabilities (no fitted temperature stored): {older}" in result.stderr
 
 
 @pytest.mark.parametrize(("content", "message"), [
@@ -237,10 +272,17 @@ def test_a_sweep_of_different_configurations_is_refused_naming_the_flag(runs, tm
     (other / "config.json").write_text(json.dumps({**config, "lr": 0.5}))
     result = run_main(summarize.main, capsys, str(runs[0]), str(other))
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "--lr: 0.1, 0.5" in result.stderr.strip().splitlines()[-1]
+    assert f"--lr 0.1 in {runs[0]}, 0.5 in {other}" in result.stderr.strip().splitlines()[-1]
     # A flag that does not change the result may differ (here --log-every).
     (other / "config.json").write_text(json.dumps({**config, "log_every": 7}))
     assert run_main(summarize.main, capsys, str(runs[0]), str(other)).returncode == 0
+    # A run from before temperature scaling: its "after" loss is raw, the others' calibrated.
+    (other / "config.json").write_text(json.dumps(config))
+    metrics = read_json(other / "metrics.json")
+    del metrics["calibration"]
+    (other / "metrics.json").write_text(json.dumps(metrics))
+    result = run_main(summarize.main, capsys, str(runs[0]), str(other))
+    assert result.returncode == 2 and "losses do not compare" in result.stderr
     for argv, message in (([str(runs[0])], "at least two"),
                           ([str(runs[0]), str(runs[0])], "given twice"),
                           ([str(runs[0]), str(tmp_path)], "config.json is missing")):
