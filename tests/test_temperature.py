@@ -9,6 +9,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 from conftest import NEGATIVE, POSITIVE, run_main
 
 import evaluate
@@ -16,8 +17,10 @@ import predict
 import summarize
 import train
 from comparison import reliability_bins
-from evaluate import compute_metrics
-from lora_model import ADAPTER_DIR, merge_adapter
+from data import DEFAULT_DATA_SEED, PaddingCollator, make_loader, split_train_validation, tokenize
+from data_sources import load_split
+from evaluate import compute_metrics, predict_in_order
+from lora_model import ADAPTER_DIR, load_checkpoint, merge_adapter
 from temperature import (
     MAX_TEMPERATURE,
     MIN_TEMPERATURE,
@@ -30,6 +33,7 @@ from temperature import (
 )
 
 SEEDS = (0, 1)
+CPU = torch.device("cpu")
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -155,6 +159,20 @@ def test_train_stores_the_temperature_and_evaluate_and_predict_apply_it(
     assert validation["loss"]["calibrated"] <= validation["loss"]["raw"]  # T = 1 a candidate
     assert f"Temperature {temperature:.3g}, fitted on 8 validation reviews" in (
         run / "report.md").read_text()
+
+    # Fitted on the validation reviews (never the test's): the loss minimum over a grid of T
+    # on the checkpoint's own logits of that split, recomputed here.
+    model, tokenizer = load_checkpoint(run)
+    _, held_out = split_train_validation(load_split(str(shared_data_dir), "train"), None, 8,
+                                         DEFAULT_DATA_SEED)
+    loader = make_loader(tokenize(held_out, tokenizer, 128), 8,
+                         PaddingCollator(tokenizer.pad_token_id, CPU), shuffle=False)
+    logits, labels = predict_in_order(model, loader, CPU, "fp32")
+    grid = np.exp(np.linspace(np.log(MIN_TEMPERATURE), np.log(MAX_TEMPERATURE), 4001))
+    best = grid[int(np.argmin([nll(logits.astype(np.float64) / t, labels) for t in grid]))]
+    assert temperature == pytest.approx(best, rel=2e-3)
+    probabilities = np.exp(log_softmax(logits.astype(np.float64) / temperature))
+    assert validation["ece"]["calibrated"] == pytest.approx(ece(probabilities, labels), abs=1e-6)
 
     # evaluate.py applies the stored temperature: train.py's "after" row to the last digit.
     out, raw_out, raw_lines = tmp_path / "out.json", tmp_path / "raw.json", tmp_path / "raw.jsonl"
