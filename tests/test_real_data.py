@@ -113,6 +113,24 @@ def test_evaluate_reproduces_both_rows_and_its_statistics_hold(smoke_run, tmp_pa
     assert comparison["discordant"] == [base_only, adapted_only]
     assert comparison["mcnemar_p"] == binomtest(base_only, base_only + adapted_only).pvalue
     assert comparison["mcnemar_p"] < 1e-10  # fine-tuning beats a random head beyond doubt
+    # The interval and Brier score by their textbook formulas, from the per-review file: the
+    # Wilson score interval, and the mean squared distance to the one-hot truth.
+    n, z = len(labels), 1.959963984540054
+    for row in (base, adapted):
+        p_hat = right[row["name"]].mean()
+        center = (p_hat + z**2 / (2 * n)) / (1 + z**2 / n)
+        half = z / (1 + z**2 / n) * np.sqrt(p_hat * (1 - p_hat) / n + z**2 / (4 * n**2))
+        assert row["accuracy_ci"] == pytest.approx([center - half, center + half], abs=1e-12)
+        probabilities = np.array([line["probabilities"][row["name"]] for line in lines])
+        brier = ((probabilities - np.eye(2)[labels]) ** 2).sum(axis=1).mean()
+        assert row["brier"] == pytest.approx(brier, abs=1e-9)
+    # The paired bootstrap interval: around the difference, and as wide as the normal
+    # approximation of the per-review differences' mean says (within 10%).
+    differences = right[adapted["name"]].astype(float) - right[base["name"]].astype(float)
+    low, high = comparison["difference_ci"]
+    assert comparison["accuracy_difference"] == pytest.approx(differences.mean())
+    assert low < differences.mean() < high
+    assert high - low == pytest.approx(2 * z * differences.std() / np.sqrt(n), rel=0.1)
 
 
 def first_test_reviews(n: int):
