@@ -249,14 +249,17 @@ def plot_reliability(axes, title: str, metrics: dict) -> None:
     axes.bar_label(bars, labels=[str(b["n"]) for b in bins], padding=2, fontsize=8)
     axes.plot([b["confidence"] for b in bins], [b["confidence"] for b in bins], "o",
               color="tab:red", markersize=3, label="mean confidence")
-    axes.plot([0, 1], [0, 1], color="gray", linestyle=":", linewidth=1, label="calibrated")
-    axes.set_xlim(0, 1)
+    # The top class of K has a probability of at least 1/K: the axis starts there.
+    lowest = 1 / len(metrics["confusion_matrix"])
+    axes.plot([lowest, 1], [lowest, 1], color="gray", linestyle=":", linewidth=1,
+              label="calibrated")
+    axes.set_xlim(lowest, 1)
     axes.set_ylim(0, 1.12)  # room above 1.0 for the counts
     axes.set_xlabel("confidence (top-class probability)")
     axes.set_ylabel("accuracy")
     temperature = metrics.get("temperature", UNCALIBRATED)
     scaled = f", T={temperature:.3g}" if temperature != UNCALIBRATED else ""
-    axes.set_title(f"{title}: reliability (ECE {metrics['ece']:.3f}{scaled})")
+    axes.set_title(f"{title}\nreliability (ECE {metrics['ece']:.3f}{scaled})")
     axes.legend(loc="upper left", fontsize=8)
 
 
@@ -293,7 +296,7 @@ def plot_confusion_matrix(axes, title: str, metrics: dict, names: list[str]) -> 
     axes.set_yticks(range(len(names)), names)
     axes.set_xlabel("predicted label")
     axes.set_ylabel("true label")
-    axes.set_title(f"{title}: confusion matrix")
+    axes.set_title(f"{title}\nconfusion matrix")
 
 
 # ---------------------------------------------------------------------------------------------

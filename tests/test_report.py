@@ -127,7 +127,8 @@ def test_results_with_reliability_bins_get_a_reliability_diagram(tmp_path):
     [bar] = axes.containers[0]  # one bar per non-empty bin: its range and its accuracy
     assert (bar.get_x(), bar.get_width(), bar.get_height()) == pytest.approx((0.9, 0.1, 0.9))
     assert [text.get_text() for text in axes.texts] == ["60"]  # the bin's review count
-    assert axes.get_title() == "a: reliability (ECE 0.040, T=1.3)"
+    assert axes.get_title() == "a\nreliability (ECE 0.040, T=1.3)"
+    assert axes.get_xlim() == (0.5, 1.0)  # two classes: the top one has at least 0.5
 
 
 def test_a_run_with_a_fitted_temperature_reports_it(tmp_path):
