@@ -9,7 +9,8 @@ the same loop and data, for comparison with LoRA.
 
 Before training the pre-trained model (seeded random head) is scored on the test reviews;
 after training the best adapter (chosen on a validation split carved out of the training
-data, never on the test set) is scored on the same reviews, and the two are shown side by side.
+data, never on the test set, which also fits its temperature: temperature.py) is scored on the
+same reviews, and the two are shown side by side.
 """
 
 from __future__ import annotations
