@@ -21,11 +21,14 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
 import traceback
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,6 +145,68 @@ def run_main(main: Callable[[list[str]], int], capsys, *argv: str) -> Outcome:
     return Outcome(code, out.out, out.err)
 
 
+@dataclass
+class Child:
+    """A forked child process and the files its stdout and stderr go to."""
+
+    pid: int
+    out: typing.IO[bytes]
+    err: typing.IO[bytes]
+
+
+def fork_child(main: Callable[[], int], env: dict[str, str] | None = None) -> Child:
+    """Start `main()` in a forked child with `env` added to its environment; return at once."""
+    out, err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 1
+        try:
+            os.environ.update(env or {})
+            os.dup2(out.fileno(), 1)
+            os.dup2(err.fileno(), 2)
+            sys.stdout = open(1, "w", closefd=False)
+            sys.stderr = open(2, "w", closefd=False)
+            code = main()
+        except SystemExit as stop:
+            code = stop.code if isinstance(stop.code, int) else 1
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    return Child(pid, out, err)
+
+
+def wait_for_children(children: list[Child], timeout: float) -> list[Outcome]:
+    """Wait until every child has exited; the first one to fail stops the others (as torchrun
+    stops the rest of a group), and a child still running after `timeout` fails the test."""
+    codes: dict[int, int] = {}
+    deadline = time.monotonic() + timeout
+    while len(codes) < len(children):
+        for child in children:
+            if child.pid not in codes and (done := os.waitpid(child.pid, os.WNOHANG))[0]:
+                codes[child.pid] = os.waitstatus_to_exitcode(done[1])
+        failed = any(code != 0 for code in codes.values())
+        if failed or time.monotonic() > deadline:
+            for child in children:
+                if child.pid not in codes:
+                    os.kill(child.pid, signal.SIGKILL)
+                    codes[child.pid] = os.waitstatus_to_exitcode(os.waitpid(child.pid, 0)[1])
+            if not failed:
+                pytest.fail(f"the forked run did not end within {timeout} s")
+        time.sleep(0.05)
+    outcomes = []
+    for child in children:
+        texts = []
+        for file in (child.out, child.err):
+            file.seek(0)
+            texts.append(file.read().decode(errors="replace"))
+            file.close()
+        outcomes.append(Outcome(codes[child.pid], *texts))
+    return outcomes
+
+
 def run_forked(main: Callable[[], int], timeout: float = 300) -> Outcome:
     """Run `main()` in a forked child process and wait for it to exit.
 
@@ -149,36 +214,27 @@ def run_forked(main: Callable[[], int], timeout: float = 300) -> Outcome:
     library already imported: a new interpreter would spend ~10 s importing torch,
     transformers, peft and datasets first. Its stdout and stderr are captured to files.
     """
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        pid = os.fork()
-        if pid == 0:  # the child: never returns into pytest
-            code = 1
-            try:
-                os.dup2(out.fileno(), 1)
-                os.dup2(err.fileno(), 2)
-                sys.stdout = open(1, "w", closefd=False)
-                sys.stderr = open(2, "w", closefd=False)
-                code = main()
-            except SystemExit as stop:
-                code = stop.code if isinstance(stop.code, int) else 1
-            except BaseException:
-                traceback.print_exc()
-            finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(code)
-        deadline = time.monotonic() + timeout
-        while (done := os.waitpid(pid, os.WNOHANG))[0] == 0:
-            if time.monotonic() > deadline:
-                os.kill(pid, 9)
-                os.waitpid(pid, 0)
-                pytest.fail(f"the forked run did not end within {timeout} s")
-            time.sleep(0.05)
-        texts = []
-        for file in (out, err):
-            file.seek(0)
-            texts.append(file.read().decode(errors="replace"))
-    return Outcome(os.waitstatus_to_exitcode(done[1]), *texts)
+    return wait_for_children([fork_child(main)], timeout)[0]
+
+
+def free_port() -> int:
+    """A TCP port that nothing listens on now, for a process group's rendezvous."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def run_ranks(main: Callable[[], int], processes: int = 2, timeout: float = 300) -> list[Outcome]:
+    """Run `main()` in `processes` forked children that find each other as torchrun's workers
+    do, by the variables it sets (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT); one
+    Outcome per rank. The same process group and code as ``torchrun --nproc_per_node``, without
+    its launcher and without ~10 s of imports in every new interpreter (test_distributed.py
+    keeps real torchrun runs for the command itself)."""
+    rendezvous = {"WORLD_SIZE": str(processes), "LOCAL_WORLD_SIZE": str(processes),
+                  "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    children = [fork_child(main, {**rendezvous, "RANK": str(rank), "LOCAL_RANK": str(rank)})
+                for rank in range(processes)]
+    return wait_for_children(children, timeout)
 
 
 def run_script(*args: str, env: dict | None = None, cwd: Path | None = None,

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import reviews, run_main, run_script
+from conftest import reviews, run_main
 from datasets import Dataset
 from matplotlib.figure import Figure
 from transformers import (
@@ -430,10 +430,9 @@ def test_output_dir_that_cannot_be_created(tiny_model_dir, csv_data_dir, tmp_pat
 
 def test_evaluate_refuses_a_folder_as_json_and_an_existing_plot(tmp_path, csv_data_dir,
                                                                tiny_model_dir, capsys):
-    """The --json case in a new interpreter: `python evaluate.py` itself refuses in one line."""
     (tmp_path / "results").mkdir()
-    result = run_script("evaluate.py", "--base", "--model", tiny_model_dir, "--data",
-                        str(csv_data_dir), "--json", str(tmp_path / "results"))
+    result = run_main(evaluate_script.main, capsys, "--base", "--model", tiny_model_dir,
+                      "--data", str(csv_data_dir), "--json", str(tmp_path / "results"))
     assert_refused(result, "--json", "is a folder; give a file name")
     plot = tmp_path / "old.png"
     plot.write_bytes(b"earlier plot")

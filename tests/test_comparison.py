@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 from conftest import run_main, save_random_adapter
+from scipy.stats import binomtest
 
 import evaluate as evaluate_script
 from comparison import (
@@ -65,8 +66,11 @@ def test_paired_comparison_counts_discordant_reviews_and_repeats_its_interval():
     assert 0 < low < result["accuracy_difference"] < high
     assert result["mcnemar_p"] < 1e-4  # 2 x 2^-gained: every discordant review favours b
     assert paired_comparison("a", "b", labels, a, b) == result  # seeded: the same interval
-    # The paired interval is far narrower than an unpaired one would be (+- 2 * 0.032 here).
+    # The paired interval is far narrower than an unpaired one would be (+- 2 * 0.032 here),
+    # and as wide as the normal approximation of the per-review differences' mean (within 10%).
     assert high - low < 0.06
+    differences = b_right.astype(float) - a_right.astype(float)
+    assert high - low == pytest.approx(2 * 1.959964 * differences.std() / np.sqrt(400), rel=0.1)
     same = bootstrap_difference_interval(a_right, a_right, resamples=BOOTSTRAP_RESAMPLES)
     assert same == [0.0, 0.0]
 
@@ -92,15 +96,22 @@ def test_evaluate_writes_intervals_comparisons_and_per_review_predictions(
     assert comparison["accuracy_difference"] == pytest.approx(tuned["accuracy"] - base["accuracy"])
     lines = [json.loads(line) for line in predictions.read_text().splitlines()]
     assert [line["index"] for line in lines] == list(range(base["n"]))
-    right = {"base": 0, tuned["name"]: 0}
-    for line in lines:
-        assert set(line["probabilities"]) == set(right)
-        for name, probabilities in line["probabilities"].items():
-            assert sum(probabilities) == pytest.approx(1.0)
-            right[name] += int(np.argmax(probabilities) == line["label"])
-    # The per-review file and the rows agree: the accuracy is the share of argmax hits.
-    assert right == {"base": round(base["accuracy"] * base["n"]),
-                     tuned["name"]: round(tuned["accuracy"] * tuned["n"])}
+    labels = np.array([line["label"] for line in lines])
+    right = {}
+    for name in ("base", tuned["name"]):
+        probabilities = np.array([line["probabilities"][name] for line in lines])
+        assert probabilities.sum(axis=1) == pytest.approx(np.ones(len(lines)))
+        right[name] = probabilities.argmax(axis=1) == labels
+    assert all(set(line["probabilities"]) == set(right) for line in lines)
+    # The per-review file and the rows agree: the accuracy is the share of argmax hits, and
+    # McNemar's p is scipy's exact binomial test of the reviews only one model gets right.
+    assert [right[row["name"]].mean() for row in (base, tuned)] == \
+        [base["accuracy"], tuned["accuracy"]]
+    base_only = int((right["base"] & ~right[tuned["name"]]).sum())
+    tuned_only = int((~right["base"] & right[tuned["name"]]).sum())
+    assert comparison["discordant"] == [base_only, tuned_only]
+    assert base_only + tuned_only > 0  # else the test below proves nothing
+    assert comparison["mcnemar_p"] == binomtest(base_only, base_only + tuned_only).pvalue
     printed = result.stdout.splitlines()[-1]
     assert printed.startswith(f"{tuned['name']} vs base: accuracy ")
     assert printed.endswith(("significant at 0.05", "not significant at 0.05"))

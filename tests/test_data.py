@@ -26,6 +26,7 @@ from data import (
     tokenizer_fingerprint,
 )
 from data_sources import FEATURES, label_to_int, load_split
+from lora_model import load_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -201,6 +202,15 @@ def test_tokenizer_fingerprint_ignores_truncation_state(tokenizer):
     before = tokenizer_fingerprint(tokenizer)
     tokenizer(["some text"] * 2, truncation=True, max_length=5, padding="max_length")
     assert tokenizer_fingerprint(tokenizer) == before
+
+
+def test_a_changed_tokenizer_gets_a_new_fingerprint(tiny_model_dir):
+    """The fingerprint is cached by the tokenizer's whole state: a new word changes it."""
+    tokenizer = load_tokenizer(tiny_model_dir)
+    before = tokenizer_fingerprint(tokenizer)
+    assert tokenizer_fingerprint(load_tokenizer(tiny_model_dir)) == before
+    tokenizer.add_tokens(["zxqvwordnotinvocab"])
+    assert tokenizer_fingerprint(tokenizer) != before
 
 
 def test_second_tokenization_reads_the_disk_cache(tmp_path, tokenizer):

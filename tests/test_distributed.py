@@ -1,5 +1,10 @@
 """torchrun: two CPU processes (gloo) train and score exactly like one process, and one writes.
 
+The reference two-process run is a real ``torchrun`` command (its output and files are what the
+README promises); the other multi-process runs fork ranks from this process with torchrun's
+variables (conftest.run_ranks): the same process group and code, without ~10 s of imports in
+each new interpreter.
+
 The runs use the tiny BERT (dropout 0) with LoRA dropout 0, so the only differences between one
 process and two are the order of floating-point sums. They pin --precision fp32: in bf16 the
 two orders of summation differ by bf16's rounding (~1e-3), far above the 1e-5 that shows a
@@ -9,10 +14,12 @@ gradient averaged wrongly.
 from __future__ import annotations
 
 import json
+import signal
 
+import interrupt_train
 import pytest
 import torch
-from conftest import REPO, run_main, run_script
+from conftest import Outcome, run_main, run_ranks, run_script
 from datasets import Dataset
 from safetensors.torch import load_file
 
@@ -86,12 +93,22 @@ def test_two_processes_train_the_same_adapter_as_one_with_the_same_global_batch(
     assert_same_training(two_processes[0], one_process)
 
 
+def train_in_ranks(flags: list[str], processes: int = 2) -> list[Outcome]:
+    """train.main(flags) in `processes` forked ranks (conftest.run_ranks); every one must
+    finish."""
+    outcomes = run_ranks(lambda: train_script.main(flags), processes)
+    for outcome in outcomes:
+        assert outcome.returncode == 0, outcome.stderr[-3000:]
+    return outcomes
+
+
 def test_accumulating_under_ddp_trains_the_same_adapter(tiny_model_dir, shared_data_dir, tmp_path,
                                                         one_process):
     # 2 processes x batch 4 x 2 accumulated batches: the first backward skips the all-reduce.
     run = tmp_path / "run"
-    train(tiny_model_dir, shared_data_dir, run, "--batch-size", str(GLOBAL_BATCH // 4),
-          "--grad-accum-steps", "2", processes=2)
+    train_in_ranks(["--model", tiny_model_dir, "--data", str(shared_data_dir), "--output-dir",
+                    str(run), *COMMON_FLAGS, "--batch-size", str(GLOBAL_BATCH // 4),
+                    "--grad-accum-steps", "2"])
     assert_same_training(run, one_process)
 
 
@@ -178,18 +195,17 @@ def test_the_ranks_batches_together_are_the_one_process_batch_in_every_epoch():
 
 def test_a_killed_two_process_run_resumes_to_the_identical_adapter(
         tiny_model_dir, shared_data_dir, tmp_path, two_processes):
-    """Both ranks are SIGKILLed after step 3 (of 4); torchrun on the same command resumes
+    """Both ranks are SIGKILLed after step 3 (of 4); the same command on two ranks resumes
     from the epoch-end snapshot of step 2, each rank with its own random streams, and ends
-    with exactly the uninterrupted two-process adapter."""
+    with exactly the uninterrupted (torchrun) two-process adapter."""
     run = tmp_path / "run"
     flags = ["--model", tiny_model_dir, "--data", str(shared_data_dir), "--output-dir", str(run),
              *COMMON_FLAGS, "--batch-size", str(GLOBAL_BATCH // 2)]
-    killed = torchrun(str(REPO / "tests" / "interrupt_train.py"), "kill-at-step:3", "--",
-                      *flags)
-    assert killed.returncode != 0 and not (run / "metrics.json").exists()
-    resumed = torchrun("train.py", *flags)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert resumed.stdout.count("at step 2 of 4") == 1  # rank 0 alone says it
+    killed = run_ranks(lambda: interrupt_train.run("kill-at-step:3", flags))
+    assert [outcome.returncode for outcome in killed] == [-signal.SIGKILL] * 2
+    assert not (run / "metrics.json").exists()
+    resumed = train_in_ranks(flags)
+    assert [outcome.stdout.count("at step 2 of 4") for outcome in resumed] == [1, 0]  # rank 0
     expected, actual = load_file(two_processes[0] / ADAPTER_FILE), load_file(run / ADAPTER_FILE)
     assert all(torch.equal(actual[name], expected[name]) for name in expected)
 

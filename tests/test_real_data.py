@@ -9,13 +9,13 @@ as the README's command, in a new interpreter with the machine's own environment
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
 import torch
 from conftest import IMDB_DIR, MACHINE_ENV, minilm_path, run_script
 from peft import PeftModel
-from scipy.stats import binomtest
 from test_temperature import ece
 from transformers import AutoModelForSequenceClassification
 
@@ -35,7 +35,10 @@ from lora_model import (
 
 pytestmark = pytest.mark.real_data
 
-TRAIN_SAMPLES, EVAL_SAMPLES = 2000, 1000
+# The README's smoke run trains on 2,000 reviews and scores 1,000 test reviews before and after;
+# here it scores the first 500 of those 1,000 (the subset rule keeps them a prefix), which
+# saves the suite ~45 s and still tells a random head (~0.5) from a trained one (~0.8).
+TRAIN_SAMPLES, EVAL_SAMPLES = 2000, 500
 # The smoke run took 8 to 10 minutes (486-591 s) on a 2-core AVX2 CPU with the rest of the
 # suite running beside it: a limit of 15 minutes fails on a 2x slowdown instead of waiting out a
 # 10x one, and leaves room for a slower or busier machine.
@@ -43,9 +46,20 @@ SMOKE_TIMEOUT_S = 900
 CPU = torch.device("cpu")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def machine_threads():
+    """Score in this process with the machine's own thread count, as the smoke run does (the
+    suite's workers run one torch thread each: conftest); the suite's setting comes back after."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
-    """The README's smoke command: MiniLM, 2,000 train / 1,000 test reviews, lr 2e-3."""
+    """The README's smoke command (MiniLM, 2,000 training reviews, lr 2e-3), scoring 500 of its
+    1,000 test reviews."""
     assert IMDB_DIR.is_dir(), f"the real-data tests need the IMDB Parquet files in {IMDB_DIR}"
     run = tmp_path_factory.mktemp("real") / "smoke"
     result = run_script("train.py", "--model", minilm_path(), "--data", str(IMDB_DIR),
@@ -74,21 +88,21 @@ def test_fine_tuning_lifts_accuracy_from_chance(smoke_run):
     assert f"{metrics['after']['accuracy']:.4f}" in result.stdout
 
 
-def test_evaluate_reproduces_both_rows_and_its_statistics_hold(smoke_run, tmp_path):
-    """evaluate.py --base --checkpoint on the run folder gives train.py's "before" and "after"
-    numbers to the last digit (the after row divided by the fitted temperature, as train.py
-    scored it), and its accuracies and McNemar p are those recomputed from --predictions."""
+def test_evaluate_reproduces_the_after_row_and_its_statistics_hold(smoke_run, tmp_path):
+    """evaluate.py --checkpoint on the run folder gives train.py's "after" numbers to the last
+    digit (divided by the fitted temperature, as train.py scored them), and its accuracy,
+    interval, Brier score and ECE are those recomputed from --predictions. The base model's
+    test reviews are not scored again: the tiny-model tests prove the "before" row and the
+    paired statistics (test_comparison.py, test_distributed.py)."""
     run, _ = smoke_run
     metrics = read_json(run / "metrics.json")
     out, predictions = tmp_path / "out.json", tmp_path / "p.jsonl"
-    result = run_script("evaluate.py", "--base", "--checkpoint", str(run), "--data",
-                        str(IMDB_DIR), "--eval-samples", str(EVAL_SAMPLES), "--json", str(out),
+    result = run_script("evaluate.py", "--checkpoint", str(run), "--data", str(IMDB_DIR),
+                        "--eval-samples", str(EVAL_SAMPLES), "--json", str(out),
                         "--predictions", str(predictions), env=MACHINE_ENV,
                         timeout=SMOKE_TIMEOUT_S)
     assert result.returncode == 0, result.stderr[-3000:]
-    written = read_json(out)
-    base, adapted = written["results"]
-    assert {k: base[k] for k in metrics["before"]} == metrics["before"]
+    [adapted] = read_json(out)["results"]
     assert {k: adapted[k] for k in metrics["after"]} == metrics["after"]
     calibration = metrics["calibration"]
     assert adapted["temperature"] == calibration["temperature"]
@@ -100,37 +114,19 @@ def test_evaluate_reproduces_both_rows_and_its_statistics_hold(smoke_run, tmp_pa
 
     lines = [json.loads(line) for line in predictions.read_text().splitlines()]
     labels = np.array([line["label"] for line in lines])
-    calibrated = np.array([line["probabilities"][adapted["name"]] for line in lines])
-    assert test_ece["calibrated"] == pytest.approx(ece(calibrated, labels), abs=1e-6)
-    assert adapted["ece"] == pytest.approx(ece(calibrated, labels), abs=1e-6)
-    right = {row["name"]: np.array([np.argmax(line["probabilities"][row["name"]])
-                                    for line in lines]) == labels for row in (base, adapted)}
-    assert right[base["name"]].mean() == base["accuracy"]
-    assert right[adapted["name"]].mean() == adapted["accuracy"]
-    base_only = int((right[base["name"]] & ~right[adapted["name"]]).sum())
-    adapted_only = int((~right[base["name"]] & right[adapted["name"]]).sum())
-    [comparison] = written["comparisons"]
-    assert comparison["discordant"] == [base_only, adapted_only]
-    assert comparison["mcnemar_p"] == binomtest(base_only, base_only + adapted_only).pvalue
-    assert comparison["mcnemar_p"] < 1e-10  # fine-tuning beats a random head beyond doubt
+    probabilities = np.array([line["probabilities"][adapted["name"]] for line in lines])
+    assert test_ece["calibrated"] == pytest.approx(ece(probabilities, labels), abs=1e-6)
+    assert adapted["ece"] == pytest.approx(ece(probabilities, labels), abs=1e-6)
+    right = probabilities.argmax(axis=1) == labels
+    assert right.mean() == adapted["accuracy"]
     # The interval and Brier score by their textbook formulas, from the per-review file: the
     # Wilson score interval, and the mean squared distance to the one-hot truth.
-    n, z = len(labels), 1.959963984540054
-    for row in (base, adapted):
-        p_hat = right[row["name"]].mean()
-        center = (p_hat + z**2 / (2 * n)) / (1 + z**2 / n)
-        half = z / (1 + z**2 / n) * np.sqrt(p_hat * (1 - p_hat) / n + z**2 / (4 * n**2))
-        assert row["accuracy_ci"] == pytest.approx([center - half, center + half], abs=1e-12)
-        probabilities = np.array([line["probabilities"][row["name"]] for line in lines])
-        brier = ((probabilities - np.eye(2)[labels]) ** 2).sum(axis=1).mean()
-        assert row["brier"] == pytest.approx(brier, abs=1e-9)
-    # The paired bootstrap interval: around the difference, and as wide as the normal
-    # approximation of the per-review differences' mean says (within 10%).
-    differences = right[adapted["name"]].astype(float) - right[base["name"]].astype(float)
-    low, high = comparison["difference_ci"]
-    assert comparison["accuracy_difference"] == pytest.approx(differences.mean())
-    assert low < differences.mean() < high
-    assert high - low == pytest.approx(2 * z * differences.std() / np.sqrt(n), rel=0.1)
+    n, z, p_hat = len(labels), 1.959963984540054, right.mean()
+    center = (p_hat + z**2 / (2 * n)) / (1 + z**2 / n)
+    half = z / (1 + z**2 / n) * np.sqrt(p_hat * (1 - p_hat) / n + z**2 / (4 * n**2))
+    assert adapted["accuracy_ci"] == pytest.approx([center - half, center + half], abs=1e-12)
+    brier = ((probabilities - np.eye(2)[labels]) ** 2).sum(axis=1).mean()
+    assert adapted["brier"] == pytest.approx(brier, abs=1e-9)
 
 
 def first_test_reviews(n: int):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from conftest import REPO, reviews, run_main, run_script
+from conftest import REPO, reviews, run_main
 from step_probe import assert_only_step_2_was_skipped, run_with_inf_gradient
 
 import evaluate
@@ -136,12 +136,13 @@ def test_warmup_ratio_ramps_the_learning_rate_up_then_down(tiny_model_dir, tmp_p
 
 def test_train_then_evaluate_from_the_command_line(tiny_model_dir, csv_data_dir, tmp_path,
                                                   capsys):
-    """`python train.py` as a user types it (a new interpreter), then evaluate.py's command
-    line (in this process: its own interpreter start is tested in test_bad_input.py)."""
+    """train.py's command line, then evaluate.py's, in this process (a new interpreter costs
+    ~10 s of imports: the real-data tests and the CPU benchmark start both scripts as
+    commands)."""
     run = tmp_path / "run"
-    result = run_script("train.py", "--model", tiny_model_dir, "--data", str(csv_data_dir),
-                        "--output-dir", str(run), "--epochs", "2", "--batch-size", "4",
-                        "--validation-size", "4", "--eval-every", "2", "--lr", "1e-3")
+    result = run_main(train.main, capsys, "--model", tiny_model_dir, "--data", str(csv_data_dir),
+                      "--output-dir", str(run), "--epochs", "2", "--batch-size", "4",
+                      "--validation-size", "4", "--eval-every", "2", "--lr", "1e-3")
     assert result.returncode == 0, result.stderr
     assert "before" in result.stdout and "after" in result.stdout
     assert "trainable" in result.stdout
