@@ -13,7 +13,7 @@ test reviews): ``split.shuffle(seed=data_seed).select(range(n))``.
 from __future__ import annotations
 
 import argparse
-import functools
+import copy
 import json
 import sys
 from collections import Counter
@@ -201,25 +201,15 @@ def split_train_validation(train: Dataset, n_train: int | None, validation_size:
 def tokenizer_fingerprint(tokenizer) -> str:
     """A hash of everything that decides the tokens: vocabulary, normalizer, special tokens.
 
-    The truncation/padding state of a fast tokenizer changes as it is used, so it is left out;
-    otherwise the cache key would differ between two identical runs.
+    The truncation/padding state of a fast tokenizer changes as it is used, so it is cleared
+    (in a copy); otherwise the cache key would differ between two identical runs. Hashing the
+    copy's JSON text takes ~0.07 s for a BERT vocabulary, about half of re-serialising the
+    parsed JSON in Python.
     """
-    return fingerprint_of_state(tokenizer.backend_tokenizer.to_str())
-
-
-@functools.lru_cache(maxsize=4)
-def fingerprint_of_state(state_text: str) -> str:
-    """``tokenizer_fingerprint`` of a tokenizer saved as `state_text` (its JSON).
-
-    Cached by the whole text, so a tokenizer that changed is hashed anew: a run tokenizes three
-    splits with one tokenizer, and re-serialising its vocabulary costs ~0.1 s each time.
-    """
-    state = json.loads(state_text)
-    state.pop("truncation", None)
-    state.pop("padding", None)
-    # Hashing the JSON text is 3x faster than hashing the parsed dict (which `datasets`
-    # pickles object by object).
-    return Hasher.hash(json.dumps(state))
+    state = copy.deepcopy(tokenizer.backend_tokenizer)
+    state.no_truncation()
+    state.no_padding()
+    return Hasher.hash(state.to_str())
 
 
 def can_clip(tokenizer) -> bool:

@@ -158,7 +158,7 @@ def fork_child(main: Callable[[], int], env: dict[str, str] | None = None) -> Ch
     """Start `main()` in a forked child with `env` added to its environment; return at once."""
     out, err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
     pid = os.fork()
-    if pid == 0:  # the child: never returns into pytest
+    if pid == 0:  # the child: whatever happens, it exits here and never returns into pytest
         code = 1
         try:
             os.environ.update(env or {})
@@ -168,43 +168,54 @@ def fork_child(main: Callable[[], int], env: dict[str, str] | None = None) -> Ch
             sys.stderr = open(2, "w", closefd=False)
             code = main()
         except SystemExit as stop:
-            code = stop.code if isinstance(stop.code, int) else 1
+            code = 0 if stop.code is None else stop.code
         except BaseException:
             traceback.print_exc()
         finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
+            try:
+                sys.stdout.flush()
+                sys.stderr.flush()
+            finally:
+                os._exit(code if isinstance(code, int) else 1)
     return Child(pid, out, err)
 
 
 def wait_for_children(children: list[Child], timeout: float) -> list[Outcome]:
-    """Wait until every child has exited; the first one to fail stops the others (as torchrun
-    stops the rest of a group), and a child still running after `timeout` fails the test."""
+    """Wait until every child has exited; the first one to fail stops the others at once
+    (SIGKILL; torchrun would send SIGTERM first), and children still running after `timeout`
+    fail the test with their stderr. No child outlives this call, whatever interrupts it."""
     codes: dict[int, int] = {}
     deadline = time.monotonic() + timeout
-    while len(codes) < len(children):
-        for child in children:
-            if child.pid not in codes and (done := os.waitpid(child.pid, os.WNOHANG))[0]:
-                codes[child.pid] = os.waitstatus_to_exitcode(done[1])
-        failed = any(code != 0 for code in codes.values())
-        if failed or time.monotonic() > deadline:
+    timed_out = False
+    try:
+        while len(codes) < len(children):
             for child in children:
-                if child.pid not in codes:
-                    os.kill(child.pid, signal.SIGKILL)
-                    codes[child.pid] = os.waitstatus_to_exitcode(os.waitpid(child.pid, 0)[1])
-            if not failed:
-                pytest.fail(f"the forked run did not end within {timeout} s")
-        time.sleep(0.05)
-    outcomes = []
-    for child in children:
-        texts = []
-        for file in (child.out, child.err):
-            file.seek(0)
-            texts.append(file.read().decode(errors="replace"))
-            file.close()
-        outcomes.append(Outcome(codes[child.pid], *texts))
+                if child.pid not in codes and (done := os.waitpid(child.pid, os.WNOHANG))[0]:
+                    codes[child.pid] = os.waitstatus_to_exitcode(done[1])
+            if any(code != 0 for code in codes.values()):
+                break
+            if time.monotonic() > deadline:
+                timed_out = len(codes) < len(children)
+                break
+            time.sleep(0.05)
+    finally:
+        for child in children:
+            if child.pid not in codes:
+                os.kill(child.pid, signal.SIGKILL)
+                codes[child.pid] = os.waitstatus_to_exitcode(os.waitpid(child.pid, 0)[1])
+    outcomes = [Outcome(codes[child.pid], *map(read_and_close, (child.out, child.err)))
+                for child in children]
+    if timed_out:
+        pytest.fail(f"the forked run did not end within {timeout} s; stderr of each process:\n"
+                    + "\n---\n".join(outcome.stderr[-2000:] for outcome in outcomes))
     return outcomes
+
+
+def read_and_close(file: typing.IO[bytes]) -> str:
+    """The whole text a child wrote to `file`, which is closed after."""
+    with file:
+        file.seek(0)
+        return file.read().decode(errors="replace")
 
 
 def run_forked(main: Callable[[], int], timeout: float = 300) -> Outcome:
@@ -229,11 +240,19 @@ def run_ranks(main: Callable[[], int], processes: int = 2, timeout: float = 300)
     do, by the variables it sets (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT); one
     Outcome per rank. The same process group and code as ``torchrun --nproc_per_node``, without
     its launcher and without ~10 s of imports in every new interpreter (test_distributed.py
-    keeps real torchrun runs for the command itself)."""
+    keeps one real torchrun run, for the command itself)."""
     rendezvous = {"WORLD_SIZE": str(processes), "LOCAL_WORLD_SIZE": str(processes),
                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
-    children = [fork_child(main, {**rendezvous, "RANK": str(rank), "LOCAL_RANK": str(rank)})
-                for rank in range(processes)]
+    children: list[Child] = []
+    try:
+        for rank in range(processes):
+            children.append(fork_child(main, {**rendezvous, "RANK": str(rank),
+                                              "LOCAL_RANK": str(rank)}))
+    except BaseException:  # a rank that could not start: the others would wait for it forever
+        for child in children:
+            os.kill(child.pid, signal.SIGKILL)
+            os.waitpid(child.pid, 0)
+        raise
     return wait_for_children(children, timeout)
 
 

@@ -201,11 +201,13 @@ def test_tokenize_truncates_without_padding(tokenizer):
 def test_tokenizer_fingerprint_ignores_truncation_state(tokenizer):
     before = tokenizer_fingerprint(tokenizer)
     tokenizer(["some text"] * 2, truncation=True, max_length=5, padding="max_length")
+    truncation = tokenizer.backend_tokenizer.truncation
     assert tokenizer_fingerprint(tokenizer) == before
+    assert tokenizer.backend_tokenizer.truncation == truncation  # cleared in a copy only
 
 
 def test_a_changed_tokenizer_gets_a_new_fingerprint(tiny_model_dir):
-    """The fingerprint is cached by the tokenizer's whole state: a new word changes it."""
+    """The fingerprint is the tokenizer's, not its folder's: a new word changes it."""
     tokenizer = load_tokenizer(tiny_model_dir)
     before = tokenizer_fingerprint(tokenizer)
     assert tokenizer_fingerprint(load_tokenizer(tiny_model_dir)) == before

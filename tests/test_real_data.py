@@ -2,8 +2,9 @@
 
 These tests fail (they do not skip) when ../shared/data/imdb is missing: CI must run them. They
 start first (conftest.START_FIRST): the smoke run is the suite's longest piece of work. It runs
-as the README's command, in a new interpreter with the machine's own environment: its own
-`--precision auto` (bf16 on CPUs that compute it natively, else fp32) and thread count.
+the README's command (scoring 500 of its 1,000 test reviews) in a new interpreter with the
+machine's own environment: its own `--precision auto` (bf16 on CPUs that compute it natively,
+else fp32) and thread count.
 """
 
 from __future__ import annotations
@@ -39,9 +40,9 @@ pytestmark = pytest.mark.real_data
 # here it scores the first 500 of those 1,000 (the subset rule keeps them a prefix), which
 # saves the suite ~45 s and still tells a random head (~0.5) from a trained one (~0.8).
 TRAIN_SAMPLES, EVAL_SAMPLES = 2000, 500
-# The smoke run took 8 to 10 minutes (486-591 s) on a 2-core AVX2 CPU with the rest of the
-# suite running beside it: a limit of 15 minutes fails on a 2x slowdown instead of waiting out a
-# 10x one, and leaves room for a slower or busier machine.
+# The smoke run took 7.5 minutes (450 s; 8 to 10 with 1,000 test reviews) on a 2-core AVX2 CPU
+# with the rest of the suite running beside it: a limit of 15 minutes fails on a 2x slowdown
+# instead of waiting out a 10x one, and leaves room for a slower or busier machine.
 SMOKE_TIMEOUT_S = 900
 CPU = torch.device("cpu")
 
@@ -51,7 +52,7 @@ def machine_threads():
     """Score in this process with the machine's own thread count, as the smoke run does (the
     suite's workers run one torch thread each: conftest); the suite's setting comes back after."""
     previous = torch.get_num_threads()
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
     yield
     torch.set_num_threads(previous)
 

@@ -137,8 +137,8 @@ def test_warmup_ratio_ramps_the_learning_rate_up_then_down(tiny_model_dir, tmp_p
 def test_train_then_evaluate_from_the_command_line(tiny_model_dir, csv_data_dir, tmp_path,
                                                   capsys):
     """train.py's command line, then evaluate.py's, in this process (a new interpreter costs
-    ~10 s of imports: the real-data tests and the CPU benchmark start both scripts as
-    commands)."""
+    ~10 s of imports: the real-data tests start both scripts as commands, and the CPU
+    benchmark starts train.py)."""
     run = tmp_path / "run"
     result = run_main(train.main, capsys, "--model", tiny_model_dir, "--data", str(csv_data_dir),
                       "--output-dir", str(run), "--epochs", "2", "--batch-size", "4",
