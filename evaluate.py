@@ -390,11 +390,9 @@ def run(args: argparse.Namespace) -> list[dict]:
     print("\n" + format_comparisons(rows, comparisons))
     print(calibration_note(rows, args.calibrate), file=sys.stderr)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
         write_json(args.json, {"results": rows, "comparisons": comparisons})
         print(f"Wrote {args.json}", file=sys.stderr)
     if args.predictions:
-        args.predictions.parent.mkdir(parents=True, exist_ok=True)
         text = prediction_lines(labels, probabilities)
         write_file(args.predictions, lambda partial: partial.write_text(text))
         print(f"Wrote {args.predictions}", file=sys.stderr)

@@ -44,10 +44,12 @@ def writing(target: Path) -> Iterator[None]:
 
 def write_file(path: Path, write: Callable[[Path], None]) -> None:
     """Have `write(partial)` write a file beside `path`, then rename it over `path`: whole or
-    not at all (a failed write leaves the previous `path`, or none)."""
+    not at all (a failed write leaves the previous `path`, or none). Missing parent folders are
+    made first, as a user who names an output file in a new folder expects."""
     partial = path.with_name(f".{path.name}.partial")
     try:
         with writing(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
             write(partial)
     except BaseException:
         partial.unlink(missing_ok=True)

@@ -129,7 +129,6 @@ def save_figure(figure: Figure, path: str | Path) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(figure)
     write_file(path, lambda partial: figure.savefig(partial, dpi=DPI, format=path.suffix[1:]))
     return path

@@ -134,7 +134,6 @@ def run(args: argparse.Namespace) -> dict:
     summary = summarize(runs)
     print(format_summary(summary))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
         write_json(args.json, {**summary, "run_folders": [str(p) for p in args.runs]})
         print(f"Wrote {args.json}", file=sys.stderr)
     return summary

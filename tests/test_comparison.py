@@ -79,7 +79,8 @@ def test_evaluate_writes_intervals_comparisons_and_per_review_predictions(
         tiny_model_dir, shared_data_dir, tmp_path, capsys):
     run = tmp_path / "run"
     save_random_adapter(tiny_model_dir, run / "adapter")
-    out, predictions = tmp_path / "out.json", tmp_path / "predictions.jsonl"
+    # In a folder that does not exist yet: evaluate.py makes it.
+    out, predictions = tmp_path / "new" / "out.json", tmp_path / "new" / "predictions.jsonl"
     result = run_main(evaluate_script.main, capsys, "--base", "--checkpoint", str(run),
                       "--model", tiny_model_dir, "--data", str(shared_data_dir),
                       "--precision", "fp32", "--json", str(out),
