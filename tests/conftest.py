@@ -267,10 +267,42 @@ def run_script(*args: str, env: dict | None = None, cwd: Path | None = None,
     the script reads on standard input (by default nothing, never the terminal or pytest's own
     input).
     """
-    full_env = {**os.environ, **(env or {})}
-    full_env = {key: value for key, value in full_env.items() if value is not None}
     return subprocess.run([sys.executable, *args], capture_output=True, text=True,
-                          env=full_env, cwd=cwd or REPO, timeout=timeout, input=stdin)
+                          env=script_env(env), cwd=cwd or REPO, timeout=timeout, input=stdin)
+
+
+def script_env(env: dict | None) -> dict:
+    """The suite's environment plus `env`, in which a None value removes that variable."""
+    full_env = {**os.environ, **(env or {})}
+    return {key: value for key, value in full_env.items() if value is not None}
+
+
+class BackgroundScript:
+    """One of the repository's scripts in a new interpreter, running while the tests go on;
+    `finish` waits for it. Its output goes to files in `folder` (a pipe that nobody reads
+    would block it once full). `env` as for `run_script`."""
+
+    def __init__(self, *args: str, folder: Path, env: dict | None = None):
+        self.stdout, self.stderr = folder / "stdout.txt", folder / "stderr.txt"
+        with self.stdout.open("w") as out, self.stderr.open("w") as err:
+            self.process = subprocess.Popen([sys.executable, *args], stdout=out, stderr=err,
+                                            stdin=subprocess.DEVNULL, env=script_env(env),
+                                            cwd=REPO)
+
+    def finish(self, timeout: int) -> subprocess.CompletedProcess:
+        """Wait for the script (killing it after `timeout` seconds) and return its output."""
+        try:
+            returncode = self.process.wait(timeout)
+        finally:
+            self.stop()
+        return subprocess.CompletedProcess(self.process.args, returncode,
+                                           self.stdout.read_text(), self.stderr.read_text())
+
+    def stop(self) -> None:
+        """Kill the script if it still runs (a test that failed before waiting for it)."""
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
 
 
 def save_random_adapter(model_dir: str, folder: Path, r: int = 4, scale: float = 0.1,

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import IMDB_DIR, MACHINE_ENV, minilm_path, run_script
+from conftest import IMDB_DIR, MACHINE_ENV, BackgroundScript, minilm_path, run_script
 from peft import PeftModel
 from test_temperature import ece
 from transformers import AutoModelForSequenceClassification
@@ -57,18 +60,38 @@ def machine_threads():
     torch.set_num_threads(previous)
 
 
+@dataclass
+class SmokeRun:
+    """The smoke run's folder and output, and evaluate.py's reproduction of its "after" row
+    (--json and --predictions files), which runs while this file's in-process tests go on."""
+
+    folder: Path
+    result: subprocess.CompletedProcess
+    reproduction: BackgroundScript
+    json: Path
+    predictions: Path
+
+
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     """The README's smoke command (MiniLM, 2,000 training reviews, lr 2e-3), scoring 500 of its
-    1,000 test reviews."""
+    1,000 test reviews; then evaluate.py --checkpoint on its run folder, in the background: its
+    import and scoring use the core that the other test worker has mostly left by then."""
     assert IMDB_DIR.is_dir(), f"the real-data tests need the IMDB Parquet files in {IMDB_DIR}"
-    run = tmp_path_factory.mktemp("real") / "smoke"
+    work = tmp_path_factory.mktemp("real")
+    run = work / "smoke"
     result = run_script("train.py", "--model", minilm_path(), "--data", str(IMDB_DIR),
                         "--train-samples", str(TRAIN_SAMPLES),
                         "--eval-samples", str(EVAL_SAMPLES), "--lr", "2e-3",
                         "--output-dir", str(run), env=MACHINE_ENV, timeout=SMOKE_TIMEOUT_S)
     assert result.returncode == 0, result.stderr[-3000:]
-    return run, result
+    out, predictions = work / "evaluated.json", work / "predictions.jsonl"
+    reproduction = BackgroundScript("evaluate.py", "--checkpoint", str(run), "--data",
+                                    str(IMDB_DIR), "--eval-samples", str(EVAL_SAMPLES),
+                                    "--json", str(out), "--predictions", str(predictions),
+                                    folder=work, env=MACHINE_ENV)
+    yield SmokeRun(run, result, reproduction, out, predictions)
+    reproduction.stop()
 
 
 def read_json(path) -> dict:
@@ -76,7 +99,7 @@ def read_json(path) -> dict:
 
 
 def test_fine_tuning_lifts_accuracy_from_chance(smoke_run):
-    run, result = smoke_run
+    run, result = smoke_run.folder, smoke_run.result
     metrics = read_json(run / "metrics.json")
     config = read_json(run / "config.json")
     assert config["train_examples"] == TRAIN_SAMPLES
@@ -89,19 +112,55 @@ def test_fine_tuning_lifts_accuracy_from_chance(smoke_run):
     assert f"{metrics['after']['accuracy']:.4f}" in result.stdout
 
 
-def test_evaluate_reproduces_the_after_row_and_its_statistics_hold(smoke_run, tmp_path):
+def first_test_reviews(n: int):
+    """The first `n` of the smoke run's test reviews, tokenized and batched for MiniLM."""
+    tokenizer = load_tokenizer(minilm_path())
+    test = take_subset(load_split(str(IMDB_DIR), "test"), EVAL_SAMPLES, seed=0).select(range(n))
+    return make_loader(tokenize(test, tokenizer, 128), 32,
+                       PaddingCollator(tokenizer.pad_token_id, CPU), shuffle=False)
+
+
+def test_stock_peft_loading_gives_the_same_predictions(smoke_run):
+    run = smoke_run.folder
+    loader = first_test_reviews(64)
+    ours, labels = predict_logits(load_adapted_model(run), loader, CPU, "fp32")
+    base = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)
+    stock = PeftModel.from_pretrained(base, run / ADAPTER_DIR)
+    theirs, _ = predict_logits(stock, loader, CPU, "fp32")
+    assert (ours.argmax(1) == theirs.argmax(1)).all()
+    assert abs(ours - theirs).max() < 1e-4
+    assert (ours.argmax(1) == labels).mean() > 0.7
+
+
+def test_merged_model_matches_base_plus_adapter(smoke_run, tmp_path):
+    """The trained adapter folded into MiniLM: on 16 real test reviews the merged model's fp32
+    logits are the unmerged ones within 1e-4, and far from the base model's."""
+    run = smoke_run.folder
+    merged_dir = merge_adapter(run, tmp_path / "merged")
+    loader = first_test_reviews(16)
+    unmerged, _ = predict_logits(load_adapted_model(run), loader, CPU, "fp32")
+    merged, _ = predict_logits(load_merged_model(merged_dir), loader, CPU, "fp32")
+    base, _ = predict_logits(load_base_model(minilm_path()), loader, CPU, "fp32")
+    assert np.abs(merged - unmerged).max() < 1e-4
+    assert np.abs(unmerged - base).max() > 0.1  # the adapter really changes the logits
+    adapter_bytes, merged_bytes = folder_size(run / ADAPTER_DIR), folder_size(merged_dir)
+    print(f"adapter folder {format_size(adapter_bytes)}, merged folder "
+          f"{format_size(merged_bytes)}")
+    # The merged folder holds every weight of the 22.7M-parameter model in fp32 (~91 MB);
+    # the adapter holds the LoRA matrices and head (~0.3 MB) plus the tokenizer (~0.7 MB).
+    assert merged_bytes > 50 * adapter_bytes
+
+
+def test_evaluate_reproduces_the_after_row_and_its_statistics_hold(smoke_run):
     """evaluate.py --checkpoint on the run folder gives train.py's "after" numbers to the last
     digit (divided by the fitted temperature, as train.py scored them), and its accuracy,
     interval, Brier score and ECE are those recomputed from --predictions. The base model's
     test reviews are not scored again: the tiny-model tests prove the "before" row and the
-    paired statistics (test_comparison.py, test_distributed.py)."""
-    run, _ = smoke_run
+    paired statistics (test_comparison.py, test_distributed.py). Last in this file: the
+    command started when the smoke run finished (see ``smoke_run``)."""
+    run, out, predictions = smoke_run.folder, smoke_run.json, smoke_run.predictions
     metrics = read_json(run / "metrics.json")
-    out, predictions = tmp_path / "out.json", tmp_path / "p.jsonl"
-    result = run_script("evaluate.py", "--checkpoint", str(run), "--data", str(IMDB_DIR),
-                        "--eval-samples", str(EVAL_SAMPLES), "--json", str(out),
-                        "--predictions", str(predictions), env=MACHINE_ENV,
-                        timeout=SMOKE_TIMEOUT_S)
+    result = smoke_run.reproduction.finish(timeout=SMOKE_TIMEOUT_S)
     assert result.returncode == 0, result.stderr[-3000:]
     [adapted] = read_json(out)["results"]
     assert {k: adapted[k] for k in metrics["after"]} == metrics["after"]
@@ -128,42 +187,3 @@ def test_evaluate_reproduces_the_after_row_and_its_statistics_hold(smoke_run, tm
     assert adapted["accuracy_ci"] == pytest.approx([center - half, center + half], abs=1e-12)
     brier = ((probabilities - np.eye(2)[labels]) ** 2).sum(axis=1).mean()
     assert adapted["brier"] == pytest.approx(brier, abs=1e-9)
-
-
-def first_test_reviews(n: int):
-    """The first `n` of the smoke run's test reviews, tokenized and batched for MiniLM."""
-    tokenizer = load_tokenizer(minilm_path())
-    test = take_subset(load_split(str(IMDB_DIR), "test"), EVAL_SAMPLES, seed=0).select(range(n))
-    return make_loader(tokenize(test, tokenizer, 128), 32,
-                       PaddingCollator(tokenizer.pad_token_id, CPU), shuffle=False)
-
-
-def test_stock_peft_loading_gives_the_same_predictions(smoke_run):
-    run, _ = smoke_run
-    loader = first_test_reviews(64)
-    ours, labels = predict_logits(load_adapted_model(run), loader, CPU, "fp32")
-    base = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)
-    stock = PeftModel.from_pretrained(base, run / ADAPTER_DIR)
-    theirs, _ = predict_logits(stock, loader, CPU, "fp32")
-    assert (ours.argmax(1) == theirs.argmax(1)).all()
-    assert abs(ours - theirs).max() < 1e-4
-    assert (ours.argmax(1) == labels).mean() > 0.7
-
-
-def test_merged_model_matches_base_plus_adapter(smoke_run, tmp_path):
-    """The trained adapter folded into MiniLM: on 16 real test reviews the merged model's fp32
-    logits are the unmerged ones within 1e-4, and far from the base model's."""
-    run, _ = smoke_run
-    merged_dir = merge_adapter(run, tmp_path / "merged")
-    loader = first_test_reviews(16)
-    unmerged, _ = predict_logits(load_adapted_model(run), loader, CPU, "fp32")
-    merged, _ = predict_logits(load_merged_model(merged_dir), loader, CPU, "fp32")
-    base, _ = predict_logits(load_base_model(minilm_path()), loader, CPU, "fp32")
-    assert np.abs(merged - unmerged).max() < 1e-4
-    assert np.abs(unmerged - base).max() > 0.1  # the adapter really changes the logits
-    adapter_bytes, merged_bytes = folder_size(run / ADAPTER_DIR), folder_size(merged_dir)
-    print(f"adapter folder {format_size(adapter_bytes)}, merged folder "
-          f"{format_size(merged_bytes)}")
-    # The merged folder holds every weight of the 22.7M-parameter model in fp32 (~91 MB);
-    # the adapter holds the LoRA matrices and head (~0.3 MB) plus the tokenizer (~0.7 MB).
-    assert merged_bytes > 50 * adapter_bytes
