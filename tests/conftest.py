@@ -290,11 +290,14 @@ class BackgroundScript:
                                             cwd=REPO)
 
     def finish(self, timeout: int) -> subprocess.CompletedProcess:
-        """Wait for the script (killing it after `timeout` seconds) and return its output."""
+        """Wait for the script and return its output; fail the test with the end of its error
+        output if it has not ended `timeout` seconds from now (it is killed)."""
         try:
             returncode = self.process.wait(timeout)
-        finally:
+        except subprocess.TimeoutExpired:
             self.stop()
+            pytest.fail(f"{' '.join(self.process.args[1:])} did not end within {timeout} s "
+                        f"of waiting:\n{self.stderr.read_text()[-3000:]}")
         return subprocess.CompletedProcess(self.process.args, returncode,
                                            self.stdout.read_text(), self.stderr.read_text())
 
@@ -343,4 +346,3 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     training, then takes microseconds instead of ~0.4 s, dozens of times per worker. Objects
     made later, in the tests, are collected as usual."""
     gc.freeze()
-

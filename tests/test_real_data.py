@@ -68,7 +68,7 @@ class SmokeRun:
     folder: Path
     result: subprocess.CompletedProcess
     reproduction: BackgroundScript
-    json: Path
+    evaluated_json: Path
     predictions: Path
 
 
@@ -76,7 +76,8 @@ class SmokeRun:
 def smoke_run(tmp_path_factory):
     """The README's smoke command (MiniLM, 2,000 training reviews, lr 2e-3), scoring 500 of its
     1,000 test reviews; then evaluate.py --checkpoint on its run folder, in the background: its
-    import and scoring use the core that the other test worker has mostly left by then."""
+    import and scoring use the core that the other test worker has mostly left by then. (It
+    starts even when its test is deselected, and is killed when this file's tests end.)"""
     assert IMDB_DIR.is_dir(), f"the real-data tests need the IMDB Parquet files in {IMDB_DIR}"
     work = tmp_path_factory.mktemp("real")
     run = work / "smoke"
@@ -157,8 +158,8 @@ def test_evaluate_reproduces_the_after_row_and_its_statistics_hold(smoke_run):
     interval, Brier score and ECE are those recomputed from --predictions. The base model's
     test reviews are not scored again: the tiny-model tests prove the "before" row and the
     paired statistics (test_comparison.py, test_distributed.py). Last in this file: the
-    command started when the smoke run finished (see ``smoke_run``)."""
-    run, out, predictions = smoke_run.folder, smoke_run.json, smoke_run.predictions
+    command started when the smoke run finished (see `smoke_run`)."""
+    run, out, predictions = smoke_run.folder, smoke_run.evaluated_json, smoke_run.predictions
     metrics = read_json(run / "metrics.json")
     result = smoke_run.reproduction.finish(timeout=SMOKE_TIMEOUT_S)
     assert result.returncode == 0, result.stderr[-3000:]

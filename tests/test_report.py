@@ -6,7 +6,6 @@ import json
 import re
 
 import pytest
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.image import imread
 
 import report
@@ -130,32 +129,6 @@ def test_results_with_reliability_bins_get_a_reliability_diagram(tmp_path):
     assert [text.get_text() for text in axes.texts] == ["60"]  # the bin's review count
     assert axes.get_title() == "a\nreliability (ECE 0.040, T=1.3)"
     assert axes.get_xlim() == (0.5, 1.0)  # two classes: the top one has at least 0.5
-
-
-def matplotlib_savefig(figure, path):
-    """What report.save_figure replaces: matplotlib's savefig with the constrained layout on."""
-    FigureCanvasAgg(figure)
-    figure.savefig(path, dpi=report.DPI)
-    return path
-
-
-def test_figures_are_laid_out_once_and_drawn_exactly_as_matplotlib_draws_them(tmp_path,
-                                                                              monkeypatch):
-    run = write_run(tmp_path / "run")
-    bins = [{"low": 0.5, "high": 0.6, "n": 40, "accuracy": 0.55, "confidence": 0.57}]
-    three = {**AFTER, "ece": 0.1, "reliability": bins,
-             "confusion_matrix": [[5, 1, 0], [2, 6, 1], [0, 1, 7]]}
-    for draw in ("fast", "matplotlib"):
-        if draw == "matplotlib":
-            monkeypatch.setattr(report, "save_figure", matplotlib_savefig)
-        report.plot_training_curves(run / report.LOG_FILE, tmp_path / f"curves-{draw}.png")
-        report.plot_comparison([("base", {**three, "accuracy": 0.4}), ("runs/a/adapter", three)],
-                               tmp_path / f"comparison-{draw}.png", ("neg", "neutral", "pos"))
-    for name in ("curves", "comparison"):
-        fast = imread(tmp_path / f"{name}-fast.png")
-        drawn_by_matplotlib = imread(tmp_path / f"{name}-matplotlib.png")
-        assert fast.shape == drawn_by_matplotlib.shape
-        assert (fast == drawn_by_matplotlib).all(), name
 
 
 def test_a_run_with_a_fitted_temperature_reports_it(tmp_path):
