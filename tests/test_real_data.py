@@ -43,9 +43,9 @@ pytestmark = pytest.mark.real_data
 # here it scores the first 500 of those 1,000 (the subset rule keeps them a prefix), which
 # saves the suite ~45 s and still tells a random head (~0.5) from a trained one (~0.8).
 TRAIN_SAMPLES, EVAL_SAMPLES = 2000, 500
-# The smoke run took 7.5 minutes (450 s; 8 to 10 with 1,000 test reviews) on a 2-core AVX2 CPU
-# with the rest of the suite running beside it: a limit of 15 minutes fails on a 2x slowdown
-# instead of waiting out a 10x one, and leaves room for a slower or busier machine.
+# The smoke run took 6.5 to 7 minutes (390 to 424 s) on a 2-core AVX2 CPU with the rest of the
+# suite running beside it: a limit of 15 minutes fails on a 2x slowdown instead of waiting out
+# a 10x one, and leaves room for a slower or busier machine.
 SMOKE_TIMEOUT_S = 900
 CPU = torch.device("cpu")
 
