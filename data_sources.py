@@ -38,9 +38,12 @@ NO_ROWS_MESSAGE = "corresponds to no data"
 TEXT_DTYPES = ("string", "large_string")
 # Characters of a refused value shown in an error message.
 SHOWN_VALUE_CHARS = 60
-ACLIMDB_CLASSES = {"neg": 0, "pos": 1}
+# aclImdb's class folders. Their names are its labels, read like any other data's labels
+# (normalize_columns), so --labels and a checkpoint's classes are checked against them too.
+ACLIMDB_CLASSES = ("neg", "pos")
 
 FEATURES = Features({TEXT: Value("string"), LABEL: ClassLabel(names=list(BINARY_LABEL_NAMES))})
+ACLIMDB_FEATURES = Features({TEXT: Value("string"), LABEL: Value("string")})
 
 
 def load_split(data: str, split: str, text_column: str = TEXT, label_column: str = LABEL,
@@ -52,9 +55,9 @@ def load_split(data: str, split: str, text_column: str = TEXT, label_column: str
     there); another split may hold fewer.
     """
     folder = Path(data).expanduser()
-    if folder.is_dir():
-        if is_aclimdb(folder):
-            return check_reviews(load_aclimdb_split(folder / split), str(folder / split))
+    if folder.is_dir() and is_aclimdb(folder):
+        raw, source = load_aclimdb_split(folder / split), str(folder / split)
+    elif folder.is_dir():
         raw, source = load_file_split(folder, split)
     elif folder.exists():
         raise UsageError(f"--data {data} is a file; give the folder that holds train.* and "
@@ -77,7 +80,7 @@ def is_aclimdb(folder: Path) -> bool:
 
 
 def load_aclimdb_split(split_folder: Path) -> Dataset:
-    """Read aclImdb's ``{neg,pos}/*.txt`` files (``unsup`` is ignored)."""
+    """Read aclImdb's ``{neg,pos}/*.txt`` files, labelled "neg"/"pos" (``unsup`` is ignored)."""
     files = {name: sorted((split_folder / name).glob("*.txt")) for name in ACLIMDB_CLASSES}
     for name, paths in files.items():
         if not paths:
@@ -92,7 +95,7 @@ def load_aclimdb_split(split_folder: Path) -> Dataset:
     stamp = Hasher.hash([(str(p), p.stat().st_size, p.stat().st_mtime_ns)
                          for paths in files.values() for p in paths])
     return reading(split_folder, lambda: Dataset.from_generator(
-        aclimdb_examples, features=FEATURES,
+        aclimdb_examples, features=ACLIMDB_FEATURES,
         gen_kwargs={"files": {k: [str(p) for p in v] for k, v in files.items()}, "stamp": stamp}))
 
 
@@ -128,7 +131,7 @@ def aclimdb_examples(files: dict[str, list[str]], stamp: str):
             except UnicodeDecodeError as error:
                 raise UsageError(f"{path} is not valid UTF-8 text ({error.reason} at byte "
                                  f"{error.start}); save it as UTF-8") from error
-            yield {TEXT: text, LABEL: ACLIMDB_CLASSES[name]}
+            yield {TEXT: text, LABEL: name}
 
 
 def load_file_split(folder: Path, split: str) -> tuple[Dataset, str]:

@@ -119,6 +119,23 @@ def test_aclimdb_layout_is_read_and_unsup_is_ignored(tmp_path):
         ("bad one", 0), ("bad two", 0), ("good <br />", 1)]
 
 
+def test_aclimdb_labels_are_checked_against_the_classes_asked_for(tmp_path):
+    # Its folders are its labels: a checkpoint's other classes or a --labels that does not
+    # name neg/pos must be refused, not scored as if 0 and 1 meant them.
+    for split in ("train", "test"):
+        write_aclimdb(tmp_path, split, {"neg": ["bad one", "bad two"], "pos": ["good"]})
+    with pytest.raises(UsageError, match=r"^3 labels of .*test are not among the classes "
+                                         r"bad, ok, good \(row 0: 'neg'"):
+        load_split(str(tmp_path), "test", label_names=("bad", "ok", "good"))
+    with pytest.raises(UsageError, match=r"^the classes 'bad', 'good' have no example in "):
+        load_split(str(tmp_path), "train", label_names=("bad", "good"))
+    with pytest.raises(UsageError, match=r"^column 'review' not found \(columns: text, label\)"):
+        load_split(str(tmp_path), "train", text_column="review")
+    named = load_split(str(tmp_path), "train", label_names=("negative", "positive"))
+    assert named.features["label"].names == ["negative", "positive"]
+    assert sorted(named["label"]) == [0, 0, 1]
+
+
 def test_empty_aclimdb_review_files_are_refused_by_name(tmp_path):
     write_aclimdb(tmp_path, "train", {"neg": ["bad", ""], "pos": ["good", "", "fine"]})
     with pytest.raises(UsageError) as error:
