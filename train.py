@@ -193,13 +193,13 @@ class Trainer:
             if validate_now:
                 self.validate(epoch)
                 model.train()
-            stop = self.stop.requested(agree=log_now or validate_now or save_now)
+            stop = 0 if last else self.stop.requested(agree=log_now or validate_now or save_now)
             if stop or save_now:
                 self.take_snapshot()
             if stop:
                 raise stopping.stopped_by(stop, step, self.snapshot_dir)
             clock = time.perf_counter()  # validation and saving are not training time
-        self.validate(epoch)
+        self.validate(epoch)  # first, also when the last step asked to stop (a resume skips it)
         self.take_snapshot()
         stop = self.stop.requested(agree=True)
         if stop:

@@ -144,18 +144,23 @@ def test_length_grouped_run_resumes_to_the_identical_result(setup, tmp_path, cap
     assert_same_result(folder, reference)
 
 
-@pytest.mark.parametrize(("sig", "exit_code"), [("TERM", 143), ("INT", 130)])
-def test_signal_finishes_the_step_saves_and_exits(setup, tmp_path, capsys, sig, exit_code):
+@pytest.mark.parametrize(("sig", "exit_code", "step"), [
+    ("TERM", 143, 5),
+    ("INT", 130, 5),
+    ("TERM", 143, STEPS_PER_EPOCH),  # the epoch's last step: its validation comes first
+])
+def test_signal_finishes_the_step_saves_and_exits(setup, tmp_path, capsys, sig, exit_code,
+                                                   step):
     """SIGTERM/SIGINT: the step finishes, a snapshot of it is written, exit 143/130 with a
     resume hint; resuming (with --resume) gives the uninterrupted result."""
     folder = tmp_path / "run"
-    stopped = interrupted_run(setup, f"signal-at-step:5:{sig}", folder)
+    stopped = interrupted_run(setup, f"signal-at-step:{step}:{sig}", folder)
     assert stopped.returncode == exit_code, stopped.stderr
     last_line = stopped.stderr.strip().splitlines()[-1]
-    assert f"stopped by SIG{sig} at step 5" in last_line and "--resume" in last_line
-    assert json.loads((folder / "snapshot" / "progress.json").read_text())["step"] == 5
+    assert f"stopped by SIG{sig} at step {step}" in last_line and "--resume" in last_line
+    assert json.loads((folder / "snapshot" / "progress.json").read_text())["step"] == step
     resumed = resumed_run(setup, folder, capsys, "--resume")
-    assert resumed_step(resumed.stdout) == 5
+    assert resumed_step(resumed.stdout) == step
     assert_same_result(folder, setup["reference"])
 
 
