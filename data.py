@@ -126,6 +126,15 @@ def add_preprocessing_arguments(parser, from_checkpoint: bool = False) -> None:
 # Loading
 
 
+def data_fingerprint(*splits: Dataset) -> str:
+    """A hash of the splits' reviews and labels, row by row: the same only for the same texts,
+    labels and order. A resumed run compares it with its snapshot's (``check_same_data``).
+
+    It hashes the Arrow data (~0.2 s for 25,000 reviews), not Python lists (~1 s to build).
+    """
+    return Hasher.hash([split.with_format("arrow")[:].combine_chunks() for split in splits])
+
+
 # ---------------------------------------------------------------------------------------------
 # Subsets and the validation split
 

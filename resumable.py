@@ -59,6 +59,9 @@ class LoopState:
     batches_done: int = 0  # ... and the batches of it already trained
     best_score: float | None = None  # the best validation score so far; None: no validation yet
     before: dict | None = None  # the pre-trained model's test metrics
+    # A hash of the training, validation and test reviews and labels (data.data_fingerprint);
+    # None in snapshots written before it was kept.
+    data_fingerprint: str | None = None
     train_seconds: float = 0.0  # time spent training, not validating or saving
     window_loss: float = 0.0  # the loss summed since the last log line ...
     window_batches: int = 0  # ... over this many batches
@@ -210,6 +213,23 @@ def restore_snapshot(folder: Path, model: torch.nn.Module, optimizer: torch.opti
     progress = json.loads((folder / PROGRESS_FILE).read_text())
     del progress["settings"]  # checked against the flags before the run started
     return LoopState(**progress), saved
+
+
+def saved_before(folder: Path, data_fingerprint: str) -> dict:
+    """The pre-trained model's test metrics that the snapshot in `folder` kept from the run's
+    start, once the run's data (``data.data_fingerprint``) is found to be the snapshot's."""
+    progress = json.loads((folder / PROGRESS_FILE).read_text())
+    check_same_data(progress.get("data_fingerprint"), data_fingerprint)
+    return progress["before"]
+
+
+def check_same_data(saved: str | None, current: str) -> None:
+    """Refuse to resume on other reviews than the snapshot's: edited, added or removed rows or
+    labels would train, validate and score "after" on other data than the run began with."""
+    if not from_main_process(saved is None or saved == current):  # all ranks agree
+        raise UsageError("the data is not the snapshot's: the training, validation or test "
+                         "reviews or their labels changed since the run started; pass "
+                         "--overwrite to start over")
 
 
 def check_data_order(sampler, saved_order: torch.Tensor, epoch: int) -> None:

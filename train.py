@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import math
 import signal
 import sys
@@ -39,6 +38,7 @@ import stopping
 from cli import run_command
 from data import (
     PaddingCollator,
+    data_fingerprint,
     make_loader,
     move_to_device,
     split_train_validation,
@@ -343,6 +343,7 @@ def run(args: argparse.Namespace) -> dict:
                                                args.data_seed)
     test = take_subset(load_split(args.data, "test", args.text_column, args.label_column,
                                   label_names), args.eval_samples, args.data_seed)
+    fingerprint = data_fingerprint(train, validation, test)  # a resumed run must see the same
     collator = PaddingCollator(tokenizer.pad_token_id, device)
     tokenize_started = time.perf_counter()
     # Every rank tokenizes (the `datasets` cache files are written atomically, so concurrent
@@ -370,10 +371,9 @@ def run(args: argparse.Namespace) -> dict:
     test_started = time.perf_counter()
     if snapshot is None:
         before = evaluate_model(model, test_loader, device, precision, desc="Scoring pre-trained")
-        test_seconds = {"before": time.perf_counter() - test_started}
-    else:  # scored when the run started; the snapshot keeps the numbers
-        before = json.loads((snapshot / resumable.PROGRESS_FILE).read_text())["before"]
-        test_seconds = {"before": None}
+    else:  # scored when the run started, on the same reviews; the snapshot keeps the numbers
+        before = resumable.saved_before(snapshot, fingerprint)
+    test_seconds = {"before": None if snapshot else time.perf_counter() - test_started}
     print_main(f"Pre-trained model: test accuracy {before['accuracy']:.4f}")
 
     # The model: LoRA adapters (or the head alone, or every weight) on the pre-trained BERT.
@@ -386,7 +386,7 @@ def run(args: argparse.Namespace) -> dict:
         # batches are padded to their longest review, so the width changes from batch to batch.
         model.compile(dynamic=True)
     trainer = Trainer(args, model, tokenizer, train_loader, validation_loader, device, precision)
-    trainer.state.before = before
+    trainer.state.before, trainer.state.data_fingerprint = before, fingerprint
     if snapshot is not None:
         trainer.resume_from(snapshot)
     trainer.train()

@@ -17,6 +17,7 @@ import signal
 from pathlib import Path
 
 import interrupt_train
+import pandas as pd
 import pytest
 import torch
 from conftest import Outcome, minilm_path, reviews, run_forked, run_main
@@ -336,6 +337,35 @@ def test_other_settings_are_refused_naming_them(setup, killed_copy, capsys, chan
     message = capsys.readouterr().err.strip().splitlines()[-1]
     assert "holds an unfinished run with other settings" in message and named in message
     assert sorted(p.name for p in killed_copy.rglob("*")) == before  # nothing touched
+
+
+def relabel_first_training_review(data: Path) -> None:
+    train_csv = pd.read_csv(data / "train.csv")
+    train_csv.loc[0, "label"] = 1 - train_csv.loc[0, "label"]
+    train_csv.to_csv(data / "train.csv", index=False)
+
+
+def edit_last_test_review(data: Path) -> None:
+    test_csv = pd.read_csv(data / "test.csv")
+    test_csv.loc[len(test_csv) - 1, "text"] += " Edited."
+    test_csv.to_csv(data / "test.csv", index=False)
+
+
+@pytest.mark.parametrize("edit", [relabel_first_training_review, edit_last_test_review])
+def test_resume_on_edited_reviews_is_refused(setup, tmp_path, capsys, edit):
+    """Same --data path, same number of reviews, one label or text changed: the sampler's
+    order is the same, but the run would go on with other data than it began with."""
+    data = Path(shutil.copytree(setup["root"] / "data", tmp_path / "data"))
+    folder = tmp_path / "run"
+    killed = interrupted_run(setup, "kill-at-step:7", folder, "--data", str(data))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    edit(data)
+    before = sorted(p.name for p in folder.rglob("*"))
+    run_in_process(setup, folder, "--data", str(data))
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "the data is not the snapshot's" in message and "--overwrite" in message
+    assert sorted(p.name for p in folder.rglob("*")) == before  # nothing touched
+    assert json.loads((folder / "snapshot" / "progress.json").read_text())["step"] == 6
 
 
 def test_every_flag_declares_whether_a_resumed_run_may_change_it():
