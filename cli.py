@@ -97,6 +97,20 @@ def resume_rules(parser: argparse.ArgumentParser) -> dict[str, str | None]:
             if not isinstance(action, argparse._HelpAction)}
 
 
+def check_distinct_files(outputs: dict[str, Path | None]) -> None:
+    """Refuse two output flags that name one file: the second write would replace the first.
+
+    `outputs` maps each flag to its path (None: not given).
+    """
+    flags_by_file: dict[Path, str] = {}
+    for flag, path in outputs.items():
+        if path is None:
+            continue
+        other = flags_by_file.setdefault(path.resolve(), flag)
+        if other != flag:
+            raise UsageError(f"{other} and {flag} both name {path}; give each its own file")
+
+
 def check_can_write(path: Path, flag: str, overwrite: bool, kind: str = "folder") -> None:
     """Refuse a `path` that holds earlier results (unless `overwrite`) or cannot be written.
 

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 from tqdm.auto import tqdm
 
-from cli import UsageError, check_can_write, run_command
+from cli import UsageError, check_can_write, check_distinct_files, run_command
 from comparison import format_comparisons, interval_and_calibration, paired_comparison, softmax
 from data import (
     PaddingCollator,
@@ -318,13 +318,13 @@ def run(args: argparse.Namespace) -> list[dict]:
     """Score every requested model; print the table; return the JSON rows."""
     if not args.base and not args.checkpoint:
         raise UsageError("nothing to evaluate: give --base and/or --checkpoint PATH")
-    for flag, path in (("--json", args.json), ("--predictions", args.predictions)):
-        if path:
-            check_can_write(path, flag, args.overwrite, kind="file")
     if args.plot and args.plot.suffix.lower() not in PLOT_FORMATS:
         raise UsageError(f"--plot {args.plot} must end in {', '.join(PLOT_FORMATS)}")
-    if args.plot:
-        check_can_write(args.plot, "--plot", args.overwrite, kind="file")
+    outputs = {"--json": args.json, "--predictions": args.predictions, "--plot": args.plot}
+    for flag, path in outputs.items():
+        if path:
+            check_can_write(path, flag, args.overwrite, kind="file")
+    check_distinct_files(outputs)
     checkpoints = [find_checkpoint(path) for path in args.checkpoint]
     # Each checkpoint's probabilities as train.py scored its "after" row: divided by the
     # temperature fitted on the validation split, unless --no-calibration.

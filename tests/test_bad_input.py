@@ -442,6 +442,18 @@ def test_evaluate_refuses_a_folder_as_json_and_an_existing_plot(tmp_path, csv_da
     assert plot.read_bytes() == b"earlier plot"
 
 
+def test_evaluate_refuses_two_outputs_in_one_file(tmp_path, csv_data_dir, tiny_model_dir,
+                                                  capsys):
+    """--json and --predictions naming one new file: the predictions would replace the
+    results (both flags pass the existing-file check, the file does not exist yet)."""
+    out = tmp_path / "out.json"
+    result = run_main(evaluate_script.main, capsys, "--base", "--model", tiny_model_dir,
+                      "--data", str(csv_data_dir), "--json", str(out), "--predictions",
+                      str(tmp_path / "." / "out.json"))
+    assert_refused(result, "--json and --predictions both name", "give each its own file")
+    assert not out.exists()
+
+
 def test_checkpoints_of_different_base_models_are_not_mixed(tmp_path, csv_data_dir,
                                                             tiny_adapter, evaluate):
     wider = tmp_path / "wider"
