@@ -361,7 +361,12 @@ def calibration_section(metrics: dict) -> list[str]:
 def timing_rows(metrics: dict, n_steps: int | None) -> list[list[str]]:
     """Wall time, training time, throughput and step count, as table rows."""
     wall = metrics.get("wall_seconds")
-    rows = [["wall time (data, scoring before and after, training)",
+    # A resumed run read its "before" back from the snapshot (no time for it): its wall time
+    # is the last process's alone, which can be shorter than the training of all processes.
+    resumed = metrics.get("test_seconds", {}).get("before", 0) is None
+    rows = [["wall time of the last process, which resumed the run (data, scoring after, the "
+             "rest of training)" if resumed else
+             "wall time (data, scoring before and after, training)",
              format_duration(wall) if wall is not None else "not recorded"],
             ["training time", format_duration(metrics["train_seconds"])],
             ["training throughput", f"{metrics['train_samples_per_s']:.1f} samples/s"]]

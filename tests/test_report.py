@@ -94,6 +94,20 @@ def test_report_numbers_match_metrics_json(tmp_path):
         assert_sensible_png(run / image)
 
 
+def test_a_resumed_runs_wall_time_says_it_is_the_last_process(tmp_path):
+    """Resumed late, the last process ran 120 s of the 218 s of training: its wall time (150 s)
+    must not read as the whole run's, shorter than the training in it."""
+    run = write_run(tmp_path / "run")
+    metrics = json.loads((run / "metrics.json").read_text())
+    metrics.update(wall_seconds=150.0, test_seconds={"before": None, "after": 12.0})
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    rows = markdown_rows(report.write_report(run).read_text())
+    label = ("wall time of the last process, which resumed the run (data, scoring after, the "
+             "rest of training)")
+    assert rows[label] == ["2 min 30 s (150.0 s)"]
+    assert "wall time (data, scoring before and after, training)" not in rows
+
+
 def test_a_run_without_validations_or_counts_still_gets_a_report(tmp_path):
     run = write_run(tmp_path / "run", with_validation=False, with_counts=False)
     text = report.write_report(run).read_text()
