@@ -59,9 +59,9 @@ class LoopState:
     batches_done: int = 0  # ... and the batches of it already trained
     best_score: float | None = None  # the best validation score so far; None: no validation yet
     before: dict | None = None  # the pre-trained model's test metrics
-    # A hash of the training, validation and test reviews and labels (data.data_fingerprint);
+    # A hash of the training, validation and test reviews and labels (data.hash_reviews);
     # None in snapshots written before it was kept.
-    data_fingerprint: str | None = None
+    reviews_hash: str | None = None
     train_seconds: float = 0.0  # time spent training, not validating or saving
     window_loss: float = 0.0  # the loss summed since the last log line ...
     window_batches: int = 0  # ... over this many batches
@@ -190,13 +190,19 @@ def save_snapshot(run_folder: Path, model: torch.nn.Module, optimizer: torch.opt
 
 
 def restore_snapshot(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                     scheduler, scaler: torch.amp.GradScaler, device: torch.device
-                     ) -> tuple[LoopState, dict]:
-    """Load the snapshot in `folder` into the model, optimizer, scheduler and scaler.
+                     scheduler, scaler: torch.amp.GradScaler, device: torch.device,
+                     reviews_hash: str) -> tuple[LoopState, dict]:
+    """Load the snapshot in `folder` into the model, optimizer, scheduler and scaler, once the
+    run's data (``data.hash_reviews``) is found to be the snapshot's (``check_same_reviews``).
 
     Returns the loop's state and the rest for the caller: ``epoch_order`` and ``rng`` (one
     entry per rank), which must be checked and restored where the data and the rank are known.
     """
+    progress = json.loads((folder / PROGRESS_FILE).read_text())
+    check_same_reviews(progress.get("reviews_hash"), reviews_hash)
+    del progress["settings"]  # checked against the flags before the run started
+    # An older snapshot kept none: the run's later snapshots keep it from now on.
+    progress["reviews_hash"] = reviews_hash
     tensors = load_file(folder / TRAINABLE_FILE, device=str(device))
     trainable = {name for name, param in model.named_parameters() if param.requires_grad}
     if set(tensors) != trainable:
@@ -210,20 +216,16 @@ def restore_snapshot(folder: Path, model: torch.nn.Module, optimizer: torch.opti
     scheduler.load_state_dict(saved["scheduler"])
     if saved["scaler"]:  # empty from a run whose scaler was disabled (older versions)
         scaler.load_state_dict(saved["scaler"])
-    progress = json.loads((folder / PROGRESS_FILE).read_text())
-    del progress["settings"]  # checked against the flags before the run started
     return LoopState(**progress), saved
 
 
-def saved_before(folder: Path, data_fingerprint: str) -> dict:
-    """The pre-trained model's test metrics that the snapshot in `folder` kept from the run's
-    start, once the run's data (``data.data_fingerprint``) is found to be the snapshot's."""
-    progress = json.loads((folder / PROGRESS_FILE).read_text())
-    check_same_data(progress.get("data_fingerprint"), data_fingerprint)
-    return progress["before"]
+def saved_before(folder: Path) -> dict:
+    """The pre-trained model's test metrics, scored when the run started and kept in the
+    snapshot in `folder` (``restore_snapshot`` refuses other data than they were scored on)."""
+    return json.loads((folder / PROGRESS_FILE).read_text())["before"]
 
 
-def check_same_data(saved: str | None, current: str) -> None:
+def check_same_reviews(saved: str | None, current: str) -> None:
     """Refuse to resume on other reviews than the snapshot's: edited, added or removed rows or
     labels would train, validate and score "after" on other data than the run began with."""
     if not from_main_process(saved is None or saved == current):  # all ranks agree

@@ -38,7 +38,7 @@ import stopping
 from cli import run_command
 from data import (
     PaddingCollator,
-    data_fingerprint,
+    hash_reviews,
     make_loader,
     move_to_device,
     split_train_validation,
@@ -298,7 +298,7 @@ class Trainer:
         """Continue from the snapshot in `folder`: weights, optimizer, scheduler, scaler,
         position in the data, best score, log length and every random stream."""
         saved, rest = resumable.restore_snapshot(folder, self.model, self.optimizer, self.scheduler,
-                                                 self.scaler, self.device)
+                                                 self.scaler, self.device, self.state.reviews_hash)
         self.state, self.saved_step = saved, saved.step
         self.window_loss.fill_(saved.window_loss)
         self.nonfinite.restore(saved.nonfinite_steps)
@@ -343,7 +343,7 @@ def run(args: argparse.Namespace) -> dict:
                                                args.data_seed)
     test = take_subset(load_split(args.data, "test", args.text_column, args.label_column,
                                   label_names), args.eval_samples, args.data_seed)
-    fingerprint = data_fingerprint(train, validation, test)  # a resumed run must see the same
+    reviews_hash = hash_reviews(train, validation, test)  # a resumed run must see the same
     collator = PaddingCollator(tokenizer.pad_token_id, device)
     tokenize_started = time.perf_counter()
     # Every rank tokenizes (the `datasets` cache files are written atomically, so concurrent
@@ -371,8 +371,8 @@ def run(args: argparse.Namespace) -> dict:
     test_started = time.perf_counter()
     if snapshot is None:
         before = evaluate_model(model, test_loader, device, precision, desc="Scoring pre-trained")
-    else:  # scored when the run started, on the same reviews; the snapshot keeps the numbers
-        before = resumable.saved_before(snapshot, fingerprint)
+    else:  # scored when the run started; the snapshot keeps the numbers
+        before = resumable.saved_before(snapshot)
     test_seconds = {"before": None if snapshot else time.perf_counter() - test_started}
     print_main(f"Pre-trained model: test accuracy {before['accuracy']:.4f}")
 
@@ -386,7 +386,7 @@ def run(args: argparse.Namespace) -> dict:
         # batches are padded to their longest review, so the width changes from batch to batch.
         model.compile(dynamic=True)
     trainer = Trainer(args, model, tokenizer, train_loader, validation_loader, device, precision)
-    trainer.state.before, trainer.state.data_fingerprint = before, fingerprint
+    trainer.state.before, trainer.state.reviews_hash = before, reviews_hash
     if snapshot is not None:
         trainer.resume_from(snapshot)
     trainer.train()

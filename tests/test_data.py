@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import HF_HOME, minilm_path, reviews
-from datasets import Dataset
+from datasets import Dataset, concatenate_datasets
 from transformers import AutoTokenizer
 
 from cli import UsageError
@@ -17,6 +17,7 @@ from data import (
     TRUNCATION_MODES,
     PaddingCollator,
     Preprocessing,
+    hash_reviews,
     head_tail_split,
     make_loader,
     resolve_preprocessing,
@@ -151,6 +152,25 @@ def test_aclimdb_cache_notices_edited_files(tmp_path):
     assert sorted(load_split(str(tmp_path), "train")["text"]) == ["bad", "good"]
     (tmp_path / "train" / "pos" / "0_7.txt").write_text("good, edited")
     assert sorted(load_split(str(tmp_path), "train")["text"]) == ["bad", "good, edited"]
+
+
+def test_the_reviews_hash_follows_the_rows_not_the_files(tmp_path):
+    """A resume compares it: the same reviews read again (a copied or touched file, another
+    chunking of the same rows) must match; one changed label or text must not."""
+    reviews(6).to_csv(tmp_path / "train.csv", index=False)
+    train = load_split(str(tmp_path), "train")
+    first = hash_reviews(train)
+    os.utime(tmp_path / "train.csv", ns=(10**18, 10**18))  # same bytes, another time
+    assert hash_reviews(load_split(str(tmp_path), "train")) == first
+    n = len(train)
+    assert hash_reviews(concatenate_datasets([train.select(range(2)),
+                                              train.select(range(2, n))])) == first
+    flipped = train.map(lambda row, i: {"label": 1 - row["label"] if i == 0 else row["label"]},
+                        with_indices=True)
+    edited = train.map(lambda row, i: {"text": row["text"] + ("!" if i == n - 1 else "")},
+                       with_indices=True)
+    swapped = train.select([1, 0, *range(2, n)])
+    assert len({first, hash_reviews(flipped), hash_reviews(edited), hash_reviews(swapped)}) == 4
 
 
 @pytest.mark.parametrize("ending", ["parquet", "csv", "jsonl"])
