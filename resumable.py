@@ -29,7 +29,7 @@ from safetensors.torch import save as tensors_to_bytes
 
 from cli import UsageError
 from files import sync_to_disk, write_json, writing
-from runtime import from_main_process, is_main_process, print_main
+from runtime import all_ranks_true, from_main_process, is_main_process, print_main
 
 # SNAPSHOT_DIR is the latest snapshot, PREVIOUS_SNAPSHOT_DIR the one before it; a new one is
 # written into PARTIAL_SNAPSHOT_DIR and renamed into place when complete.
@@ -199,7 +199,7 @@ def restore_snapshot(folder: Path, model: torch.nn.Module, optimizer: torch.opti
     entry per rank), which must be checked and restored where the data and the rank are known.
     """
     progress = json.loads((folder / PROGRESS_FILE).read_text())
-    check_same_reviews(progress.get("reviews_hash"), reviews_hash)
+    check_same_reviews(progress.get("reviews_hash"), reviews_hash, device)
     del progress["settings"]  # checked against the flags before the run started
     # An older snapshot kept none: the run's later snapshots keep it from now on.
     progress["reviews_hash"] = reviews_hash
@@ -225,10 +225,13 @@ def saved_before(folder: Path) -> dict:
     return json.loads((folder / PROGRESS_FILE).read_text())["before"]
 
 
-def check_same_reviews(saved: str | None, current: str) -> None:
+def check_same_reviews(saved: str | None, current: str, device: torch.device) -> None:
     """Refuse to resume on other reviews than the snapshot's: edited, added or removed rows or
-    labels would train, validate and score "after" on other data than the run began with."""
-    if not from_main_process(saved is None or saved == current):  # all ranks agree
+    labels would train, validate and score "after" on other data than the run began with.
+
+    Every rank compares its own data (machines of one run may each read a copy of their own).
+    """
+    if not all_ranks_true(torch.tensor(saved is None or saved == current, device=device)):
         raise UsageError("the data is not the snapshot's: the training, validation or test "
                          "reviews or their labels changed since the run started; pass "
                          "--overwrite to start over")
