@@ -104,17 +104,20 @@ def build_parser() -> argparse.ArgumentParser:
 def read_lines(path: Path) -> list[str]:
     """The non-blank lines of a text file ('-' = standard input), without line endings."""
     if str(path) == STDIN:
-        lines = sys.stdin.read().splitlines()
+        text = sys.stdin.read()
     else:
         try:
-            lines = path.read_text(encoding="utf-8").splitlines()
+            text = path.read_text(encoding="utf-8")
         except FileNotFoundError as error:
             raise UsageError(f"--file {path} does not exist") from error
         except (IsADirectoryError, UnicodeDecodeError) as error:
             raise UsageError(f"--file {path} is not a UTF-8 text file ({error})") from error
         except OSError as error:
             raise UsageError(f"--file {path} cannot be read ({error.strerror})") from error
-    return [line for line in lines if line.strip()]
+    # Text mode has turned \r\n and \r into \n. Only \n ends a review: str.splitlines() would
+    # also cut at \x85, \x0c, \u2028 and others, which reviews hold (\x85 is in 331 of IMDB's
+    # 25,000 test reviews), and label each piece as a review of its own.
+    return [line for line in text.split("\n") if line.strip()]
 
 
 def collect_texts(texts: list[str], file: Path | None) -> list[str]:

@@ -162,6 +162,16 @@ def test_standard_input_is_read_when_no_text_or_file_is_given(run_dir, monkeypat
     assert capsys.readouterr().out.splitlines()[1].endswith("Great acting.")
 
 
+def test_a_file_holds_one_review_per_line_whatever_else_its_lines_hold(tmp_path):
+    """Only a newline ends a review: IMDB's \x85 (and \u2028, form feeds) must not cut one in
+    two, which would label the halves and shift every later row."""
+    path = tmp_path / "reviews.txt"
+    path.write_bytes("Great film\x85 really loved it.\r\nAwful\u2028 truly.\n\nFine\x0c.\n"
+                     .encode("utf-8"))
+    assert predict.read_lines(path) == [
+        "Great film\x85 really loved it.", "Awful\u2028 truly.", "Fine\x0c."]
+
+
 @pytest.mark.parametrize("flags, stdin, message", [
     ([], "", "no reviews to label"),
     (["--file", "missing.txt"], "", "--file missing.txt does not exist"),
