@@ -41,6 +41,7 @@ from lora_model import (
 from report import (
     COMPARISON_PNG,
     CONFIG_FILE,
+    CONFIG_SHOWN_ELSEWHERE,
     CURVES_PNG,
     LOG_FILE,
     METRICS_FILE,
@@ -56,6 +57,9 @@ RUN_FILES = (ADAPTER_DIR, MODEL_DIR, CONFIG_FILE, LOG_FILE, METRICS_FILE, REPORT
              COMPARISON_PNG, *ALL_SNAPSHOT_DIRS,
              *(f".{name}.{kind}" for name in (ADAPTER_DIR, MODEL_DIR)  # files.write_folder's
                for kind in ("partial", "old")))
+# What a snapshot and config.json record beside the flags: named as recorded, not as --flags.
+RECORDED_BESIDE_FLAGS = ("resolved_precision", "world_size", "resolved_device",
+                         *CONFIG_SHOWN_ELSEWHERE)
 # The open lock files of this process: a lock lasts as long as its file stays open.
 _held_locks: dict[Path, TextIO] = {}
 
@@ -131,8 +135,7 @@ def differing_settings(saved: dict, current: dict,
         if key not in saved and current[key] in (None, False):
             continue
         if saved.get(key, "(not recorded)") != current[key]:
-            name = key if key in ("resolved_precision", "world_size") else \
-                "--" + key.replace("_", "-")
+            name = key if key in RECORDED_BESIDE_FLAGS else "--" + key.replace("_", "-")
             differences.append((name, saved.get(key, "(not recorded)"), current[key]))
     return differences
 

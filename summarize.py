@@ -20,14 +20,15 @@ import numpy as np
 
 from cli import UsageError, check_can_write, run_command
 from files import write_json
-from report import CONFIG_FILE, CONFIG_SHOWN_ELSEWHERE, METRICS_FILE, metric_names, read_json
+from report import CONFIG_FILE, METRICS_FILE, metric_names, read_json
 from run_folder import differing_settings
 from train_flags import ADJUSTABLE_ON_RESUME
 
-# What a sweep varies; with the flags a resumed run may change (they do not change the result)
-# and what config.json records beside the flags, these may differ between the summarised runs.
+# What a sweep varies; with the flags a resumed run may change (they do not change the result),
+# the library versions and the device, these may differ between the summarised runs. The
+# review counts config.json records may not: with the same flags only other data changes them.
 SWEPT = ("seed", "data_seed")
-MAY_DIFFER = {*SWEPT, *ADJUSTABLE_ON_RESUME, *CONFIG_SHOWN_ELSEWHERE, "resolved_device"}
+MAY_DIFFER = {*SWEPT, *ADJUSTABLE_ON_RESUME, "versions", "resolved_device"}
 
 
 def read_run(folder: Path) -> tuple[dict, dict]:

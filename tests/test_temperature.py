@@ -291,6 +291,13 @@ def test_a_sweep_of_different_configurations_is_refused_naming_the_flag(runs, tm
     result = run_main(summarize.main, capsys, str(runs[0]), str(other))
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert f"--lr 0.1 in {runs[0]}, 0.5 in {other}" in result.stderr.strip().splitlines()[-1]
+    # Other data under the same flags: the review counts differ (not a flag: named as recorded).
+    fewer = config["test_examples"] - 1
+    (other / "config.json").write_text(json.dumps({**config, "test_examples": fewer}))
+    result = run_main(summarize.main, capsys, str(runs[0]), str(other))
+    assert result.returncode == 2
+    assert (f"test_examples {config['test_examples']} in {runs[0]}, {fewer} in {other}"
+            in result.stderr.strip().splitlines()[-1])
     # A flag that does not change the result may differ (here --log-every).
     (other / "config.json").write_text(json.dumps({**config, "log_every": 7}))
     assert run_main(summarize.main, capsys, str(runs[0]), str(other)).returncode == 0
