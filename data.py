@@ -1,10 +1,10 @@
 """The data path: carve a validation split, tokenize once, batch.
 
-The reviews come from ``data_sources.load_split`` (the Hub's ``imdb``, an ``aclImdb`` folder
-or a folder of Parquet/CSV/JSON Lines files), each split with exactly two columns, ``text``
-and ``label`` (a class id: for IMDB 0 = negative, 1 = positive). Here they are cut into
-subsets, tokenized (cached by ``datasets``) and batched by a ``DataLoader`` whose collate pads
-each batch to its longest review, rounded up to a multiple of 8.
+The reviews come from ``machinery.data_sources.load_split`` (the Hub's ``imdb``, an
+``aclImdb`` folder or a folder of Parquet/CSV/JSON Lines files), each split with exactly two
+columns, ``text`` and ``label`` (a class id: for IMDB 0 = negative, 1 = positive). Here they
+are cut into subsets, tokenized (cached by ``datasets``) and batched by a ``DataLoader`` whose
+collate pads each batch to its longest review, rounded up to a multiple of 8.
 
 Subset rule (applied identically by ``train.py`` and ``evaluate.py``, so both score the same
 test reviews): ``split.shuffle(seed=data_seed).select(range(n))``.
@@ -12,10 +12,10 @@ test reviews): ``split.shuffle(seed=data_seed).select(range(n))``.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import sys
+import typing
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,11 +26,12 @@ from datasets.fingerprint import Hasher
 from pyarrow.lib import ArrowException
 from torch.utils.data import DataLoader, DistributedSampler, get_worker_info
 
-from cli import ADJUSTABLE, DISK_FULL_ERRORS, FIXED, UsageError, add_flag, at_least
-from data_sources import LABEL, TEXT
-from files import writing
-from runtime import DEFAULT_NUM_WORKERS
-from samplers import (
+from machinery.checkpoints import PREPROCESSING_FILE
+from machinery.cli import DISK_FULL_ERRORS, UsageError
+from machinery.data_sources import LABEL, TEXT
+from machinery.files import writing
+from machinery.options import Truncation
+from machinery.runtime import (
     LengthGroupedSampler,
     ResumableSampler,
     evaluation_shard,
@@ -39,10 +40,6 @@ from samplers import (
     round_up,
 )
 
-DEFAULT_DATA = "imdb"
-DEFAULT_MAX_LENGTH = 128
-MIN_MAX_LENGTH = 8  # [CLS] + [SEP] + a few tokens; anything shorter cannot carry a review
-DEFAULT_DATA_SEED = 0
 # Tensor Cores and vectorised CPU kernels prefer sequence lengths that are multiples of 8.
 PAD_TO_MULTIPLE_OF = 8
 # Tokenizers without a known limit report a huge sentinel as model_max_length.
@@ -52,14 +49,15 @@ TOKENIZE_CACHE_VERSION = "3"
 # Which tokens of a review longer than --max-length are kept. "head" (the first ones) is the
 # usual default; IMDB reviewers often give their verdict at the end, and Sun et al. (2019,
 # "How to Fine-Tune BERT for Text Classification?") found the head and the tail together best.
-TRUNCATION_MODES = ("head", "tail", "head+tail")
+TRUNCATION_MODES = typing.get_args(Truncation)  # head, tail, head+tail
+# How reviews are tokenized unless a flag or a checkpoint says otherwise: train.py's recipe
+# starts from these, evaluate.py --base alone scores with them, and every checkpoint saved
+# before preprocessing.json was written was trained with them.
 DEFAULT_TRUNCATION = "head"
+DEFAULT_MAX_LENGTH = 128
 # Sun et al. kept the first 128 and the last 382 of 510 tokens; head+tail keeps this share of
 # the review tokens from the head at every --max-length (at 128: 32 head + 94 tail).
 HEAD_SHARE = 128 / 510
-# Written into every checkpoint folder: how its reviews were tokenized, so that evaluate.py and
-# predict.py can tokenize the same way.
-PREPROCESSING_FILE = "preprocessing.json"
 # tokenize() reads at most this many characters per token of --max-length of each review
 # (see clip_review). IMDB averages 4.3 characters per WordPiece token; with 6, none of 3,000
 # training reviews came out short (a short one is tokenized again in full) and tokenizing at
@@ -68,58 +66,6 @@ CHARS_PER_TOKEN = 6
 # Pre-tokenizers that split only at whitespace and punctuation, so that the tokens of a text
 # cut at a space are exactly the first tokens of the whole text.
 CLIPPABLE_PRE_TOKENIZERS = frozenset({"BertPreTokenizer"})
-
-
-def add_data_arguments(parser: argparse.ArgumentParser, from_checkpoint: bool = False) -> None:
-    """Add the data flags that train.py and evaluate.py share (see add_preprocessing_arguments)."""
-    group = parser.add_argument_group("data")
-    add_flag(
-        group, FIXED, "--data", default=DEFAULT_DATA,
-        help="Hub dataset name, or a local folder: the aclImdb layout (train/{neg,pos}/*.txt, "
-             "test/...) or train.* and test.* files in Parquet, CSV or JSON Lines "
-             f"(default: {DEFAULT_DATA})")
-    add_flag(group, FIXED, "--text-column", default=TEXT,
-             help=f"column holding the review text (default: {TEXT})")
-    add_flag(group, FIXED, "--label-column", default=LABEL,
-             help="column holding the label: a class name or an integer id (see train.py "
-                  f"--labels) (default: {LABEL})")
-    add_flag(group, FIXED, "--eval-samples", type=at_least(1), default=None, metavar="M",
-             help="score only M test reviews: split.shuffle(seed=DATA_SEED)"
-                  ".select(range(M)) (default: the whole test split)")
-    add_flag(group, FIXED, "--data-seed", type=at_least(0), default=DEFAULT_DATA_SEED,
-             help="seed of the subset and validation-split shuffles "
-                  f"(default: {DEFAULT_DATA_SEED})")
-    add_preprocessing_arguments(group, from_checkpoint)
-    add_flag(group, ADJUSTABLE, "--num-workers", type=at_least(0), default=None,
-             help="DataLoader worker processes that build the batches (0: the main process "
-                  "does) (default: " + ", ".join(
-                      f"{n} on {kind}" for kind, n in DEFAULT_NUM_WORKERS.items())
-             + ", at most the CPU count)")
-
-
-def add_preprocessing_arguments(parser, from_checkpoint: bool = False) -> None:
-    """Add --max-length and --truncation, which decide the token ids a model sees.
-
-    train.py (`from_checkpoint` False) records them with every checkpoint; evaluate.py and
-    predict.py (True) default to the values a checkpoint recorded.
-    """
-    recorded = "the checkpoint's, recorded by train.py"
-    add_flag(parser, FIXED,
-        "--max-length", type=at_least(MIN_MAX_LENGTH),
-        default=None if from_checkpoint else DEFAULT_MAX_LENGTH,
-        help="tokens read per review, [CLS] and [SEP] included; longer reviews are truncated; "
-             f"from {MIN_MAX_LENGTH} to the model's position limit (512 for BERT) (default: "
-             + (f"{recorded}, else {DEFAULT_MAX_LENGTH})" if from_checkpoint
-                else f"{DEFAULT_MAX_LENGTH})"))
-    add_flag(parser, FIXED,
-        "--truncation", choices=TRUNCATION_MODES,
-        default=None if from_checkpoint else DEFAULT_TRUNCATION,
-        help="which tokens of a longer review are kept: head = the first ones, tail = the last "
-             f"ones, head+tail = {round(100 * HEAD_SHARE)}%% of them from the head, the rest "
-             "from the tail (Sun et al. 2019: at --max-length 512, the first 128 and the last "
-             "382) "
-             "(default: " + (f"{recorded}, else {DEFAULT_TRUNCATION})" if from_checkpoint
-                  else f"{DEFAULT_TRUNCATION})"))
 
 
 # ---------------------------------------------------------------------------------------------

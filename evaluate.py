@@ -27,12 +27,11 @@ import torch.distributed as dist
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 from tqdm.auto import tqdm
 
-from cli import UsageError, check_can_write, check_distinct_files, run_command
-from comparison import format_comparisons, interval_and_calibration, paired_comparison, softmax
 from data import (
+    DEFAULT_MAX_LENGTH,
+    DEFAULT_TRUNCATION,
     PaddingCollator,
     Preprocessing,
-    add_data_arguments,
     make_loader,
     move_to_device,
     resolve_preprocessing,
@@ -40,38 +39,61 @@ from data import (
     tokenize,
     tokenizer_fingerprint,
 )
-from data_sources import BINARY_LABEL_NAMES, LABEL, load_split
-from files import write_file, write_json
-from lora_model import (
-    add_model_argument,
-    checkpoint_base_model,
-    checkpoint_label_names,
-    find_checkpoint,
-    label_names_of,
-    load_base_model,
-    load_checkpoint,
-    load_tokenizer,
+from lora_model import label_names_of, load_base_model, load_checkpoint
+from machinery.checkpoints import checkpoint_base_model, checkpoint_label_names, find_checkpoint
+from machinery.cli import (
+    UsageError,
+    add_options,
+    check_can_write,
+    check_distinct_files,
+    option,
+    run_command,
 )
-from report import metric_names, plot_comparison
-from runtime import (
-    add_runtime_arguments,
-    autocast,
+from machinery.data_sources import BINARY_LABEL_NAMES, LABEL, load_split
+from machinery.files import write_file, write_json
+from machinery.hub import load_tokenizer
+from machinery.options import (
+    DataOptions,
+    MaxLength,
+    RuntimeOptions,
+    Truncation,
     fill_device_defaults,
+)
+from machinery.report import metric_names, plot_comparison
+from machinery.runtime import (
+    autocast,
     is_distributed,
     is_main_process,
     pick_device,
     pick_precision,
     use_device,
 )
-from temperature import (
+from machinery.stats import (
     UNCALIBRATED,
     add_calibration_argument,
+    format_comparisons,
+    interval_and_calibration,
     mean_cross_entropy,
+    paired_comparison,
     scale_logits,
+    softmax,
     temperature_to_apply,
 )
 
 PLOT_FORMATS = (".png", ".svg", ".pdf")  # the image types --plot can write
+
+
+@dataclass
+class ScoringPreprocessing:
+    """preprocessing: how the reviews are cut, as each checkpoint was trained unless given"""
+
+    max_length: MaxLength | None = option(
+        default_text=f"the checkpoint's, recorded by train.py, else {DEFAULT_MAX_LENGTH}")
+    """Tokens read per review, [CLS] and [SEP] included; longer reviews are truncated."""
+    truncation: Truncation | None = option(
+        default_text=f"the checkpoint's, recorded by train.py, else {DEFAULT_TRUNCATION}")
+    """Which tokens of a longer review are kept: head, tail or head+tail (data.py; Sun et al.
+    2019 kept the first 128 and the last 382 of 512)."""
 
 
 @torch.inference_mode()
@@ -131,7 +153,7 @@ def compute_metrics(labels: np.ndarray, logits: np.ndarray,
                     temperature: float = UNCALIBRATED) -> dict:
     """Accuracy, precision/recall/F1, the loss and the confusion matrix.
 
-    The loss is the mean cross-entropy of softmax(logits / temperature) (temperature.py); the
+    The loss is the mean cross-entropy of softmax(logits / temperature) (machinery/stats.py); the
     predicted classes are the raw logits' argmax, which no temperature changes.
 
     Two classes: precision, recall and F1 of the positive class (id 1). K > 2 classes: their
@@ -181,7 +203,7 @@ class Scores:
 def score_model(model: torch.nn.Module, loader, device: torch.device, precision: str,
                 temperature: float = UNCALIBRATED, desc: str = "Evaluating") -> Scores:
     """The one evaluation both scripts use: `model` on every example of `loader`, its logits
-    divided by `temperature` (temperature.py; 1 = the model's own probabilities).
+    divided by `temperature` (machinery/stats.py; 1 = the model's own probabilities).
 
     Under torchrun every rank scores its share (``make_loader`` hands out whole batches, so
     each logit is the one a single process computes) and gets the scores of the whole set.
@@ -247,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--base", action="store_true",
                         help="also score the pre-trained model with its seeded random head, "
                              "the 'before' row of train.py")
-    add_model_argument(parser, default=None, help_text=(
+    parser.add_argument("--model", help=(
         "base model (Hub name or folder) for --base and for adapter and head checkpoints; "
         "default: the one recorded in the first adapter or head checkpoint (a full or merged "
         "checkpoint holds every weight and does not use it)"))
@@ -266,8 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "model's confusion matrix, and a reliability diagram of each "
                              "model's confidence against its accuracy")
     add_calibration_argument(parser)
-    add_data_arguments(parser, from_checkpoint=True)
-    add_runtime_arguments(parser)
+    for options in (DataOptions, ScoringPreprocessing, RuntimeOptions):
+        add_options(parser, options)
     return parser
 
 
@@ -299,23 +321,52 @@ def calibration_note(rows: list[dict], calibrate: bool) -> str:
     return "\n".join(notes) or "Raw probabilities: the base model has no temperature"
 
 
-def evaluation_loader(tokenizer, split, args, device: torch.device, rank: int = 0,
-                      world_size: int = 1, preprocessing: Preprocessing | None = None):
-    """The reviews of `split` (test or validation) tokenized for `tokenizer`, in a fixed-order
-    evaluation loader of --eval-batch-size batches.
-
-    `preprocessing` (default: args' --truncation and --max-length) decides the token ids.
-    Under torchrun it holds rank `rank`'s share of the reviews (see ``make_loader``).
-    """
-    preprocessing = preprocessing or Preprocessing(args.truncation, args.max_length)
+def evaluation_loader(tokenizer, split, preprocessing: Preprocessing, batch_size: int,
+                      num_workers: int, device: torch.device, rank: int = 0,
+                      world_size: int = 1):
+    """The reviews of `split` (test or validation) tokenized for `tokenizer` as `preprocessing`
+    says, in a fixed-order evaluation loader (longest first). Under torchrun it holds rank
+    `rank`'s share of the reviews (see ``make_loader``)."""
     tokens = tokenize(split, tokenizer, preprocessing.max_length, preprocessing.truncation)
     collator = PaddingCollator(tokenizer.pad_token_id, device)
-    return make_loader(tokens, args.eval_batch_size, collator, shuffle=False,
-                       num_workers=args.num_workers, rank=rank, world_size=world_size)
+    return make_loader(tokens, batch_size, collator, shuffle=False, num_workers=num_workers,
+                       rank=rank, world_size=world_size)
 
 
 def run(args: argparse.Namespace) -> list[dict]:
     """Score every requested model; print the table; return the JSON rows."""
+    check_outputs(args)
+    checkpoints = [find_checkpoint(path) for path in args.checkpoint]
+    # Each checkpoint's probabilities as train.py scored its "after" row: divided by the
+    # temperature fitted on the validation split, unless --no-calibration.
+    temperatures = {c: temperature_to_apply(c, args.calibrate) for c in checkpoints}
+    base_name, label_names = base_model_and_classes(checkpoints, args.model, args.base)
+    device = pick_device(args.device)
+    use_device(device)
+    fill_device_defaults(args, device)
+    precision = pick_precision(args.precision, device)
+    # The checkpoints' classes, which the test labels must be among; --base alone: the data's.
+    test = take_subset(load_split(args.data, "test", args.text_column, args.label_column,
+                                  label_names), args.eval_samples, args.data_seed)
+    print(f"Scoring {len(test)} test reviews on {device} in {precision}", file=sys.stderr)
+    models = ([("base", None)] if args.base else []) + [(str(p), p) for p in checkpoints]
+    rows, labels, probabilities = score_rows(models, temperatures, base_name, test, args, device,
+                                             precision)
+    # Every row scored the same reviews in data order, so `labels` are every row's labels and
+    # the rows compare review by review: each against the first (the base model with --base).
+    first = rows[0]["name"]
+    comparisons = [paired_comparison(first, row["name"], labels, probabilities[first],
+                                     probabilities[row["name"]]) for row in rows[1:]]
+    print(format_comparison([(row["name"], row) for row in rows]))
+    print("\n" + format_comparisons(rows, comparisons))
+    print(calibration_note(rows, args.calibrate), file=sys.stderr)
+    write_outputs(args, rows, comparisons, labels, probabilities,
+                  tuple(test.features[LABEL].names))
+    return rows
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """Refuse, before any work, nothing to score and output files that cannot be written."""
     if not args.base and not args.checkpoint:
         raise UsageError("nothing to evaluate: give --base and/or --checkpoint PATH")
     if args.plot and args.plot.suffix.lower() not in PLOT_FORMATS:
@@ -325,54 +376,54 @@ def run(args: argparse.Namespace) -> list[dict]:
         if path:
             check_can_write(path, flag, args.overwrite, kind="file")
     check_distinct_files(outputs)
-    checkpoints = [find_checkpoint(path) for path in args.checkpoint]
-    # Each checkpoint's probabilities as train.py scored its "after" row: divided by the
-    # temperature fitted on the validation split, unless --no-calibration.
-    temperatures = {c: temperature_to_apply(c, args.calibrate) for c in checkpoints}
+
+
+def base_model_and_classes(checkpoints: list[Path], model: str | None,
+                           base: bool) -> tuple[str | None, tuple[str, ...] | None]:
+    """The base model for --base and the adapter and head checkpoints (--model, else the one
+    they record), and the classes they were trained on (None: no checkpoint says)."""
     bases = {checkpoint_base_model(c) for c in checkpoints} - {None}
-    if len(bases) > 1 and not args.model:
+    if len(bases) > 1 and not model:
         # --model replaces every checkpoint's base model; with two there is no one choice.
         raise UsageError(f"the checkpoints were trained on different base models "
                          f"({', '.join(sorted(bases))}); evaluate them in separate runs")
-    base_name = args.model or next(iter(bases), None)
     label_sets = {checkpoint_label_names(c) for c in checkpoints}
     if len(label_sets) > 1:
         raise UsageError("the checkpoints were trained on different classes ("
                          + "; ".join(", ".join(names) for names in sorted(label_sets))
                          + "); evaluate them in separate runs")
-    if args.base and base_name is None:
+    base_name = model or next(iter(bases), None)
+    if base and base_name is None:
         raise UsageError("--base needs --model (or an adapter or head --checkpoint to read the "
                          "base model from)")
-    device = pick_device(args.device)
-    use_device(device)
-    fill_device_defaults(args, device)
-    precision = pick_precision(args.precision, device)
-    # The checkpoints' classes, which the test labels must be among; --base alone: the data's.
-    test = take_subset(load_split(args.data, "test", args.text_column, args.label_column,
-                                  next(iter(label_sets), None)),
-                       args.eval_samples, args.data_seed)
-    label_names = tuple(test.features[LABEL].names)
-    print(f"Scoring {len(test)} test reviews on {device} in {precision}", file=sys.stderr)
+    return base_name, next(iter(label_sets), None)
 
+
+def score_rows(models: list[tuple[str, Path | None]], temperatures: dict[Path, float],
+               base_name: str | None, test, args: argparse.Namespace, device: torch.device,
+               precision: str):
+    """Score each (name, checkpoint) of `models` (None: the base model) on the `test` reviews,
+    each tokenized as it was trained and its logits divided by its temperature. Returns the
+    result rows, the reviews' labels and each row's class probabilities."""
+    label_names = tuple(test.features[LABEL].names)
     # The base model is scored as the first checkpoint was trained, as train.py's "before".
-    first = Preprocessing.recorded_in(checkpoints[0]) if checkpoints else None
-    models = ([("base", None)] if args.base else []) + [(str(p), p) for p in checkpoints]
+    first = next((Preprocessing.recorded_in(c) for _, c in models if c is not None), None)
     loaders = {}  # one tokenization per tokenizer and preprocessing, shared by the rows
-    rows, probabilities = [], {}
+    rows, labels, probabilities = [], None, {}
     for name, checkpoint in models:
         if checkpoint is None:
-            model = load_base_model(base_name, label_names)
-            tokenizer = load_tokenizer(base_name)
+            model, tokenizer = load_base_model(base_name, label_names), load_tokenizer(base_name)
             preprocessing = resolve_preprocessing(first, args.truncation, args.max_length, None)
+            temperature = UNCALIBRATED
         else:
             model, tokenizer = load_checkpoint(checkpoint, args.model)
             preprocessing = resolve_preprocessing(Preprocessing.recorded_in(checkpoint),
                                                   args.truncation, args.max_length, name)
+            temperature = temperatures[checkpoint]
         key = (tokenizer_fingerprint(tokenizer), preprocessing)
         if key not in loaders:
-            loaders[key] = evaluation_loader(tokenizer, test, args, device,
-                                             preprocessing=preprocessing)
-        temperature = UNCALIBRATED if checkpoint is None else temperatures[checkpoint]
+            loaders[key] = evaluation_loader(tokenizer, test, preprocessing,
+                                             args.eval_batch_size, args.num_workers, device)
         scores = score_model(model.to(device), loaders[key], device, precision, temperature,
                              desc=f"Scoring {name}")
         labels, probabilities[name] = scores.labels, scores.probabilities()
@@ -381,14 +432,12 @@ def run(args: argparse.Namespace) -> list[dict]:
                      "temperature": temperature, "truncation": preprocessing.truncation,
                      "max_length": preprocessing.max_length})
         del model
-    # Every row scored the same reviews in data order, so `labels` are every row's labels and
-    # the rows compare review by review: each against the first (the base model with --base).
-    first = rows[0]["name"]
-    comparisons = [paired_comparison(first, row["name"], labels, probabilities[first],
-                                     probabilities[row["name"]]) for row in rows[1:]]
-    print(format_comparison([(row["name"], row) for row in rows]))
-    print("\n" + format_comparisons(rows, comparisons))
-    print(calibration_note(rows, args.calibrate), file=sys.stderr)
+    return rows, labels, probabilities
+
+
+def write_outputs(args: argparse.Namespace, rows: list[dict], comparisons: list[dict],
+                  labels, probabilities: dict, label_names: tuple[str, ...]) -> None:
+    """--json, --predictions and --plot, each where asked."""
     if args.json:
         write_json(args.json, {"results": rows, "comparisons": comparisons})
         print(f"Wrote {args.json}", file=sys.stderr)
@@ -399,7 +448,6 @@ def run(args: argparse.Namespace) -> list[dict]:
     if args.plot:
         plot_comparison([(row["name"], row) for row in rows], args.plot, label_names)
         print(f"Wrote {args.plot}", file=sys.stderr)
-    return rows
 
 
 def main(argv: list[str] | None = None) -> int:

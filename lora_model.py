@@ -1,20 +1,17 @@
-"""The model: a BERT classifier, its LoRA adapters, and saving/loading them the standard peft way.
-
-Besides LoRA (the default) train.py can train the classifier head alone (a linear probe on the
-frozen encoder) or every weight (full fine-tuning), to show what LoRA buys; ``prepare_model``
-readies the model for each ``--method``, ``save_checkpoint`` and ``load_checkpoint`` save and
-load what each trained.
-
-    python lora_model.py merge --checkpoint runs/NAME --out merged/NAME
-
-writes the fine-tuned classifier as a plain transformers model (LoRA folded into the weights),
-which loads with ``AutoModelForSequenceClassification.from_pretrained`` and no peft.
+"""The model: a pre-trained BERT classifier, its LoRA adapters, and saving and loading them
+the standard peft way.
 
 LoRA freezes every pre-trained weight W and learns a low-rank update on the chosen projections:
 ``W x + (alpha / r) * B A x`` with A (r x d) and B (d x r), B starting at zero so training
-starts from the pre-trained model exactly. With ``task_type=SEQ_CLS`` peft also marks the new
-classifier head as trainable and saves it next to A and B; without it the head would stay
-random and be lost on save.
+starts from the pre-trained model exactly (``wrap_with_lora``, first below). With
+``task_type=SEQ_CLS`` peft also marks the new classifier head as trainable and saves it next to
+A and B; without it the head would stay random and be lost on save. To show what LoRA buys,
+train.py can also train the head alone (a linear probe) or every weight (``prepare_model``).
+
+    python lora_model.py merge --checkpoint runs/NAME --out merged/NAME
+
+folds LoRA into the weights and writes a plain transformers model, which loads with
+``AutoModelForSequenceClassification.from_pretrained`` and no peft.
 """
 
 from __future__ import annotations
@@ -29,207 +26,40 @@ import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from transformers import (
-    AutoConfig,
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-    PretrainedConfig,
-    PreTrainedModel,
-)
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 
-from cli import (
-    FIXED,
-    UsageError,
-    add_flag,
-    at_least,
-    check_can_write,
-    positive_float,
-    run_command,
-    unit_fraction,
+from machinery.checkpoints import (
+    ADAPTER_CONFIG,
+    ADAPTER_DIR,
+    ADAPTER_WEIGHTS,
+    CHECKPOINT_NOTES,
+    HEAD_CONFIG,
+    HEAD_WEIGHTS,
+    LABELS_FILE,
+    MODEL_DIR,
+    TOKENIZER_CONFIG,
+    checkpoint_base_model,
+    checkpoint_label_names,
+    checkpoint_method,
+    find_checkpoint,
 )
-from data import PREPROCESSING_FILE
-from data_sources import BINARY_LABEL_NAMES, looks_like_path
-from files import write_folder
-from temperature import TEMPERATURE_FILE
+from machinery.cli import UsageError, check_can_write, run_command
+from machinery.data_sources import BINARY_LABEL_NAMES
+from machinery.files import folder_size, format_size, write_folder
+from machinery.hub import check_encoder, from_pretrained, load_tokenizer
 
-DEFAULT_MODEL = "bert-base-uncased"
-# The classifier head of the pre-trained ("before") model is random; drawing it from a fixed
-# seed makes train.py's "before" row and evaluate.py --base give the same numbers every time.
-HEAD_SEED = 0
-# A tokenizer with fewer tokens than this share of the model's embedding table is refused (see
-# check_tokenizer_fits).
-MIN_TOKENIZER_SHARE = 0.5
-# Every model is loaded in fp32, whatever dtype its files hold (see load_base_model).
-MODEL_DTYPE = torch.float32
-DEFAULT_LORA_R = 8
-DEFAULT_LORA_ALPHA = 32
-DEFAULT_LORA_DROPOUT = 0.1
-DEFAULT_LORA_TARGETS = "query,value"
-ADAPTER_DIR = "adapter"  # where train.py keeps the best adapter inside a run folder
-MODEL_DIR = "model"  # where it keeps the best head or fully fine-tuned model (--method head/full)
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # The classifier head is trained in full (peft's modules_to_save), never given an adapter.
 HEAD_MODULES = frozenset({"classifier", "score"})
-# Encoders whose self-attention has BERT's "query"/"value" projections and a
-# sequence-classification head in transformers.
-BERT_STYLE_MODEL_TYPES = frozenset({"bert", "roberta", "xlm-roberta", "camembert", "electra",
-                                    "ernie", "megatron-bert"})
-MODEL_CONFIG = "config.json"  # a transformers model folder's config (merged models)
-CLASSIFIER_SUFFIX = "ForSequenceClassification"  # architectures that carry a trained head
-TOKENIZER_CONFIG = "tokenizer_config.json"
-# A --method head checkpoint: the head's weights alone, and the base model they sit on.
-HEAD_CONFIG = "head_config.json"
-# Written into every checkpoint folder: the class names in id order, so that evaluate.py and
-# predict.py build a head with as many outputs and print the names (a checkpoint without one
-# predates it and knows IMDB's two classes).
-LABELS_FILE = "labels.json"
-HEAD_WEIGHTS = "head.safetensors"
-# The small files beside a checkpoint's weights that say how to use them.
-CHECKPOINT_NOTES = (PREPROCESSING_FILE, LABELS_FILE, TEMPERATURE_FILE)
-# What train.py trains (--method): each is a row of the comparison in docs/results.md.
-METHODS = {
-    "lora": "LoRA adapters on the frozen encoder, plus the classifier head",
-    "head": "the classifier head alone, on the frozen encoder (a linear probe)",
-    "full": "every weight (full fine-tuning)",
-}
-DEFAULT_METHOD = "lora"
 
 
-def add_model_argument(parser: argparse.ArgumentParser, default: str | None = DEFAULT_MODEL,
-                       help_text: str | None = None) -> None:
-    """Add ``--model`` (a Hub model name or a local folder)."""
-    add_flag(
-        parser, FIXED, "--model", default=default,
-        help=help_text or f"Hub model name or local model folder (default: {DEFAULT_MODEL})")
-
-
-def add_lora_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the LoRA hyper-parameter flags."""
-    group = parser.add_argument_group("LoRA", "used by --method lora only")
-    add_flag(group, FIXED, "--lora-r", type=at_least(1), default=DEFAULT_LORA_R,
-             help=f"rank r of the update B A (default: {DEFAULT_LORA_R})")
-    add_flag(group, FIXED, "--lora-alpha", type=positive_float, default=DEFAULT_LORA_ALPHA,
-             help="scaling alpha; the update is multiplied by alpha / r "
-                  f"(default: {DEFAULT_LORA_ALPHA})")
-    add_flag(group, FIXED, "--lora-dropout", type=unit_fraction, default=DEFAULT_LORA_DROPOUT,
-             help="dropout on the LoRA branch's input during training "
-                  f"(default: {DEFAULT_LORA_DROPOUT})")
-    add_flag(group, FIXED, "--lora-targets", default=DEFAULT_LORA_TARGETS,
-             help="comma-separated names of the linear layers that get adapters "
-                  f"(default: {DEFAULT_LORA_TARGETS}, BERT's attention projections)")
-
-
-def _from_pretrained(loader, name: str, what: str, **kwargs):
-    """Call a ``from_pretrained`` and turn "cannot reach the Hub" into one clear sentence."""
-    if not Path(name).expanduser().exists() and looks_like_path(name):
-        raise UsageError(f"--model folder {name} does not exist")
-    try:
-        return loader(name, **kwargs)
-    except SafetensorError as error:  # a weights file cut short by a crash or a full disk
-        raise UsageError(f"--model {name}: its weights file is damaged ({error}); download or "
-                         "copy the model again") from error
-    except (OSError, ValueError) as error:
-        reason = " ".join(str(error).split())
-        if Path(name).expanduser().exists():
-            raise UsageError(f"--model {name} is not a {what} folder ({reason})") from error
-        raise UsageError(
-            f"could not load {what} {name!r} from the Hugging Face Hub ({reason}); offline, "
-            "pass a local model folder with --model PATH") from error
-
-
-def check_encoder(name: str) -> PretrainedConfig:
-    """The model's config, refused unless it is a BERT-style encoder (query/value attention)."""
-    config = _from_pretrained(AutoConfig.from_pretrained, name, "model")
-    if config.model_type not in BERT_STYLE_MODEL_TYPES:
-        found = ", ".join(config.architectures or []) or "no architecture listed"
-        raise UsageError(
-            f"--model {name} is a {config.model_type!r} model ({found}); this project "
-            f"fine-tunes BERT-style encoders ({', '.join(sorted(BERT_STYLE_MODEL_TYPES))})")
-    return config
-
-
-def load_tokenizer(name: str):
-    """The model's fast tokenizer (in transformers 5 every BERT tokenizer is the fast one),
-    refused when it does not fit the model (see ``check_tokenizer_fits``)."""
-    tokenizer = _from_pretrained(AutoTokenizer.from_pretrained, name, "tokenizer")
-    folder = Path(name).expanduser()
-    if folder.is_dir() and not (folder / MODEL_CONFIG).is_file():
-        return tokenizer  # a checkpoint's copy, saved beside an adapter or head
-    check_tokenizer_fits(tokenizer, check_encoder(name).vocab_size, name)
-    return tokenizer
-
-
-def check_tokenizer_fits(tokenizer, vocab_size: int, name: str) -> None:
-    """Refuse a tokenizer whose ids do not match the model's embedding table.
-
-    transformers 5 builds a tokenizer of the 5 special tokens, without a word of warning, for
-    a model folder that holds no tokenizer files: every review would become [UNK] and the run
-    would "learn" from nothing. A tokenizer far smaller than the table (below half) is that
-    case or the wrong tokenizer; one larger than the table makes ids the model cannot look up.
-    (A table somewhat larger than the vocabulary is normal: it is often padded to a multiple
-    of 8 or 64.)
-    """
-    size = len(tokenizer)
-    if size > vocab_size or size < vocab_size * MIN_TOKENIZER_SHARE:
-        missing = (" (its folder has no tokenizer files: tokenizer.json or vocab.txt with "
-                   "tokenizer_config.json)" if size < vocab_size * MIN_TOKENIZER_SHARE else "")
-        raise UsageError(f"--model {name}: its tokenizer knows {size:,} tokens but the model's "
-                         f"embedding table has {vocab_size:,}{missing}; put the tokenizer the "
-                         "model was trained with beside its weights")
-
-
-def load_base_model(name: str,
-                    label_names: tuple[str, ...] = BINARY_LABEL_NAMES) -> PreTrainedModel:
-    """The pre-trained encoder in fp32 with a new classifier head drawn from ``HEAD_SEED``,
-    one output per class of `label_names` (which the config records as id2label).
-
-    transformers 5 loads weights in the dtype they were stored in (``dtype="auto"``): a model
-    saved in fp16 would train an fp16 head and LoRA weights, which AdamW updates in steps
-    smaller than fp16 can hold and which the fp16 GradScaler refuses to unscale. Weights stay
-    fp32; autocast computes in bf16/fp16 where asked.
-    """
-    check_encoder(name)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(HEAD_SEED)
-        return _from_pretrained(
-            AutoModelForSequenceClassification.from_pretrained, name, "model",
-            dtype=MODEL_DTYPE, num_labels=len(label_names),
-            id2label=dict(enumerate(label_names)),
-            label2id={label: i for i, label in enumerate(label_names)})
-
-
-def label_names_of(model: torch.nn.Module) -> tuple[str, ...]:
-    """The class names of a classifier (a PeftModel's are its base model's), in id order."""
-    config = model.config
-    return tuple(config.id2label[i] for i in range(config.num_labels))
-
-
-def wrap_with_lora(model: PreTrainedModel, r: int = DEFAULT_LORA_R,
-                   alpha: float = DEFAULT_LORA_ALPHA, dropout: float = DEFAULT_LORA_DROPOUT,
-                   targets: str = DEFAULT_LORA_TARGETS) -> PeftModel:
+def wrap_with_lora(model: PreTrainedModel, r: int, alpha: float, dropout: float,
+                   targets: str) -> PeftModel:
     """Freeze `model` and add LoRA adapters; the classifier head stays trainable (SEQ_CLS)."""
     config = LoraConfig(
         task_type=TaskType.SEQ_CLS,  # also trains and saves the head ("modules_to_save")
         r=r, lora_alpha=alpha, lora_dropout=dropout,
         target_modules=parse_targets(targets))
     return get_peft_model(model, config)
-
-
-def is_head_parameter(name: str) -> bool:
-    """True for the classifier head's parameters ("classifier.weight", ...), not the encoder's."""
-    return name.split(".", 1)[0] in HEAD_MODULES
-
-
-def prepare_model(model: PreTrainedModel, method: str, r: int = DEFAULT_LORA_R,
-                  alpha: float = DEFAULT_LORA_ALPHA, dropout: float = DEFAULT_LORA_DROPOUT,
-                  targets: str = DEFAULT_LORA_TARGETS) -> torch.nn.Module:
-    """The model to train for `method` (see METHODS); the LoRA settings apply to "lora" only."""
-    if method == "lora":
-        return wrap_with_lora(model, r, alpha, dropout, targets)
-    for name, param in model.named_parameters():
-        param.requires_grad_(method == "full" or is_head_parameter(name))
-    return model
 
 
 def parse_targets(targets: str) -> list[str]:
@@ -246,6 +76,22 @@ def check_lora_targets(model: torch.nn.Module, targets: str) -> None:
         raise UsageError(f"--lora-targets {targets!r}: no encoder linear layer named "
                          f"{', '.join(missing) or '(empty)'}; this model's are "
                          f"{', '.join(linear)}")
+
+
+def prepare_model(model: PreTrainedModel, method: str, r: int, alpha: float, dropout: float,
+                  targets: str) -> torch.nn.Module:
+    """The model to train for `method` (checkpoints.METHODS): the LoRA settings apply to lora
+    alone; head and full unfreeze the head or every weight."""
+    if method == "lora":
+        return wrap_with_lora(model, r, alpha, dropout, targets)
+    for name, param in model.named_parameters():
+        param.requires_grad_(method == "full" or is_head_parameter(name))
+    return model
+
+
+def is_head_parameter(name: str) -> bool:
+    """True for the classifier head's parameters ("classifier.weight", ...), not the encoder's."""
+    return name.split(".", 1)[0] in HEAD_MODULES
 
 
 def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
@@ -269,6 +115,46 @@ def format_parameter_counts(trainable: int, total: int) -> str:
     return f"trainable {trainable:,} of {total:,} parameters ({share:{digits}}%)"
 
 
+# ---------------------------------------------------------------------------------------------
+# The pre-trained model
+
+# The classifier head of the pre-trained ("before") model is random; drawing it from a fixed
+# seed makes train.py's "before" row and evaluate.py --base give the same numbers every time.
+HEAD_SEED = 0
+# Every model is loaded in fp32, whatever dtype its files hold (see load_base_model).
+MODEL_DTYPE = torch.float32
+
+
+def load_base_model(name: str,
+                    label_names: tuple[str, ...] = BINARY_LABEL_NAMES) -> PreTrainedModel:
+    """The pre-trained encoder in fp32 with a new classifier head drawn from ``HEAD_SEED``,
+    one output per class of `label_names` (which the config records as id2label).
+
+    transformers 5 loads weights in the dtype they were stored in (``dtype="auto"``): a model
+    saved in fp16 would train an fp16 head and LoRA weights, which AdamW updates in steps
+    smaller than fp16 can hold and which the fp16 GradScaler refuses to unscale. Weights stay
+    fp32; autocast computes in bf16/fp16 where asked.
+    """
+    check_encoder(name)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(HEAD_SEED)
+        return from_pretrained(
+            AutoModelForSequenceClassification.from_pretrained, name, "model",
+            dtype=MODEL_DTYPE, num_labels=len(label_names),
+            id2label=dict(enumerate(label_names)),
+            label2id={label: i for i, label in enumerate(label_names)})
+
+
+def label_names_of(model: torch.nn.Module) -> tuple[str, ...]:
+    """The class names of a classifier (a PeftModel's are its base model's), in id order."""
+    config = model.config
+    return tuple(config.id2label[i] for i in range(config.num_labels))
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: saving and loading what each --method trained
+
+
 def save_adapter(model: PeftModel, tokenizer, folder: Path) -> None:
     """Save adapter + head in peft's format (adapter_config.json, adapter_model.safetensors).
 
@@ -276,11 +162,6 @@ def save_adapter(model: PeftModel, tokenizer, folder: Path) -> None:
     """
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-
-
-def checkpoint_folder(run_folder: Path, method: str) -> Path:
-    """Where train.py keeps a run's best checkpoint of `method`: adapter/ or model/."""
-    return Path(run_folder) / (ADAPTER_DIR if method == "lora" else MODEL_DIR)
 
 
 def save_checkpoint(model: torch.nn.Module, tokenizer, folder: Path, method: str) -> None:
@@ -304,66 +185,6 @@ def save_checkpoint(model: torch.nn.Module, tokenizer, folder: Path, method: str
     else:
         model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-
-
-def checkpoint_label_names(folder: Path) -> tuple[str, ...]:
-    """The class names a checkpoint was trained on (``LABELS_FILE``; a merged model's config;
-    IMDB's two for a checkpoint older than the labels file)."""
-    if (folder / LABELS_FILE).is_file():
-        try:
-            return tuple(json.loads((folder / LABELS_FILE).read_text()))
-        except ValueError as error:
-            raise UsageError(f"{folder / LABELS_FILE} is damaged ({error}); it holds the class "
-                             "names as a JSON list: restore it or train again") from error
-    if is_merged_model(folder):
-        id2label = json.loads((folder / MODEL_CONFIG).read_text()).get("id2label") or {}
-        names = tuple(id2label[str(i)] for i in range(len(id2label)))
-        # transformers names classes it was not told about LABEL_0, LABEL_1, ... (and saves no
-        # names for two such): a two-class model of another project is taken for IMDB's, as
-        # before labels were recorded.
-        if len(names) < 3:
-            return BINARY_LABEL_NAMES if names in ((), ("LABEL_0", "LABEL_1")) else names
-        if names == tuple(f"LABEL_{i}" for i in range(len(names))):
-            return tuple(map(str, range(len(names))))
-        return names
-    return BINARY_LABEL_NAMES
-
-
-def checkpoint_method(folder: Path) -> str | None:
-    """The --method that saved the checkpoint in `folder` (a merged model counts as "full")."""
-    if (folder / ADAPTER_CONFIG).is_file():
-        return "lora"
-    if (folder / HEAD_CONFIG).is_file():
-        return "head"
-    return "full" if is_merged_model(folder) else None
-
-
-def find_checkpoint(path: str | Path) -> Path:
-    """The checkpoint folder for `path`: the folder itself, or a run folder's adapter/ or model/."""
-    path = Path(path)
-    if not path.exists():
-        raise UsageError(f"--checkpoint {path} does not exist")
-    for folder in (path, path / ADAPTER_DIR, path / MODEL_DIR):
-        if checkpoint_method(folder):
-            return folder
-    raise UsageError(
-        f"--checkpoint {path} is not a run folder, an adapter folder ({ADAPTER_CONFIG}), a head "
-        f"folder ({HEAD_CONFIG}) or a merged model folder (a {MODEL_CONFIG} naming a "
-        f"*{CLASSIFIER_SUFFIX} architecture, as --method full saves too)")
-
-
-def checkpoint_base_model(folder: Path) -> str | None:
-    """The base model a checkpoint builds on; None for a model folder, which holds every weight."""
-    if checkpoint_method(folder) == "lora":
-        return adapter_base_model(folder)
-    if checkpoint_method(folder) == "head":
-        return json.loads((folder / HEAD_CONFIG).read_text())["base_model_name_or_path"]
-    return None
-
-
-def adapter_base_model(adapter: Path) -> str:
-    """The base model name or folder an adapter was trained on, from its config."""
-    return json.loads((adapter / ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
 
 
 def load_adapted_model(checkpoint: str | Path, base_model: str | None = None,
@@ -422,26 +243,10 @@ def check_same_vocabulary(folder: Path, base_name: str) -> None:
 # Checkpoints for inference: run folder, adapter folder or merged model folder
 
 
-def is_merged_model(folder: str | Path) -> bool:
-    """True for a plain transformers sequence-classifier folder, such as a merged model.
-
-    A run folder also holds a config.json (train.py's flags), but names no architecture; a
-    pre-trained encoder (``BertModel``) is refused too, as its classifier head would be random.
-    """
-    config = Path(folder) / MODEL_CONFIG
-    if not config.is_file() or (Path(folder) / ADAPTER_CONFIG).exists():
-        return False
-    try:
-        architectures = json.loads(config.read_text()).get("architectures") or []
-    except (json.JSONDecodeError, AttributeError):
-        return False
-    return any(name.endswith(CLASSIFIER_SUFFIX) for name in architectures)
-
-
 def load_merged_model(folder: str | Path) -> PreTrainedModel:
     """A merged (or any fine-tuned) classifier folder, loaded as the plain transformers model
     (in fp32, as ``load_base_model``)."""
-    return _from_pretrained(AutoModelForSequenceClassification.from_pretrained, str(folder),
+    return from_pretrained(AutoModelForSequenceClassification.from_pretrained, str(folder),
                             "model", dtype=MODEL_DTYPE)
 
 
@@ -485,23 +290,6 @@ def load_checkpoint_tokenizer(folder: Path, base_model: str | None = None):
 
 # ---------------------------------------------------------------------------------------------
 # Merging: LoRA folded into the base weights
-
-
-def folder_size(folder: str | Path) -> int:
-    """Bytes in all files under `folder`."""
-    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
-
-
-def format_size(n_bytes: int) -> str:
-    """'90.9 MB': decimal units, as file managers show sizes."""
-    if n_bytes < 1000:
-        return f"{n_bytes} B"
-    size = float(n_bytes)
-    for unit in ("kB", "MB", "GB"):
-        size /= 1000
-        if size < 1000 or unit == "GB":
-            break
-    return f"{size:.1f} {unit}"
 
 
 def merge_adapter(checkpoint: str | Path, out: str | Path, base_model: str | None = None,
@@ -572,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "--overwrite")
     merge.add_argument("--overwrite", action="store_true",
                        help="allow writing into an --out folder that already holds files")
-    add_model_argument(merge, default=None, help_text=(
+    merge.add_argument("--model", metavar="MODEL", help=(
         "base model (Hub name or folder); default: the one recorded in the checkpoint's "
         f"{ADAPTER_CONFIG} or {HEAD_CONFIG}"))
     return parser

@@ -22,34 +22,28 @@ from pathlib import Path
 import torch
 from datasets import Dataset
 
-from cli import UsageError, run_command
-from comparison import softmax
 from data import (
     PaddingCollator,
     Preprocessing,
-    add_preprocessing_arguments,
     describe_truncation,
     make_loader,
     resolve_preprocessing,
     tokenize,
 )
-from data_sources import FEATURES, LABEL, TEXT
-from evaluate import predict_in_order
-from lora_model import (
-    ADAPTER_CONFIG,
-    add_model_argument,
-    find_checkpoint,
-    label_names_of,
-    load_checkpoint,
+from evaluate import ScoringPreprocessing, predict_in_order
+from lora_model import label_names_of, load_checkpoint
+from machinery.checkpoints import ADAPTER_CONFIG, find_checkpoint
+from machinery.cli import UsageError, add_options, run_command
+from machinery.data_sources import FEATURES, LABEL, TEXT
+from machinery.options import RuntimeOptions, fill_device_defaults
+from machinery.runtime import pick_device, pick_precision, use_device
+from machinery.stats import (
+    UNCALIBRATED,
+    add_calibration_argument,
+    scale_logits,
+    softmax,
+    temperature_to_apply,
 )
-from runtime import (
-    add_runtime_arguments,
-    fill_device_defaults,
-    pick_device,
-    pick_precision,
-    use_device,
-)
-from temperature import UNCALIBRATED, add_calibration_argument, scale_logits, temperature_to_apply
 
 STDIN = "-"
 # The table shows the start of each review; --json gives the whole text.
@@ -88,12 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object per review (text, label, probability, "
                              "probabilities, tokens, truncated) instead of a table")
-    add_preprocessing_arguments(parser, from_checkpoint=True)
-    add_model_argument(parser, default=None, help_text=(
+    parser.add_argument("--model", help=(
         "base model (Hub name or folder) for an adapter checkpoint; default: the one recorded "
         f"in its {ADAPTER_CONFIG}"))
     add_calibration_argument(parser)
-    add_runtime_arguments(parser)
+    for options in (ScoringPreprocessing, RuntimeOptions):
+        add_options(parser, options)
     return parser
 
 
@@ -148,7 +142,7 @@ def predict_reviews(model: torch.nn.Module, tokenizer, texts: list[str],
                     preprocessing: Preprocessing, batch_size: int, device: torch.device,
                     precision: str, temperature: float = UNCALIBRATED) -> list[Prediction]:
     """Label `texts` in order, with the tokenizer, collator and loop evaluate.py uses; the
-    probabilities are those of the logits divided by `temperature` (temperature.py)."""
+    probabilities are those of the logits divided by `temperature` (machinery/stats.py)."""
     # The collator and loader expect a label column; these placeholders are never read.
     reviews = Dataset.from_dict({TEXT: texts, LABEL: [0] * len(texts)}, features=FEATURES)
     collator = PaddingCollator(tokenizer.pad_token_id, device)

@@ -7,8 +7,8 @@ It is written as the lab notebook described it (``BertTokenizerLegacy``, the slo
 tokenizer; ``padding="max_length"``; LoRA r=8, alpha=32, dropout=0.1 on query and value;
 batch 16; one epoch; ``Trainer.evaluate()`` before training and an evaluation on the test
 reviews at the end of the epoch), with only the changes in ``RECIPE_CHANGES``, which the
-benchmark prints. It is the baseline of ``benchmarks/benchmark.py`` and is not used by the
-project itself.
+benchmark prints. It is the baseline of ``benchmarks/benchmark.py`` (cpu and gpu) and is not
+used by the project itself.
 """
 
 from __future__ import annotations
@@ -29,11 +29,11 @@ from transformers import (
     TrainingArguments,
 )
 
-from cli import at_least, positive_float
 from data import DEFAULT_MAX_LENGTH, split_train_validation, take_subset
-from data_sources import load_split
+from machinery.cli import at_least, positive_float, run_command
+from machinery.data_sources import load_split
 
-RECIPE_LR = 2e-3  # the notebook's 5e-5 barely moves MiniLM in 125 steps (see README)
+RECIPE_LR = 2e-3  # the notebook's 5e-5 barely moves MiniLM in 125 steps (docs/reference.md)
 RECIPE_BATCH_SIZE = 16
 # What differs from the notebook, and why; the benchmark copies this list into its report.
 RECIPE_CHANGES = (
@@ -136,8 +136,6 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m benchmarks.lab_recipe``."""
-    from cli import run_command
-
     return run_command(build_parser(), run, argv)
 
 

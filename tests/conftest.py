@@ -60,11 +60,12 @@ import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification  # noqa: E402
 
-from data_sources import FEATURES  # noqa: E402
-from lora_model import load_base_model, load_tokenizer, save_adapter, wrap_with_lora  # noqa: E402
-from runtime import ASSUME_NATIVE_BF16_ENV  # noqa: E402
+from lora_model import load_base_model, save_adapter, wrap_with_lora  # noqa: E402
+from machinery.data_sources import FEATURES  # noqa: E402
+from machinery.hub import load_tokenizer  # noqa: E402
+from machinery.runtime import ASSUME_NATIVE_BF16_ENV  # noqa: E402
 
-assert ASSUME_NATIVE_BF16_ENV in MACHINE_ENV, "the bf16 switch is named in one place: runtime.py"
+assert ASSUME_NATIVE_BF16_ENV in MACHINE_ENV, "the bf16 switch is named once: machinery/runtime.py"
 
 REPO = Path(__file__).resolve().parent.parent
 IMDB_DIR = REPO.parent / "shared" / "data" / "imdb"
@@ -315,7 +316,8 @@ def save_random_adapter(model_dir: str, folder: Path, r: int = 4, scale: float =
     No training: B and the head are moved away from their initial values, so the adapter
     changes the model's logits. Returns the PeftModel in eval mode.
     """
-    model = wrap_with_lora(load_base_model(model_dir), r=r, alpha=2 * r, dropout=0.0)
+    model = wrap_with_lora(load_base_model(model_dir), r=r, alpha=2 * r, dropout=0.0,
+                           targets="query,value")
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _name, param in model.named_parameters():

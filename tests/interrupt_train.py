@@ -34,10 +34,9 @@ from matplotlib.figure import Figure
 from safetensors import SafetensorError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import report
-import resumable
-import run_folder
+import lora_model
 import train
+from machinery import report, snapshots
 
 DISK_FULL = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # as write() raises it: no name
 
@@ -94,9 +93,9 @@ def disk_full_at_save(n: int) -> None:
     original = Path.write_bytes
 
     def write_bytes(self: Path, data: bytes) -> int:
-        if self.name == resumable.TRAINING_STATE_FILE:
+        if self.name == snapshots.TRAINING_STATE_FILE:
             calls[0] += 1
-        if calls[0] >= n and self.parent.name == resumable.PARTIAL_SNAPSHOT_DIR:
+        if calls[0] >= n and self.parent.name == snapshots.PARTIAL_SNAPSHOT_DIR:
             original(self, data[: len(data) // 2])
             raise DISK_FULL
         return original(self, data)
@@ -128,14 +127,14 @@ def disk_full_at(kind: str) -> None:
 
         report.RunLog.__init__ = __init__
     elif kind == "checkpoint":
-        original_save = run_folder.save_checkpoint
+        original_save = lora_model.save_checkpoint
 
         def save_checkpoint(*args, **kwargs) -> None:
             original_save(*args, **kwargs)  # its files are written, then the last one fails
             raise SafetensorError("Error while serializing: I/O error: No space left on "
                                   "device (os error 28)")
 
-        run_folder.save_checkpoint = save_checkpoint
+        lora_model.save_checkpoint = save_checkpoint
     elif kind == "plots":
         def savefig(self, *args, **kwargs) -> None:
             raise DISK_FULL
@@ -161,13 +160,13 @@ def install(point: str) -> None:
     if kind == "kill-at-step":
         after_step(int(value), lambda trainer: kill_self())
     elif kind == "kill-at-fsync":
-        at_call(resumable, "sync_to_disk", int(value))
+        at_call(snapshots, "sync_to_disk", int(value))
     elif kind == "kill-at-replace":
         # os.replace serves other libraries too: count the snapshot renames only.
-        at_call(resumable.os, "replace", int(value),
+        at_call(snapshots.os, "replace", int(value),
                 counts=lambda source, target: Path(source).name.startswith("snapshot"))
     elif kind == "kill-in-scoring":
-        at_call(train, "load_checkpoint", 1)
+        at_call(lora_model, "load_checkpoint", 1)
     elif kind == "signal-at-step":
         step, sig = value.split(":")
         after_step(int(step), lambda trainer: kill_self(getattr(signal, f"SIG{sig}")))

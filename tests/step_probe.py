@@ -19,9 +19,10 @@ from datasets import Dataset
 
 import train
 from data import PaddingCollator, make_loader
-from lora_model import load_base_model, load_tokenizer, prepare_model
-from runtime import fill_device_defaults
-from train_flags import build_parser
+from lora_model import load_base_model, prepare_model
+from machinery.cli import parse_options
+from machinery.hub import load_tokenizer
+from machinery.run_folder import Job
 
 BATCH_SIZE = 4
 # What torch.cuda.set_sync_debug_mode("warn") says at each synchronising operation.
@@ -32,11 +33,9 @@ REVIEW_IDS = [101, 2023, 3185, 2001, 2307, 102]  # "[CLS] this movie was great [
 def tiny_trainer(model_dir: str, folder: Path, device: torch.device, precision: str,
                  steps: int, *flags: str) -> train.Trainer:
     """A Trainer over `steps` batches of token ids, LoRA on the model in `model_dir`."""
-    args = build_parser().parse_args(
-        ["--model", model_dir, "--output-dir", str(folder), "--batch-size", str(BATCH_SIZE),
-         "--lr", "1e-2", "--warmup-ratio", "0", "--device", str(device), *flags])
-    args.precision = precision
-    fill_device_defaults(args, device)
+    recipe, _, run_options, _ = parse_options(train.build_parser(), [
+        "--model", model_dir, "--output-dir", str(folder), "--batch-size", str(BATCH_SIZE),
+        "--lr", "1e-2", "--warmup-ratio", "0", *flags], train.OPTIONS)
     folder.mkdir(parents=True, exist_ok=True)
     n = steps * BATCH_SIZE
     tokens = Dataset.from_dict({"input_ids": [REVIEW_IDS[: 3 + i % 4] for i in range(n)],
@@ -47,9 +46,11 @@ def tiny_trainer(model_dir: str, folder: Path, device: torch.device, precision: 
     validation_loader = make_loader(tokens.select(range(BATCH_SIZE)), BATCH_SIZE, collator,
                                     shuffle=False)
     torch.manual_seed(0)
-    model = prepare_model(load_base_model(model_dir), "lora").to(device)
-    return train.Trainer(args, model, tokenizer, train_loader, validation_loader, device,
-                         precision)
+    model = prepare_model(load_base_model(model_dir), "lora", recipe.lora_r, recipe.lora_alpha,
+                          recipe.lora_dropout, recipe.lora_targets).to(device)
+    job = Job.one_process(device, precision)
+    return train.Trainer(recipe, run_options, job, model, tokenizer, train_loader,
+                         validation_loader)
 
 
 def trainable_weights(trainer: train.Trainer) -> dict[str, torch.Tensor]:

@@ -32,9 +32,10 @@ from transformers import (
 
 import evaluate as evaluate_script
 import train as train_script
-from data_sources import load_split
-from lora_model import load_base_model, load_tokenizer, save_adapter, wrap_with_lora
-from run_folder import lock_run_folder
+from lora_model import load_base_model, save_adapter, wrap_with_lora
+from machinery.data_sources import load_split
+from machinery.hub import load_tokenizer
+from machinery.run_folder import lock_run_folder
 
 
 def folder_state(folder: Path) -> dict[str, bytes]:
@@ -279,7 +280,8 @@ def test_model_weights_cut_short(train, tiny_model_dir, tmp_path):
 @pytest.fixture(scope="module")
 def tiny_adapter(tiny_model_dir, tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("adapter")
-    model = wrap_with_lora(load_base_model(tiny_model_dir), r=4, alpha=8, dropout=0.0)
+    model = wrap_with_lora(load_base_model(tiny_model_dir), r=4, alpha=8, dropout=0.0,
+                           targets="query,value")
     save_adapter(model, load_tokenizer(tiny_model_dir), folder)
     return folder
 
@@ -462,7 +464,8 @@ def test_checkpoints_of_different_base_models_are_not_mixed(tmp_path, csv_data_d
                          num_attention_heads=2, intermediate_size=64)).save_pretrained(wider)
     load_tokenizer(str(tiny_adapter)).save_pretrained(wider)
     other = tmp_path / "other-adapter"
-    model = wrap_with_lora(load_base_model(str(wider)), r=4, alpha=8, dropout=0.0)
+    model = wrap_with_lora(load_base_model(str(wider)), r=4, alpha=8, dropout=0.0,
+                           targets="query,value")
     save_adapter(model, load_tokenizer(str(wider)), other)
     assert_refused(evaluate(tmp_path, "--checkpoint", str(tiny_adapter), "--checkpoint",
                             str(other), data=csv_data_dir),

@@ -12,30 +12,17 @@ import torch
 from conftest import minilm_path, reviews, run_main
 
 from benchmarks import gpu_benchmark
-from benchmarks.benchmark import (
-    CPU_ROWS,
-    TARGET_CACHED_TOKENIZE_SECONDS,
-    build_parser,
-    lengths_command,
-    main,
-    markdown_table,
-    write_section,
-)
-from benchmarks.gpu_benchmark import (
-    FULL_TEST_REVIEWS,
-    FULL_TRAIN_REVIEWS,
-    Shape,
-    forward_flops_per_sequence,
-    gpu_command,
-    median_of,
-    model_config,
-    parse_configs,
-    peak_flops,
-    review_lengths,
-)
+from benchmarks.benchmark import build_parser, main
+from benchmarks.common import CPU_ROWS, write_section
+from benchmarks.cpu_comparison import TARGET_CACHED_TOKENIZE_SECONDS
+from benchmarks.gpu_benchmark import gpu_command, parse_configs
+from benchmarks.gpu_report import FULL_TEST_REVIEWS, FULL_TRAIN_REVIEWS, median_of, peak_flops
+from benchmarks.gpu_workload import Shape, forward_flops_per_sequence, model_config, review_lengths
 from benchmarks.lab_recipe import RECIPE_CHANGES
+from benchmarks.lengths import lengths_command
 from benchmarks.levers import levers_command
-from runtime import pick_precision
+from machinery.report import markdown_table
+from machinery.runtime import pick_precision
 
 
 @pytest.fixture
@@ -99,7 +86,7 @@ def test_quick_cpu_benchmark_writes_the_table_with_every_row_and_ratio(tiny_mode
     assert text.startswith("# Benchmarks\n\nHand-written text stays.\n")
     assert text.count("<!-- benchmark:cpu start -->") == text.count("<!-- benchmark:cpu end -->") \
         == 1
-    assert markdown_table(table) in text
+    assert markdown_table(table[0], table[1:]) in text
     assert all(change in text for change in RECIPE_CHANGES)
     assert "python -m benchmarks.benchmark cpu --quick" in text
 
@@ -210,8 +197,8 @@ def test_gpu_benchmark_runs_on_the_cpu_with_a_tiny_model(tmp_path, monkeypatch):
     text = (tmp_path / "B.md").read_text()
     assert text.count("<!-- benchmark:gpu start -->") == text.count("<!-- benchmark:gpu end -->")\
         == 1
-    assert markdown_table(summary["training"]) in text
-    assert markdown_table(summary["comparison"]) in text
+    for name in ("training", "comparison"):
+        assert markdown_table(summary[name][0], summary[name][1:]) in text
     assert "Partial" not in text and "CPU, " + ctx["precision"] + "; tiny model" in text
 
 

@@ -1,5 +1,5 @@
 """Comparisons that decide: intervals, calibration, paired significance, per-review predictions
-(comparison.py, and evaluate.py's --json and --predictions)."""
+(machinery/stats.py, and evaluate.py's --json and --predictions)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from conftest import run_main, save_random_adapter
 from scipy.stats import binomtest
 
 import evaluate as evaluate_script
-from comparison import (
+from machinery.stats import (
     BOOTSTRAP_RESAMPLES,
     bootstrap_difference_interval,
     brier_score,

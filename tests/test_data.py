@@ -12,7 +12,6 @@ from conftest import HF_HOME, minilm_path, reviews
 from datasets import Dataset, concatenate_datasets
 from transformers import AutoTokenizer
 
-from cli import UsageError
 from data import (
     TRUNCATION_MODES,
     PaddingCollator,
@@ -26,8 +25,9 @@ from data import (
     tokenize,
     tokenizer_fingerprint,
 )
-from data_sources import FEATURES, label_to_int, load_split
-from lora_model import load_tokenizer
+from machinery.cli import UsageError
+from machinery.data_sources import FEATURES, label_to_int, load_split
+from machinery.hub import load_tokenizer
 
 
 @pytest.fixture(scope="module")

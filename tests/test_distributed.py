@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 import evaluate
 import train as train_script
 from data import PaddingCollator, make_loader
-from samplers import evaluation_shard
+from machinery.runtime import evaluation_shard
 
 # 20 training reviews (4 go to validation) in batches of 16 = 2 steps an epoch; 13 test reviews
 # in batches of 4 = 4 batches, so one rank scores 8 reviews and the other 5, and the validation

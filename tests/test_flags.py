@@ -16,17 +16,10 @@ from datasets import load_dataset
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-import data_sources
 import train
-from lora_model import (
-    ADAPTER_CONFIG,
-    ADAPTER_DIR,
-    ADAPTER_WEIGHTS,
-    DEFAULT_MODEL,
-    load_adapted_model,
-    load_base_model,
-    merge_adapter,
-)
+from lora_model import load_adapted_model, load_base_model, merge_adapter
+from machinery import data_sources
+from machinery.checkpoints import ADAPTER_CONFIG, ADAPTER_DIR, ADAPTER_WEIGHTS
 
 HIDDEN, LAYERS = 32, 2  # the tiny BERT of conftest
 QUERY = "bert.encoder.layer.0.attention.self.query"
@@ -149,7 +142,7 @@ def test_train_py_with_no_flags_trains_bert_base_on_imdb(tiny_model_dir, shared_
         real = auto_class.from_pretrained
 
         def from_pretrained(name, *args, real=real, **kwargs):
-            return real(tiny_model_dir if name == DEFAULT_MODEL else name, *args, **kwargs)
+            return real(tiny_model_dir if name == "bert-base-uncased" else name, *args, **kwargs)
 
         monkeypatch.setattr(auto_class, "from_pretrained", from_pretrained)
     monkeypatch.chdir(tmp_path)
@@ -158,7 +151,8 @@ def test_train_py_with_no_flags_trains_bert_base_on_imdb(tiny_model_dir, shared_
     [run] = (tmp_path / "runs").iterdir()
     assert re.fullmatch(r"bert-base-uncased-lora-\d{8}-\d{6}", run.name)
     config = read_json(run / "config.json")
-    assert (config["model"], config["data"], config["method"]) == (DEFAULT_MODEL, "imdb", "lora")
+    assert (config["model"], config["data"], config["method"]) == ("bert-base-uncased", "imdb",
+                                                                 "lora")
     assert (config["lr"], config["batch_size"], config["epochs"]) == (5e-4, 16, 1)
     assert (config["lora_r"], config["lora_alpha"], config["lora_dropout"]) == (8, 32, 0.1)
     assert config["train_examples"] + config["validation_examples"] == 24

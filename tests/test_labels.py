@@ -30,11 +30,16 @@ import evaluate as evaluate_script
 import lora_model
 import predict as predict_script
 import train as train_script
-from cli import UsageError
 from data import PaddingCollator, make_loader, tokenize
-from data_sources import BINARY_LABEL_NAMES, label_names_for, load_split, normalize_columns
 from evaluate import compute_metrics, predict_in_order
-from temperature import checkpoint_temperature
+from machinery.cli import UsageError
+from machinery.data_sources import (
+    BINARY_LABEL_NAMES,
+    label_names_for,
+    load_split,
+    normalize_columns,
+)
+from machinery.stats import checkpoint_temperature
 
 CPU = torch.device("cpu")
 # Support tickets in three queues, with their own column names: string labels, sorted to ids.
@@ -186,7 +191,8 @@ def test_evaluate_reproduces_the_run_and_refuses_checkpoints_of_other_classes(
     # A binary checkpoint beside it: different classes, one sentence.
     binary = tmp_path / "binary"
     base = lora_model.load_base_model(three_queues["model"])
-    lora_model.save_checkpoint(lora_model.wrap_with_lora(base, r=4),
+    lora_model.save_checkpoint(lora_model.wrap_with_lora(base, r=4, alpha=8, dropout=0.0,
+                                                          targets="query,value"),
                                lora_model.load_tokenizer(three_queues["model"]),
                                binary, "lora")
     result = run_main(evaluate_script.main, capsys, "--checkpoint", str(run), "--checkpoint",

@@ -1,5 +1,8 @@
-"""The code's layout: the project's modules import one another one way only (no cycle), and
-never inside a function, where an import usually hides a cycle."""
+"""The code's layout: the lesson at the top, the machinery in one package, and the rules that
+keep the whole tree readable. The project's modules import one another one way only (no
+cycle), never inside a function (where an import usually hides a cycle), and the package never
+imports the lesson; no function and no module grows past the sizes below.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +12,35 @@ from pathlib import Path
 
 from conftest import REPO
 
-# The project's modules: the scripts and the modules they are built from (benchmarks/ and
-# tests/ sit on top of them and are not part of the lesson's layering).
-MODULES = {path.stem: path for path in sorted(REPO.glob("*.py"))}
+# The lesson: the only modules at the top of the repository.
+LESSON = {"train", "evaluate", "data", "lora_model", "predict"}
+PACKAGE = "machinery"
+# Every project module by its import name: the lesson, the package and the benchmarks
+# (tests/ sits on top of them all and is not part of the layering).
+MODULES = {
+    **{path.stem: path for path in sorted(REPO.glob("*.py"))},
+    **{f"{PACKAGE}.{path.stem}": path for path in sorted((REPO / PACKAGE).glob("*.py"))
+       if path.stem != "__init__"},
+    **{f"benchmarks.{path.stem}": path for path in sorted((REPO / "benchmarks").glob("*.py"))
+       if path.stem != "__init__"},
+}
+# The sizes past which a function no longer reads in one screen, or a module holds several roles.
+MAX_FUNCTION_LINES = 60
+MAX_MODULE_LINES = 600
+# train.py is read top to bottom: the recipe, the run and the loop.
+MAX_TRAIN_LINES = 560
+
+
+def imported_modules(node: ast.Import | ast.ImportFrom) -> list[str]:
+    """The project modules an import statement names ("from machinery import cli, runtime"
+    names machinery.cli and machinery.runtime)."""
+    if isinstance(node, ast.Import):
+        names = [alias.name for alias in node.names]
+    elif node.level == 0 and node.module:
+        names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+    else:
+        names = []
+    return [name for name in names if name in MODULES]
 
 
 def project_imports(path: Path) -> list[tuple[str, int, bool]]:
@@ -20,12 +49,9 @@ def project_imports(path: Path) -> list[tuple[str, int, bool]]:
 
     def visit(node: ast.AST, in_function: bool) -> None:
         for child in ast.iter_child_nodes(node):
-            names = []
-            if isinstance(child, ast.Import):
-                names = [alias.name.split(".")[0] for alias in child.names]
-            elif isinstance(child, ast.ImportFrom) and child.level == 0 and child.module:
-                names = [child.module.split(".")[0]]
-            found.extend((name, child.lineno, in_function) for name in names if name in MODULES)
+            if isinstance(child, (ast.Import, ast.ImportFrom)):
+                found.extend((name, child.lineno, in_function)
+                             for name in imported_modules(child))
             visit(child, in_function or isinstance(child, (ast.FunctionDef,
                                                             ast.AsyncFunctionDef)))
 
@@ -33,12 +59,15 @@ def project_imports(path: Path) -> list[tuple[str, int, bool]]:
     return found
 
 
-def test_the_project_modules_are_found():
-    assert {"train", "evaluate", "data", "lora_model", "cli", "runtime"} <= set(MODULES)
+def test_the_top_level_is_the_lesson():
+    assert {path.stem for path in REPO.glob("*.py")} == LESSON
+    assert {name.split(".")[0] for name in MODULES} == LESSON | {PACKAGE, "benchmarks"}
+    assert {"machinery.cli", "machinery.runtime", "benchmarks.benchmark"} <= set(MODULES)
 
 
 def test_no_project_import_inside_a_function():
-    inside = [f"{name}.py:{line} imports {module}" for name, path in MODULES.items()
+    inside = [f"{path.relative_to(REPO)}:{line} imports {module}"
+              for path in MODULES.values()
               for module, line, in_function in project_imports(path) if in_function]
     assert inside == []
 
@@ -57,8 +86,40 @@ def test_project_imports_run_one_way():
 
     for name in graph:
         walk(name, [])
-    # The plumbing is at the bottom: it imports no other project module but each other.
-    assert graph["cli"] == set() and graph["runtime"] <= {"cli"}
+    # The machinery sits below the lesson: it never imports a lesson module. At its bottom,
+    # the command-line plumbing imports no other project module.
+    package = {name: imports for name, imports in graph.items() if name.startswith(PACKAGE)}
+    assert {name: imports & LESSON for name, imports in package.items()
+            if imports & LESSON} == {}
+    assert graph["machinery.cli"] == set()
+
+
+def function_lengths(path: Path) -> dict[str, int]:
+    """Each function's (and method's) length in lines, from its def to its last line."""
+    return {node.name: node.end_lineno - node.lineno + 1
+            for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))}
+
+
+def test_no_function_or_module_grows_past_a_screenful_of_roles():
+    """Every function reads in one screen (at most 60 lines), every module holds one role
+    (at most 600 lines), and train.py stays a lesson read top to bottom."""
+    long_functions = {f"{name}.{function}": n for name, path in MODULES.items()
+                      for function, n in function_lengths(path).items()
+                      if n > MAX_FUNCTION_LINES}
+    assert long_functions == {}
+    lines = {name: len(path.read_text().splitlines()) for name, path in MODULES.items()}
+    assert {name: n for name, n in lines.items() if n > MAX_MODULE_LINES} == {}
+    assert lines["train"] <= MAX_TRAIN_LINES
+
+
+def test_the_training_step_is_within_train_pys_first_screens():
+    """A learner meets the recipe, the run and the training step early in train.py: the loop
+    (Trainer.train_epoch and optimizer_step) starts within its first 400 lines, after run()."""
+    body = ast.parse((REPO / "train.py").read_text()).body
+    where = {node.name: node.lineno for node in body if isinstance(node, (ast.FunctionDef,
+                                                                          ast.ClassDef))}
+    assert where["Recipe"] < where["run"] < where["Trainer"] < 400
 
 
 # The project's documents, and a Markdown link: [text](target).
@@ -118,15 +179,17 @@ def test_every_link_in_the_documents_resolves_to_a_file_heading_or_name():
     assert linked_names >= 50  # the Reading order names the lesson's functions
 
 
-def test_the_readme_is_a_front_door_with_a_reading_order():
+# The command that builds the test environment from nothing and runs the whole suite.
+TEST_COMMAND = "bash tests/run.sh"
+
+
+def test_the_readme_opens_with_the_two_commands_and_a_reading_order():
+    """The README's first screen gives the command that trains and the one that builds the
+    test environment and runs the suite (the command .ci/run runs too)."""
     text = (REPO / "README.md").read_text()
+    first_screen = "\n".join(text.splitlines()[:30])
+    assert "python train.py" in first_screen
+    assert TEST_COMMAND in first_screen
+    assert TEST_COMMAND in (REPO / ".ci" / "run").read_text()
     assert len(text.splitlines()) <= 300
     assert "## Reading order" in text
-
-
-def test_train_py_stays_a_lesson_and_no_module_grows_past_a_screenful_of_roles():
-    """train.py is read top to bottom (at most 450 lines); machinery lives in modules of its
-    own, none over 600 lines (issue 15's limits: past them, a module holds several roles)."""
-    lines = {name: len(path.read_text().splitlines()) for name, path in MODULES.items()}
-    assert lines["train"] <= 450
-    assert {name: n for name, n in lines.items() if n > 600} == {}

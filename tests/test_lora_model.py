@@ -12,20 +12,18 @@ from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification
 
 import lora_model
-from cli import UsageError
 from lora_model import (
-    ADAPTER_DIR,
     HEAD_SEED,
-    adapter_base_model,
-    find_checkpoint,
     load_adapted_model,
     load_base_model,
-    load_tokenizer,
     parameter_counts,
     prepare_model,
     save_checkpoint,
     wrap_with_lora,
 )
+from machinery.checkpoints import ADAPTER_DIR, adapter_base_model, find_checkpoint
+from machinery.cli import UsageError
+from machinery.hub import load_tokenizer
 
 HIDDEN, LAYERS, R = 32, 2, 4
 
@@ -56,7 +54,8 @@ def test_base_model_head_is_the_same_whatever_the_global_rng(tiny_model_dir, mon
 
 
 def test_lora_trains_only_adapters_and_the_classifier_head(tiny_model_dir):
-    model = wrap_with_lora(load_base_model(tiny_model_dir), r=R, alpha=8, dropout=0.0)
+    model = wrap_with_lora(load_base_model(tiny_model_dir), r=R, alpha=8, dropout=0.0,
+                           targets="query,value")
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable, "nothing would be trained"
     assert all("lora_" in n or "classifier" in n for n in trainable)
@@ -67,7 +66,8 @@ def test_lora_trains_only_adapters_and_the_classifier_head(tiny_model_dir):
 
 
 def test_a_training_step_changes_only_adapters_and_head(tiny_model_dir):
-    model = wrap_with_lora(load_base_model(tiny_model_dir), r=R, alpha=8, dropout=0.0)
+    model = wrap_with_lora(load_base_model(tiny_model_dir), r=R, alpha=8, dropout=0.0,
+                           targets="query,value")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model(**batch_of_ids(), labels=torch.tensor([0, 1, 1])).loss.backward()
@@ -82,7 +82,7 @@ def test_fresh_lora_model_equals_the_pre_trained_model(tiny_model_dir):
     base = load_base_model(tiny_model_dir).eval()
     with torch.no_grad():
         expected = base(**batch_of_ids()).logits
-        wrapped = wrap_with_lora(base, r=R, alpha=8, dropout=0.0).eval()
+        wrapped = wrap_with_lora(base, r=R, alpha=8, dropout=0.0, targets="query,value").eval()
         assert torch.allclose(wrapped(**batch_of_ids()).logits, expected, atol=1e-6)
 
 
@@ -134,7 +134,7 @@ def test_adapter_records_its_base_model(tiny_model_dir, tmp_path):
 def test_a_folder_without_adapter_is_refused(tiny_model_dir, tmp_path):
     with pytest.raises(UsageError, match="is not a run folder, an adapter folder"):
         load_adapted_model(tmp_path)
-    head = prepare_model(load_base_model(tiny_model_dir), "head")
+    head = prepare_model(load_base_model(tiny_model_dir), "head", 8, 32, 0.1, "query,value")
     save_checkpoint(head, load_tokenizer(tiny_model_dir), tmp_path / "head", "head")
     with pytest.raises(UsageError, match="holds a head checkpoint, not a LoRA adapter"):
         load_adapted_model(tmp_path / "head")
@@ -149,7 +149,7 @@ def test_a_model_stored_in_fp16_trains_fp32_weights(tiny_model_dir, tmp_path):
     load_tokenizer(tiny_model_dir).save_pretrained(half)
     stored = load_file(half / "model.safetensors")
     assert {tensor.dtype for tensor in stored.values()} == {torch.float16}
-    model = prepare_model(load_base_model(str(half)), "lora")
+    model = prepare_model(load_base_model(str(half)), "lora", 8, 32, 0.1, "query,value")
     assert {param.dtype for param in model.parameters()} == {torch.float32}
     trainable = [param for param in model.parameters() if param.requires_grad]
     assert len(trainable) == 2 * LAYERS * 2 + 2  # lora_A/B on query and value, head W and b

@@ -15,18 +15,11 @@ from safetensors import safe_open
 from transformers import PreTrainedTokenizerBase
 
 import lora_model
-from cli import UsageError
-from lora_model import (
-    ADAPTER_CONFIG,
-    ADAPTER_DIR,
-    folder_size,
-    format_size,
-    load_adapted_model,
-    load_base_model,
-    load_merged_model,
-    load_tokenizer,
-    merge_adapter,
-)
+from lora_model import load_adapted_model, load_base_model, load_merged_model, merge_adapter
+from machinery.checkpoints import ADAPTER_CONFIG, ADAPTER_DIR
+from machinery.cli import UsageError
+from machinery.files import folder_size, format_size
+from machinery.hub import load_tokenizer
 
 CPU = torch.device("cpu")
 TEXTS = ["A wonderful film, I loved every minute.", "Dull, slow and badly acted."]

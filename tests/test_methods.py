@@ -17,18 +17,10 @@ import evaluate
 import predict
 import train
 from data import PREPROCESSING_FILE
-from lora_model import (
-    ADAPTER_DIR,
-    HEAD_WEIGHTS,
-    METHODS,
-    MODEL_DIR,
-    load_base_model,
-    load_checkpoint,
-    load_merged_model,
-    merge_adapter,
-)
-from temperature import TEMPERATURE_FILE
-from train_flags import DEFAULT_LRS
+from lora_model import load_base_model, load_checkpoint, load_merged_model, merge_adapter
+from machinery.checkpoints import ADAPTER_DIR, HEAD_WEIGHTS, METHODS, MODEL_DIR
+from machinery.stats import TEMPERATURE_FILE
+from train import DEFAULT_LRS
 
 MAX_LENGTH, TRUNCATION = "8", "head+tail"
 LORA_LR = "2e-2"
@@ -156,9 +148,10 @@ def test_predict_and_merge_work_for_every_method(runs, method, tmp_path, capsys)
 def test_help_explains_the_new_flags(script):
     text = " ".join(script.build_parser().format_help().split())
     assert "--truncation {head,tail,head+tail}" in text
-    assert "the first 128 and the last 382" in text
     if script is train:
-        assert "full = every weight (full fine-tuning)" in text
+        assert "head+tail (a quarter head, rest tail)" in text
+        assert "head = the head alone, full = every weight" in text
         assert "default: by --method, lora 0.0005, head 0.001, full 3e-05" in text
     else:
+        assert "the first 128 and the last 382" in text
         assert "default: the checkpoint's, recorded by train.py, else head" in text

@@ -21,11 +21,12 @@ from data import (
     tokenize,
     truncate_ids,
 )
-from data_sources import load_split
 from evaluate import compute_metrics, evaluate_model, predict_logits
-from lora_model import load_base_model, load_tokenizer
+from lora_model import load_base_model
+from machinery.data_sources import load_split
+from machinery.hub import load_tokenizer
+from machinery.runtime import LENGTH_GROUP_BATCHES, LengthGroupedSampler, round_up
 from predict import predict_reviews
-from samplers import LENGTH_GROUP_BATCHES, LengthGroupedSampler, round_up
 
 CPU = torch.device("cpu")
 

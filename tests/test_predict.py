@@ -12,15 +12,15 @@ from conftest import NEGATIVE, POSITIVE, reviews, run_main, run_script
 
 import predict
 from lora_model import (
-    ADAPTER_DIR,
     load_adapted_model,
     load_base_model,
-    load_tokenizer,
     merge_adapter,
     save_adapter,
     wrap_with_lora,
 )
-from runtime import pick_precision
+from machinery.checkpoints import ADAPTER_DIR
+from machinery.hub import load_tokenizer
+from machinery.runtime import pick_precision
 
 SHORT = [POSITIVE[0], NEGATIVE[1], POSITIVE[2]]
 LONG = " ".join([NEGATIVE[0]] * 6)  # 44 tokens, more than MAX_LENGTH
@@ -37,7 +37,8 @@ def run_dir(tiny_model_dir, tmp_path_factory):
     """
     folder = tmp_path_factory.mktemp("predict")
     torch.manual_seed(0)
-    model = wrap_with_lora(load_base_model(tiny_model_dir), r=4, alpha=8, dropout=0.0)
+    model = wrap_with_lora(load_base_model(tiny_model_dir), r=4, alpha=8, dropout=0.0,
+                           targets="query,value")
     tokenizer = load_tokenizer(tiny_model_dir)
     data = reviews(12)
     batch = tokenizer(list(data["text"]), padding=True, return_tensors="pt")

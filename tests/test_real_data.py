@@ -24,18 +24,12 @@ from test_temperature import ece
 from transformers import AutoModelForSequenceClassification
 
 from data import PaddingCollator, make_loader, take_subset, tokenize
-from data_sources import load_split
 from evaluate import predict_logits
-from lora_model import (
-    ADAPTER_DIR,
-    folder_size,
-    format_size,
-    load_adapted_model,
-    load_base_model,
-    load_merged_model,
-    load_tokenizer,
-    merge_adapter,
-)
+from lora_model import load_adapted_model, load_base_model, load_merged_model, merge_adapter
+from machinery.checkpoints import ADAPTER_DIR
+from machinery.data_sources import load_split
+from machinery.files import folder_size, format_size
+from machinery.hub import load_tokenizer
 
 pytestmark = pytest.mark.real_data
 

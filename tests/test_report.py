@@ -1,4 +1,4 @@
-"""report.py: the training-curve and comparison plots, and report.md, for a run folder."""
+"""machinery/report.py: the training-curve and comparison plots, and report.md, for a run folder."""
 
 from __future__ import annotations
 
@@ -6,10 +6,11 @@ import json
 import re
 
 import pytest
+from conftest import run_script
 from matplotlib.image import imread
 
-import report
-from cli import UsageError
+from machinery import report
+from machinery.cli import UsageError
 
 BEFORE = {"accuracy": 0.515, "precision": 0.515748031496063, "recall": 0.2657200811359026,
           "f1": 0.3507362784471218, "loss": 0.6929436326026917, "n": 1000,
@@ -21,7 +22,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def write_run(folder, with_validation: bool = True, with_counts: bool = True):
-    """A finished run folder as train.py leaves it (the files report.py reads)."""
+    """A finished run folder as train.py leaves it (the files machinery/report.py reads)."""
     folder.mkdir(parents=True, exist_ok=True)
     config = {"model": "bert-base-uncased", "data": "imdb", "lr": 0.0005, "lora_r": 8,
               "eval_every": None, "resolved_device": "cuda", "resolved_precision": "bf16",
@@ -172,11 +173,14 @@ def test_a_folder_that_is_no_run_is_a_usage_error(tmp_path):
 
 
 def test_report_command_regenerates_an_existing_run(tmp_path, capsys):
+    """`python -m machinery.report RUN_DIR`, as the README gives it, in a new interpreter."""
     run = write_run(tmp_path / "run")
-    assert report.main([str(run)]) == 0
-    assert f"Wrote {run / report.REPORT_MD}" in capsys.readouterr().out
+    result = run_script("-m", "machinery.report", str(run))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"Wrote {run / report.REPORT_MD}" in result.stdout
     for name in (report.REPORT_MD, report.CURVES_PNG, report.COMPARISON_PNG):
         assert (run / name).is_file(), name
+    assert f"`python -m machinery.report {run}`" in (run / report.REPORT_MD).read_text()
     with pytest.raises(SystemExit) as exit_info:
         report.main([str(tmp_path / "missing")])
     assert exit_info.value.code == 2

@@ -24,11 +24,9 @@ from conftest import Outcome, minilm_path, reviews, run_forked, run_main
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-import resumable
-import stopping
 import train
-import train_flags
-from cli import FIXED, UsageError, resume_rules
+from machinery import snapshots, summarize
+from machinery.cli import FIXED, UsageError, resume_rules
 
 # 72 training reviews in batches of 4, 2 batches per optimizer step: 9 steps per epoch, 18 in
 # all; snapshots after steps 3, 6, 9 (epoch end), 12, 15, 18; validation after 4, 8, 9, ...
@@ -172,9 +170,9 @@ def test_loss_that_stays_nan_stops_and_keeps_the_last_good_snapshot(setup, tmp_p
     result = interrupted_run(setup, "nan-from-step:4", folder)
     assert result.returncode == 1, result.stderr
     last_line = result.stderr.strip().splitlines()[-1]
-    assert f"inf/NaN for {stopping.MAX_NONFINITE_STEPS} steps in a row" in last_line
+    assert f"inf/NaN for {snapshots.MAX_NONFINITE_STEPS} steps in a row" in last_line
     assert "the snapshot of step 6" in last_line
-    assert resumable.snapshot_problem(folder / "snapshot") is None
+    assert snapshots.snapshot_problem(folder / "snapshot") is None
     weights = load_file(folder / "snapshot" / "trainable.safetensors")
     assert all(torch.isfinite(tensor).all() for tensor in weights.values())
 
@@ -189,10 +187,10 @@ def test_a_full_disk_stops_the_run_in_one_sentence_and_the_same_command_resumes(
     assert full.returncode == 1, full.stderr[-3000:]
     assert "Traceback" not in full.stderr
     last_line = full.stderr.strip().splitlines()[-1]
-    partial = folder / resumable.PARTIAL_SNAPSHOT_DIR / resumable.TRAINING_STATE_FILE
+    partial = folder / snapshots.PARTIAL_SNAPSHOT_DIR / snapshots.TRAINING_STATE_FILE
     assert f": error: could not write {partial}: no space left on device (" in last_line
     assert "run the same command again" in last_line
-    assert resumable.snapshot_problem(folder / "snapshot") is None
+    assert snapshots.snapshot_problem(folder / "snapshot") is None
     assert json.loads((folder / "snapshot" / "progress.json").read_text())["step"] == 3
     resumed = resumed_run(setup, folder, capsys)
     assert resumed_step(resumed.stdout) == 3
@@ -274,7 +272,7 @@ def flip_a_byte(path: Path) -> None:
 ], ids=["truncated-weights", "flipped-byte", "no-manifest", "missing-file"])
 def test_damaged_latest_snapshot_falls_back_to_the_previous(killed_copy, capsys, damage):
     damage(killed_copy / "snapshot")
-    assert resumable.find_snapshot(killed_copy) == killed_copy / "snapshot-previous"
+    assert snapshots.find_snapshot(killed_copy) == killed_copy / "snapshot-previous"
     assert "warning: the snapshot in" in capsys.readouterr().out
 
 
@@ -282,7 +280,7 @@ def test_every_snapshot_damaged_is_one_clear_error(killed_copy):
     truncate(killed_copy / "snapshot" / "trainable.safetensors")
     flip_a_byte(killed_copy / "snapshot-previous" / "training_state.pt")
     with pytest.raises(UsageError) as error:
-        resumable.find_snapshot(killed_copy)
+        snapshots.find_snapshot(killed_copy)
     message = str(error.value)
     assert "holds no valid snapshot" in message and "--overwrite" in message
     assert "snapshot/: trainable.safetensors has" in message
@@ -305,7 +303,7 @@ def test_a_run_folder_from_before_the_rename_to_snapshot_resumes(setup, killed_c
     and checkpoint-previous/ (the same files), and their config.json lacks the flags added
     since: they resume from the newer, end exactly as the uninterrupted run, and the finished
     run deletes the old folders too."""
-    for new, old in zip(("snapshot", "snapshot-previous"), resumable.OLD_SNAPSHOT_DIRS,
+    for new, old in zip(("snapshot", "snapshot-previous"), snapshots.OLD_SNAPSHOT_DIRS,
                         strict=True):
         (killed_copy / new).rename(killed_copy / old)
     # Its config.json does not know the flags added since (--labels), nor its snapshots.
@@ -315,7 +313,7 @@ def test_a_run_folder_from_before_the_rename_to_snapshot_resumes(setup, killed_c
     resumed = resumed_run(setup, killed_copy, capsys)
     assert resumed_step(resumed.stdout) == 6
     assert_same_result(killed_copy, setup["reference"])
-    assert not [name for name in resumable.ALL_SNAPSHOT_DIRS if (killed_copy / name).exists()]
+    assert not [name for name in snapshots.ALL_SNAPSHOT_DIRS if (killed_copy / name).exists()]
 
 
 def run_in_process(setup: dict, folder: Path, *extra: str) -> None:
@@ -369,14 +367,17 @@ def test_resume_on_edited_reviews_is_refused(setup, tmp_path, capsys, edit):
 
 
 def test_every_flag_declares_whether_a_resumed_run_may_change_it():
-    rules = resume_rules(train_flags.build_parser())
-    assert [flag for flag, rule in rules.items() if rule is None] == []  # add_flag(FIXED, ...)
+    rules = resume_rules(train.build_parser())
+    assert [flag for flag, rule in rules.items() if rule is None] == []  # from its dataclass
     # Where and how fast the run goes, and how often it reports, as the README lists them.
-    assert train_flags.ADJUSTABLE_ON_RESUME == {
+    assert train.ADJUSTABLE_ON_RESUME == {
         "output_dir", "overwrite", "resume", "device", "num_workers", "eval_batch_size",
         "log_every", "save_every", "compile"}
     assert {"lr", "seed", "max_length", "lora_r", "precision", "data"} <= {
         flag for flag, rule in rules.items() if rule == FIXED}
+    # A seed sweep's runs may differ in every such flag (summarize.py knows them without
+    # importing train.py).
+    assert train.ADJUSTABLE_ON_RESUME <= summarize.MAY_DIFFER
 
 
 def test_finished_run_is_never_overwritten_silently(setup, capsys):

@@ -10,10 +10,10 @@ import os
 import pytest
 import torch
 
-import resumable
-import runtime
-from cli import UsageError
-from runtime import fill_device_defaults, init_distributed, pick_device, pick_precision
+from machinery import runtime, snapshots
+from machinery.cli import UsageError
+from machinery.options import fill_device_defaults
+from machinery.runtime import init_distributed, pick_device, pick_precision
 
 CPU = torch.device("cpu")
 
@@ -132,20 +132,20 @@ def test_random_streams_are_saved_and_restored_for_the_gpu_in_use(monkeypatch):
                         lambda device: read.append(device) or torch.tensor([7], dtype=torch.uint8))
     monkeypatch.setattr(torch.cuda, "set_rng_state",
                         lambda state, device: written.append((state.tolist(), device)))
-    states = resumable.rng_states(torch.device("cuda", 3))
+    states = snapshots.rng_states(torch.device("cuda", 3))
     assert read == [torch.device("cuda", 3)]
-    resumable.restore_rng_states(states, torch.device("cuda", 0))
+    snapshots.restore_rng_states(states, torch.device("cuda", 0))
     assert written == [([7], torch.device("cuda", 0))]
-    resumable.restore_rng_states(states, CPU)  # moved to a CPU: the other streams only
+    snapshots.restore_rng_states(states, CPU)  # moved to a CPU: the other streams only
     assert len(written) == 1
-    cpu_states = resumable.rng_states(CPU)
+    cpu_states = snapshots.rng_states(CPU)
     assert cpu_states["cuda"] is None and len(read) == 1
     torch.manual_seed(5)
     expected = torch.rand(3)
     torch.manual_seed(5)
-    saved = resumable.rng_states(CPU)
+    saved = snapshots.rng_states(CPU)
     torch.rand(3)
-    resumable.restore_rng_states(saved, CPU)
+    snapshots.restore_rng_states(saved, CPU)
     assert torch.equal(torch.rand(3), expected)
 
 

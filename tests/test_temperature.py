@@ -1,5 +1,5 @@
-"""Temperature scaling (temperature.py), the reliability diagram's bins, and the seed summary
-(summarize.py): checked against numbers computed here with numpy, on known inputs and on
+"""Temperature scaling (machinery/stats.py), the reliability diagram's bins, and the seed summary
+(machinery/summarize.py): checked against numbers computed here with numpy, on known inputs and on
 tiny train.py runs."""
 
 from __future__ import annotations
@@ -10,24 +10,26 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import NEGATIVE, POSITIVE, run_main
+from conftest import NEGATIVE, POSITIVE, run_main, run_script
 
 import evaluate
 import predict
-import summarize
 import train
-from comparison import reliability_bins
-from data import DEFAULT_DATA_SEED, PaddingCollator, make_loader, split_train_validation, tokenize
-from data_sources import load_split
+from data import PaddingCollator, make_loader, split_train_validation, tokenize
 from evaluate import compute_metrics, predict_in_order
-from lora_model import ADAPTER_DIR, load_checkpoint, merge_adapter
-from temperature import (
+from lora_model import load_checkpoint, merge_adapter
+from machinery import summarize
+from machinery.checkpoints import ADAPTER_DIR
+from machinery.data_sources import load_split
+from machinery.options import DataOptions
+from machinery.stats import (
     MAX_TEMPERATURE,
     MIN_TEMPERATURE,
     TEMPERATURE_FILE,
     fit_calibration,
     fit_temperature,
     format_calibration,
+    reliability_bins,
     scale_logits,
     temperature_to_apply,
 )
@@ -164,7 +166,7 @@ def test_train_stores_the_temperature_and_evaluate_and_predict_apply_it(
     # on the checkpoint's own logits of that split, recomputed here.
     model, tokenizer = load_checkpoint(run)
     _, held_out = split_train_validation(load_split(str(shared_data_dir), "train"), None, 8,
-                                         DEFAULT_DATA_SEED)
+                                         DataOptions().data_seed)
     loader = make_loader(tokenize(held_out, tokenizer, 128), 8,
                          PaddingCollator(tokenizer.pad_token_id, CPU), shuffle=False)
     logits, labels = predict_in_order(model, loader, CPU, "fp32")
@@ -261,9 +263,10 @@ def test_a_damaged_temperature_file_is_one_line_naming_it(runs, shared_data_dir,
     assert result.returncode == 0, result.stderr
 
 
-def test_a_seed_sweep_reads_as_mean_and_standard_deviation(runs, tmp_path, capsys):
+def test_a_seed_sweep_reads_as_mean_and_standard_deviation(runs, tmp_path):
+    """`python -m machinery.summarize RUN_DIR ...`, as the README gives it."""
     out = tmp_path / "sweep.json"
-    result = run_main(summarize.main, capsys, *map(str, runs), "--json", str(out))
+    result = run_script("-m", "machinery.summarize", *map(str, runs), "--json", str(out))
     assert result.returncode == 0, result.stderr
     summary = read_json(out)
     metrics = [read_json(run / "metrics.json") for run in runs]

@@ -15,27 +15,31 @@ from step_probe import assert_only_step_2_was_skipped, run_with_inf_gradient
 import evaluate
 import train
 from data import PaddingCollator, make_loader, tokenize
-from lora_model import load_base_model, load_tokenizer, prepare_model
+from lora_model import load_base_model, prepare_model
+from machinery.cli import parse_options
+from machinery.hub import load_tokenizer
+from machinery.run_folder import Job
 from train import NO_DECAY, Trainer
-from train_flags import build_parser
 
 CPU = torch.device("cpu")
 
 
 def make_trainer(tiny_model_dir, tmp_path, n_examples: int, *flags: str) -> Trainer:
-    args = build_parser().parse_args(
-        ["--model", tiny_model_dir, "--output-dir", str(tmp_path), "--lora-dropout", "0",
-         "--warmup-ratio", "0", "--lr", "1e-2", *flags])
+    recipe, _, run_options, _ = parse_options(train.build_parser(), [
+        "--model", tiny_model_dir, "--output-dir", str(tmp_path), "--lora-dropout", "0",
+        "--warmup-ratio", "0", "--lr", "1e-2", *flags], train.OPTIONS)
     tmp_path.mkdir(parents=True, exist_ok=True)
-    transformers.set_seed(args.seed)
+    transformers.set_seed(recipe.seed)
     tokenizer = load_tokenizer(tiny_model_dir)
-    tokens = tokenize(reviews(n_examples // 2), tokenizer, max_length=24)
+    tokens = tokenize(reviews(n_examples // 2), tokenizer, 24, "head")
     collator = PaddingCollator(tokenizer.pad_token_id, CPU)
-    train_loader = make_loader(tokens, args.batch_size, collator, shuffle=True, seed=args.seed)
+    train_loader = make_loader(tokens, recipe.batch_size, collator, shuffle=True,
+                               seed=recipe.seed)
     validation_loader = make_loader(tokens, 8, collator, shuffle=False)
-    model = prepare_model(load_base_model(tiny_model_dir), args.method, args.lora_r,
-                          args.lora_alpha, args.lora_dropout, args.lora_targets)
-    return Trainer(args, model, tokenizer, train_loader, validation_loader, CPU, "fp32")
+    model = prepare_model(load_base_model(tiny_model_dir), recipe.method, recipe.lora_r,
+                          recipe.lora_alpha, recipe.lora_dropout, recipe.lora_targets)
+    job = Job.one_process(CPU, "fp32")
+    return Trainer(recipe, run_options, job, model, tokenizer, train_loader, validation_loader)
 
 
 def trainable_state(trainer: Trainer) -> dict[str, torch.Tensor]:

@@ -1,6 +1,6 @@
 """Plots and a Markdown report of a run: training curves, before/after comparison, report.md.
 
-    python report.py runs/NAME      # (re)draw the plots and write runs/NAME/report.md
+    python -m machinery.report runs/NAME      # (re)draw the plots and write runs/NAME/report.md
 
 train.py calls ``write_report`` at the end of every run; ``evaluate.py --plot`` calls
 ``plot_comparison`` for any set of checkpoints. Figures are drawn on matplotlib's
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,17 +22,17 @@ import numpy as np
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-from cli import UsageError, run_command
-from data_sources import BINARY_LABEL_NAMES
-from files import write_file, writing
-from lora_model import (
+from machinery.checkpoints import (
     ADAPTER_DIR,
     METHODS,
     MODEL_DIR,
     checkpoint_folder,
     checkpoint_label_names,
 )
-from temperature import UNCALIBRATED, format_calibration
+from machinery.cli import UsageError, run_command
+from machinery.data_sources import BINARY_LABEL_NAMES
+from machinery.files import write_file, writing
+from machinery.stats import UNCALIBRATED, format_calibration
 
 # The files of a run folder: written by train.py, read here.
 CONFIG_FILE = "config.json"
@@ -79,6 +80,29 @@ class RunLog:
     def close(self) -> None:
         """Close the file."""
         self.file.close()
+
+
+class LogWindow:
+    """The samples trained and the seconds spent training since the last log line: the speed
+    that log.jsonl records."""
+
+    def __init__(self, clock: float | None = None):
+        self.samples, self.seconds = 0, 0.0
+        self.clock = time.perf_counter() if clock is None else clock
+
+    def lap(self) -> float:
+        """The seconds since the clock last started, added to the window's."""
+        elapsed = time.perf_counter() - self.clock
+        self.seconds += elapsed
+        return elapsed
+
+    def restart(self) -> None:
+        """Start the clock again: what came since the last lap was not training."""
+        self.clock = time.perf_counter()
+
+    def rate(self) -> float:
+        """Samples per second over the window."""
+        return self.samples / self.seconds
 
 
 # ---------------------------------------------------------------------------------------------
@@ -404,7 +428,7 @@ def report_markdown(run_dir: Path, config: dict, metrics: dict, training: list[d
         f"Fine-tuning ({METHODS[method]}) of `{config.get('model', '?')}` on "
         f"`{config.get('data', '?')}` "
         f"({config.get('resolved_device', '?')}, {config.get('resolved_precision', '?')}). "
-        f"Regenerate with `python report.py {run_dir}`.",
+        f"Regenerate with `python -m machinery.report {run_dir}`.",
         "## Test metrics",
         f"Before: the pre-trained model with its seeded random classifier head. After: {chosen}, "
         "loaded back from disk. Change = after - before.",
@@ -489,6 +513,7 @@ def write_report(run_dir: str | Path, metrics: dict | None = None) -> Path:
 def main(argv: list[str] | None = None) -> int:
     """Entry point: (re)write a run folder's plots and report."""
     parser = argparse.ArgumentParser(
+        prog="python -m machinery.report",
         description="Draw training_curves.png and comparison.png and write report.md for a "
                     "finished train.py run folder (train.py does this itself at the end of a "
                     "run; use this for older runs or after editing the plots).")
@@ -499,7 +524,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def report_command(args: argparse.Namespace) -> None:
-    """``python report.py RUN_DIR``: write the report and say where."""
+    """``python -m machinery.report RUN_DIR``: write the report and say where."""
     report = write_report(args.run_dir)
     print(f"Wrote {report}, {args.run_dir / CURVES_PNG} and {args.run_dir / COMPARISON_PNG}")
 

@@ -1,7 +1,7 @@
 """One table for a seed sweep: several train.py runs of one configuration as mean ± standard
 deviation per metric.
 
-    python summarize.py runs/seed0 runs/seed1 runs/seed2 [--json sweep.json]
+    python -m machinery.summarize runs/seed0 runs/seed1 runs/seed2 [--json sweep.json]
 
 A single run's accuracy moves with the seed (LoRA's initialisation, dropout, the data order)
 and with --data-seed (which reviews are drawn); the spread across seeds says how much of a
@@ -18,17 +18,19 @@ from pathlib import Path
 
 import numpy as np
 
-from cli import UsageError, check_can_write, run_command
-from files import write_json
-from report import CONFIG_FILE, METRICS_FILE, metric_names, read_json
-from run_folder import differing_settings
-from train_flags import ADJUSTABLE_ON_RESUME
+from machinery.cli import UsageError, adjustable_options, check_can_write, run_command
+from machinery.files import write_json
+from machinery.options import DataOptions, RunOptions, RuntimeOptions
+from machinery.report import CONFIG_FILE, METRICS_FILE, metric_names, read_json
+from machinery.run_folder import differing_settings
 
-# What a sweep varies; with the flags a resumed run may change (they do not change the result),
-# the library versions and the device, these may differ between the summarised runs. The
-# review counts config.json records may not: with the same flags only other data changes them.
+# What a sweep varies; with the flags a resumed run may change (they do not change the result:
+# train.py's recipe has none), the library versions and the device, these may differ between
+# the summarised runs. The review counts config.json records may not: with the same flags only
+# other data changes them.
 SWEPT = ("seed", "data_seed")
-MAY_DIFFER = {*SWEPT, *ADJUSTABLE_ON_RESUME, "versions", "resolved_device"}
+MAY_DIFFER = {*SWEPT, *adjustable_options(DataOptions, RunOptions, RuntimeOptions), "versions",
+              "resolved_device"}
 
 
 def read_run(folder: Path) -> tuple[dict, dict]:
@@ -100,6 +102,7 @@ def format_summary(summary: dict) -> str:
 def build_parser() -> argparse.ArgumentParser:
     """The summarize.py command line."""
     parser = argparse.ArgumentParser(
+        prog="python -m machinery.summarize",
         description="Summarise several finished train.py runs of one configuration (a seed "
                     "sweep) as mean ± standard deviation of every test metric.")
     parser.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR",

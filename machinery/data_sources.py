@@ -23,7 +23,7 @@ from datasets.fingerprint import Hasher
 from pyarrow import parquet as pq
 from pyarrow.lib import ArrowException
 
-from cli import UsageError
+from machinery.cli import UsageError
 
 TEXT, LABEL = "text", "label"
 # IMDB's two classes, and the labels some datasets use for them (compared lower-cased,

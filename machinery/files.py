@@ -15,7 +15,7 @@ import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from cli import DISK_FULL_ERRORS
+from machinery.cli import DISK_FULL_ERRORS
 
 # How libraries that do not raise OSError (safetensors' Rust writer) word a full disk.
 DISK_FULL_WORDS = tuple(os.strerror(code) for code in DISK_FULL_ERRORS)
@@ -98,3 +98,20 @@ def write_folder(folder: Path, write: Callable[[Path], None]) -> None:
         shutil.rmtree(partial, ignore_errors=True)
         raise
     swap_in_folder(partial, folder)
+
+
+def folder_size(folder: str | Path) -> int:
+    """Bytes in all files under `folder`."""
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
+
+
+def format_size(n_bytes: int) -> str:
+    """'90.9 MB': decimal units, as file managers show sizes."""
+    if n_bytes < 1000:
+        return f"{n_bytes} B"
+    size = float(n_bytes)
+    for unit in ("kB", "MB", "GB"):
+        size /= 1000
+        if size < 1000 or unit == "GB":
+            break
+    return f"{size:.1f} {unit}"

@@ -1,7 +1,13 @@
-"""Snapshots: what a killed run needs to continue exactly where it stopped.
+"""Stopping a run before its end and continuing it exactly where it stopped.
 
-A snapshot is a folder of files (the trained weights, the optimizer/scheduler/scaler and
-random-number states, the position in the data) with a manifest of their sizes and SHA-256
+Stopping, cleanly: on SIGINT (Ctrl-C) or SIGTERM (pre-emption, ``kill``) the loop finishes its
+optimizer step, writes a snapshot and exits; a loss that stays inf/NaN ends it too. Both are
+watched without a host sync in the step: the device counts inf/NaN steps, and under torchrun
+the ranks agree on a signal (one collective) only at the steps where the loop already waits
+for the device (log, validation and save steps).
+
+Snapshots: a snapshot is a folder of files (the trained weights, the optimizer/scheduler/scaler
+and random-number states, the position in the data) with a manifest of their sizes and SHA-256
 hashes written last. It is written whole into a new folder and renamed into place, so a kill at
 any instant leaves at least one complete snapshot; a damaged one is found by its manifest and
 the previous one is used instead. train.py's Trainer decides when; ``save_snapshot`` and
@@ -19,17 +25,28 @@ import json
 import os
 import random
 import shutil
-from dataclasses import asdict, dataclass
+import signal
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file
 from safetensors.torch import save as tensors_to_bytes
+from tqdm.auto import tqdm
 
-from cli import UsageError
-from files import sync_to_disk, write_json, writing
-from runtime import all_ranks_true, from_main_process, is_main_process, print_main
+from machinery.cli import UsageError
+from machinery.files import sync_to_disk, write_json, writing
+from machinery.runtime import (
+    all_ranks_true,
+    from_main_process,
+    gather_to_main,
+    is_distributed,
+    is_main_process,
+    print_main,
+    wait_for_all_ranks,
+)
 
 # SNAPSHOT_DIR is the latest snapshot, PREVIOUS_SNAPSHOT_DIR the one before it; a new one is
 # written into PARTIAL_SNAPSHOT_DIR and renamed into place when complete.
@@ -270,3 +287,185 @@ def restore_rng_states(states: dict, device: torch.device) -> None:
     torch.set_rng_state(states["torch"])
     if isinstance(states.get("cuda"), torch.Tensor) and device.type == "cuda":
         torch.cuda.set_rng_state(states["cuda"], device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stopping
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# A loss that is inf/NaN this many optimizer steps in a row stops the run (one such step is
+# skipped and forgotten: fp16 overflow, one bad batch).
+MAX_NONFINITE_STEPS = 5
+
+
+class TrainingStopped(Exception):
+    """The run stopped before the end on purpose (a signal, a diverged loss); exits with
+    `exit_code` after saying why and what to do."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class StopSignals:
+    """While entered, SIGINT and SIGTERM ask the loop to stop after the current optimizer step
+    (``requested``); a second Ctrl-C stops at once (KeyboardInterrupt)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.signum = 0  # the signal that asked to stop; 0 while none did
+        self.previous_handlers: dict = {}
+
+    def __enter__(self) -> StopSignals:
+        self.previous_handlers = {s: signal.signal(s, self.handle) for s in STOP_SIGNALS}
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for s, handler in self.previous_handlers.items():
+            signal.signal(s, handler)
+
+    def handle(self, signum: int, frame) -> None:
+        """The signal handler: remember the request (the loop looks at it after each step)."""
+        if self.signum and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        if is_main_process():
+            tqdm.write(f"{signal.Signals(signum).name}: finishing this step, then saving a "
+                       "snapshot (Ctrl-C again to stop at once, without one)")
+
+    def requested(self, agree: bool) -> int:
+        """The signal that asked to stop (0 if none).
+
+        Under DDP the ranks agree on it (a collective and a host sync) only where `agree` is
+        True: at log, validation and save steps and at the end of an epoch. One process reads
+        its own flag at every step, for free.
+        """
+        if not is_distributed():
+            return self.signum
+        if not agree:
+            return 0
+        flag = torch.tensor(self.signum, device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item())
+
+
+def stopped_by(signum: int, step: int, snapshot: str) -> TrainingStopped:
+    """The exception that ends a run stopped by `signum`: exit code 128 + signal, as shells do."""
+    return TrainingStopped(
+        f"stopped by {signal.Signals(signum).name} at step {step}; the snapshot is in "
+        f"{snapshot}. Resume by running the same command again (or add --resume)",
+        exit_code=128 + signum)
+
+
+class NonfiniteSteps:
+    """Counted on the device, where adding costs no host sync: the optimizer steps the
+    GradScaler skipped (inf/NaN gradients) and the optimizer steps in a row whose loss was
+    inf/NaN. The host reads them (``read``) at log, validation and save steps."""
+
+    def __init__(self, device: torch.device):
+        self.group_loss_finite = torch.ones((), dtype=torch.bool, device=device)
+        self.skipped = torch.zeros((), dtype=torch.long, device=device)  # since the last read
+        self.in_a_row = torch.zeros((), dtype=torch.long, device=device)
+        self.longest = torch.zeros((), dtype=torch.long, device=device)  # since the last read
+
+    def add_loss(self, loss: torch.Tensor) -> None:
+        """Note one batch's loss of the accumulation group in progress."""
+        self.group_loss_finite &= torch.isfinite(loss.detach())
+
+    def count_step(self, grad_norm: torch.Tensor) -> None:
+        """Count the optimizer step just queued: skipped when its gradient norm is not finite
+        (what the scaler found), and whether its loss was finite on every rank."""
+        self.skipped += ~torch.isfinite(grad_norm)
+        loss_finite = all_ranks_true(self.group_loss_finite)
+        self.in_a_row = torch.where(loss_finite, 0, self.in_a_row + 1)
+        torch.maximum(self.longest, self.in_a_row, out=self.longest)
+        self.group_loss_finite.fill_(True)
+
+    def read(self) -> tuple[int, int, int]:
+        """(skipped steps, inf/NaN-loss steps in a row now, the longest such run) since the
+        last read: one host sync."""
+        skipped, in_a_row, longest = torch.stack(
+            [self.skipped, self.in_a_row, self.longest]).tolist()
+        self.skipped.zero_()
+        self.longest.fill_(in_a_row)
+        return skipped, in_a_row, longest
+
+    def restore(self, in_a_row: int) -> None:
+        """Continue a resumed run's count of inf/NaN-loss steps in a row."""
+        self.in_a_row.fill_(in_a_row)
+        self.longest.fill_(in_a_row)
+
+
+def diverged(longest: int, step: int, snapshot: str | None) -> TrainingStopped:
+    """The exception that ends a run whose loss stayed inf/NaN for `longest` steps in a row;
+    `snapshot` names the last snapshot, which is kept (None: none was written)."""
+    where = f"{snapshot} is kept" if snapshot else "no snapshot was written yet"
+    return TrainingStopped(
+        f"the training loss was inf/NaN for {longest} steps in a row (up to step {step}); "
+        f"stopped: {where}. Lower --lr or --max-grad-norm, or use --precision fp32",
+        exit_code=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop's side of it
+
+
+class ResumableLoop:
+    """The [production] part of train.py's Trainer: snapshots, signals and a diverging loss.
+
+    The Trainer inherits these methods and calls them at the points its loop marks
+    [production]: ``take_snapshot`` at save steps, ``stop_if_asked`` after a signal,
+    ``resume_from`` before the loop. They read and set what the Trainer holds: its ``state``,
+    ``model``, ``optimizer``, ``scheduler``, ``scaler``, ``window_loss``, ``train_loader``,
+    ``log_file``, ``job``, ``recipe``, ``run_options``, ``batches_per_epoch`` and
+    ``total_steps``, and its ``read_device_counters``; ``prepare_to_stop_and_resume`` sets up
+    what only they use.
+    """
+
+    def prepare_to_stop_and_resume(self, device: torch.device, run_folder: Path) -> None:
+        """What only these methods use: the inf/NaN counts on `device`, the SIGINT/SIGTERM
+        handler, and where the snapshots go (`run_folder`) and which step the newest holds."""
+        self.saved_step = -1  # the step of the newest snapshot, in snapshot_dir
+        self.snapshot_dir = run_folder / SNAPSHOT_DIR
+        self.nonfinite = NonfiniteSteps(device)
+        self.stop = StopSignals(device)  # SIGINT/SIGTERM: stop after this step
+
+    def stop_if_asked(self, signum: int) -> None:
+        """End the run, its snapshot taken, when signal `signum` asked to stop (0: none did)."""
+        if signum:
+            raise stopped_by(signum, self.state.step, self.snapshot_dir)
+
+    def take_snapshot(self) -> None:
+        """Save everything needed to continue from this step (``save_snapshot``: rank 0 writes,
+        but every rank contributes its random-number states)."""
+        if self.saved_step == self.state.step:
+            return
+        self.read_device_counters()  # the schedule and counters as of this step
+        rng = gather_to_main(rng_states(self.job.device))
+        if is_main_process():
+            state = replace(self.state, window_loss=self.window_loss.item(),
+                            log_bytes=self.log_file.size())
+            save_snapshot(
+                self.run_options.output_dir, self.model, self.optimizer, self.scheduler,
+                self.scaler, state, self.train_loader.sampler.epoch_order(), rng,
+                self.job.settings)
+        wait_for_all_ranks()
+        self.saved_step = self.state.step
+
+    def resume_from(self, folder: Path) -> None:
+        """Continue from the snapshot in `folder`: weights, optimizer, scheduler, scaler,
+        position in the data, best score, log length and every random stream."""
+        saved, rest = restore_snapshot(
+            folder, self.model, self.optimizer, self.scheduler, self.scaler, self.job.device,
+            self.state.reviews_hash)
+        self.state, self.saved_step = saved, saved.step
+        self.window_loss.fill_(saved.window_loss)
+        self.nonfinite.restore(saved.nonfinite_steps)
+        if saved.batches_done == self.batches_per_epoch:  # saved at the end of an epoch
+            self.state = replace(saved, epoch=saved.epoch + 1, batches_done=0)
+        else:  # mid-epoch: the rest of this epoch's order must be the snapshot's
+            check_data_order(self.train_loader.sampler, rest["epoch_order"], saved.epoch)
+        restore_rng_states(rest["rng"][self.job.rank], self.job.device)
+        print_main(f"Resuming from {folder} at step {self.state.step} of {self.total_steps} "
+                   f"(epoch {min(self.state.epoch + 1, self.recipe.epochs)}, batch "
+                   f"{self.state.batches_done} of {self.batches_per_epoch})")

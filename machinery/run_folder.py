@@ -10,13 +10,13 @@ and whether a run starts fresh or resumes the unfinished run it finds there.
 
 from __future__ import annotations
 
-import argparse
 import fcntl
 import json
 import os
 import platform
 import shutil
 import socket
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import TextIO
@@ -26,19 +26,12 @@ import peft
 import torch
 import transformers
 
-from cli import UsageError, check_can_write
-from data import Preprocessing
-from files import write_folder, write_json
-from lora_model import (
-    ADAPTER_DIR,
-    DEFAULT_METHOD,
-    MODEL_DIR,
-    checkpoint_folder,
-    folder_size,
-    format_size,
-    save_checkpoint,
-)
-from report import (
+from machinery.checkpoints import ADAPTER_DIR, MODEL_DIR, checkpoint_folder
+from machinery.cli import UsageError, check_can_write
+from machinery.files import folder_size, format_size, write_json
+from machinery.hub import check_encoder
+from machinery.options import fill_device_defaults
+from machinery.report import (
     COMPARISON_PNG,
     CONFIG_FILE,
     CONFIG_SHOWN_ELSEWHERE,
@@ -47,8 +40,20 @@ from report import (
     METRICS_FILE,
     REPORT_MD,
 )
-from resumable import ALL_SNAPSHOT_DIRS, SNAPSHOT_DIRS, discard_newer_snapshots, find_snapshot
-from runtime import from_main_process, is_main_process, print_main, wait_for_all_ranks
+from machinery.runtime import (
+    from_main_process,
+    init_distributed,
+    is_main_process,
+    pick_precision,
+    print_main,
+    wait_for_all_ranks,
+)
+from machinery.snapshots import (
+    ALL_SNAPSHOT_DIRS,
+    SNAPSHOT_DIRS,
+    discard_newer_snapshots,
+    find_snapshot,
+)
 
 # In the run folder: locked by the run using it, and naming that run (lock_run_folder).
 LOCK_FILE = ".train.lock"
@@ -64,7 +69,7 @@ RECORDED_BESIDE_FLAGS = ("resolved_precision", "world_size", "resolved_device",
 _held_locks: dict[Path, TextIO] = {}
 
 
-def default_output_dir(model: str, method: str = DEFAULT_METHOD) -> Path:
+def default_output_dir(model: str, method: str) -> Path:
     """runs/<model name>-<method>-<YYYYmmdd-HHMMSS>."""
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     return Path("runs") / f"{Path(model.rstrip('/')).name}-{method}-{stamp}"
@@ -112,14 +117,21 @@ def release_run_folders() -> None:
     _held_locks.clear()
 
 
-def run_settings(args: argparse.Namespace, precision: str, world_size: int) -> dict:
-    """The run's flags as JSON values, with the resolved precision and the process count."""
+def run_settings(precision: str, world_size: int, *options: object) -> dict:
+    """The run's flags (the fields of each of `options`, dataclasses) as JSON values, with the
+    resolved precision and the process count."""
     def as_json(value: object) -> object:  # as JSON writes and reads it back: comparable
         return str(value) if isinstance(value, Path) else \
             list(value) if isinstance(value, tuple) else value
 
-    return {**{k: as_json(v) for k, v in vars(args).items()},
+    return {**{k: as_json(v) for each in options for k, v in vars(each).items()},
             "resolved_precision": precision, "world_size": world_size}
+
+
+def absolute_if_local(model: str) -> str:
+    """A --model that names a local folder, as an absolute path (a Hub name as it is)."""
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.exists() else model
 
 
 def differing_settings(saved: dict, current: dict,
@@ -140,28 +152,28 @@ def differing_settings(saved: dict, current: dict,
     return differences
 
 
-def plan_resume(args: argparse.Namespace, settings: dict, adjustable: set[str]) -> Path | None:
+def plan_resume(options, settings: dict, adjustable: set[str]) -> Path | None:
     """Decide between a fresh run and resuming the one in --output-dir.
 
     Returns the snapshot folder to resume from, or None to start from the beginning (a new
     folder, --overwrite, or an unfinished run killed before its first snapshot). Refuses a
     finished run, another run's settings and a folder that is not a run folder.
     """
-    folder = args.output_dir
-    if args.resume and args.overwrite:
+    folder = options.output_dir
+    if options.resume and options.overwrite:
         raise UsageError("--resume continues a run and --overwrite deletes it: pass one of them")
     is_empty = not folder.is_dir() or all(p.name == LOCK_FILE for p in folder.iterdir())
-    if args.overwrite or is_empty:
-        if args.resume:
+    if options.overwrite or is_empty:
+        if options.resume:
             raise UsageError(f"--resume: --output-dir {folder} holds no run to resume")
         # An empty folder (or one holding only the lock file) has nothing to protect.
-        check_can_write(folder, "--output-dir", args.overwrite or is_empty)
+        check_can_write(folder, "--output-dir", options.overwrite or is_empty)
         return None
     if (folder / METRICS_FILE).exists():
         raise UsageError(f"--output-dir {folder} holds a finished run ({METRICS_FILE}); pass "
                          "--overwrite to train again from scratch, or choose a new folder")
     if not (folder / CONFIG_FILE).is_file():
-        if args.resume:
+        if options.resume:
             raise UsageError(f"--resume: --output-dir {folder} holds no run to resume "
                              f"(no {CONFIG_FILE})")
         check_can_write(folder, "--output-dir", overwrite=False)  # refuses: it holds files
@@ -194,42 +206,102 @@ def claim_output_dir(folder: Path) -> None:
         raise UsageError(refusal)
 
 
-def plan_run_folder(args: argparse.Namespace, precision: str, world_size: int,
-                    adjustable: set[str]) -> Path | None:
-    """Settle --output-dir (the default name holds the time: rank 0's) and decide, without
-    writing anything, between a fresh run (None) and the snapshot to resume from."""
-    if args.resume and args.output_dir is None:
+@dataclass
+class Job:
+    """Where this process runs and what it continues: its rank (0 of 1 without torchrun), its
+    device and precision, the snapshot it resumes from (None: a fresh run), and the settings
+    config.json records."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+    precision: str
+    snapshot: Path | None
+    settings: dict
+
+    @classmethod
+    def one_process(cls, device: torch.device, precision: str) -> Job:
+        """A fresh run in one process on `device` (a Trainer built outside train.py's run)."""
+        return cls(rank=0, world_size=1, device=device, precision=precision, snapshot=None,
+                   settings={})
+
+
+def start_job(recipe, data_options, run_options, runtime_options, adjustable: set[str]) -> Job:
+    """Join torchrun's process group (if torchrun started us), fill in the defaults that depend
+    on the device or on other flags, and decide, before anything is written, between a fresh
+    run and the snapshot to resume from: every check that can refuse the run is made here.
+
+    The options are train.py's (its Recipe, DataOptions, RunOptions and RuntimeOptions); the
+    defaults are filled in them, in place (the model folder as an absolute path, the output
+    folder, the device's evaluation batch and workers), so that whoever holds them, such as
+    ``disk_full_advice``, sees the values the run uses. `adjustable` names the flags a resumed
+    run may change.
+    """
+    rank, world_size, device = init_distributed(runtime_options.device)
+    fill_device_defaults(data_options, device)
+    fill_device_defaults(runtime_options, device)
+    precision = pick_precision(runtime_options.precision, device)
+    # A --model folder as an absolute path, which adapter_config.json records, so that the
+    # checkpoint loads from any working directory.
+    recipe.model = absolute_if_local(recipe.model)
+    run_options.output_dir = settle_output_dir(run_options, recipe.model, recipe.method)
+    settings = run_settings(precision, world_size, recipe, data_options, run_options,
+                            runtime_options)
+    snapshot = plan_run_folder(run_options, settings, adjustable)
+    check_encoder(recipe.model)
+    return Job(rank, world_size, device, precision, snapshot, settings)
+
+
+def settle_output_dir(options, model: str, method: str) -> Path:
+    """--output-dir, or the default name, which holds the time: rank 0's, on every rank.
+
+    `options` holds the run folder's flags (output_dir, resume, overwrite).
+    """
+    if options.resume and options.output_dir is None:
         raise UsageError("--resume needs the --output-dir of the run to continue")
-    args.output_dir = from_main_process(args.output_dir
-                                        or default_output_dir(args.model, args.method))
-    if (args.output_dir / LOCK_FILE).is_file():  # a folder some run has used: is it in use?
-        claim_output_dir(args.output_dir)
-    snapshot = plan_resume(args, run_settings(args, precision, world_size), adjustable)
-    if snapshot is None and not args.overwrite and (args.output_dir / CONFIG_FILE).is_file():
-        print_main(f"{args.output_dir} holds an unfinished run that was stopped before its "
+    return from_main_process(options.output_dir or default_output_dir(model, method))
+
+
+def plan_run_folder(options, settings: dict, adjustable: set[str]) -> Path | None:
+    """Decide, without writing anything, between a fresh run (None) and the snapshot in
+    --output-dir to resume from (``plan_resume``)."""
+    folder = options.output_dir
+    if (folder / LOCK_FILE).is_file():  # a folder some run has used: is it in use?
+        claim_output_dir(folder)
+    snapshot = plan_resume(options, settings, adjustable)
+    if snapshot is None and not options.overwrite and (folder / CONFIG_FILE).is_file():
+        print_main(f"{folder} holds an unfinished run that was stopped before its "
                    "first snapshot: starting it again from the beginning")
     return snapshot
 
 
-def start_run_folder(folder: Path, snapshot: Path | None, config: dict) -> None:
+def start_run_folder(folder: Path, job: Job, *splits) -> None:
     """Create and lock the run folder once every rank has passed its checks; a fresh run
-    clears an earlier run's files and writes config.json, a resumed one drops the damaged
-    snapshots newer than the one it resumes from."""
+    clears an earlier run's files and writes config.json (the settings, the device, the
+    review counts of the training, validation and test `splits`), a resumed one drops the
+    damaged snapshots newer than the one it resumes from. Then say what the run holds."""
+    train, validation, test = (len(split) for split in splits)
     wait_for_all_ranks()  # every rank has passed its checks before rank 0 writes a file
     if is_main_process():
         folder.mkdir(parents=True, exist_ok=True)
     claim_output_dir(folder)  # held already, or a run started at the same moment
     if is_main_process():
-        if snapshot is None:
+        if job.snapshot is None:
             remove_run_files(folder)  # start over: no stale adapter, log or plots
-            write_json(folder / CONFIG_FILE, config)
+            write_json(folder / CONFIG_FILE, {
+                **job.settings, "resolved_device": str(job.device), "train_examples": train,
+                "validation_examples": validation, "test_examples": test,
+                "versions": library_versions()})
         else:
-            discard_newer_snapshots(snapshot)
+            discard_newer_snapshots(job.snapshot)
     wait_for_all_ranks()
     if not (folder / CONFIG_FILE).is_file():
         raise UsageError(f"--output-dir {folder} is not the folder rank 0 writes: every "
                          "process loads the best checkpoint back from it, so with several "
                          "machines put it on a filesystem they all share")
+    processes = f" x {job.world_size} processes" if job.world_size > 1 else ""
+    print_main(f"Data: {train} training, {validation} validation, {test} test reviews; "
+               f"{job.device}, {job.precision}{processes}; output in {folder}")
 
 
 def remove_run_files(folder: Path) -> None:
@@ -242,26 +314,15 @@ def remove_run_files(folder: Path) -> None:
             path.unlink()
 
 
-def save_best_checkpoint(args: argparse.Namespace, model: torch.nn.Module, tokenizer) -> None:
-    """Save the run's best checkpoint with the preprocessing evaluate.py must repeat, whole or
-    not at all: written into a folder beside it, then swapped in (``write_folder``), so a
-    full disk or a kill leaves the previous best in place."""
-    def write(partial: Path) -> None:
-        save_checkpoint(model, tokenizer, partial, args.method)
-        Preprocessing(args.truncation, args.max_length).save(partial)
-
-    write_folder(checkpoint_folder(args.output_dir, args.method), write)
-
-
-def disk_full_advice(args: argparse.Namespace) -> str:
+def disk_full_advice(recipe, data_options, run_options, runtime_options) -> str:
     """What a run stopped by a full disk says after "run the same command again": that it
     resumes, and roughly how much space it needs: three snapshots (the latest, the previous
-    and the next while it is written) and the best checkpoint."""
-    folder = args.output_dir if isinstance(args.output_dir, Path) else Path(".")
+    and the next while it is written) and the best checkpoint. The options are train.py's."""
+    folder, method = run_options.output_dir or Path("."), recipe.method
     snapshot = next((folder / name for name in SNAPSHOT_DIRS if (folder / name).is_dir()), None)
     if snapshot is None:
         return ": the run starts again (it had written no snapshot yet)"
-    checkpoint = checkpoint_folder(folder, args.method)
+    checkpoint = checkpoint_folder(folder, method)
     needed = 3 * folder_size(snapshot) + (folder_size(checkpoint) if checkpoint.is_dir() else 0)
     return (": it resumes from the last snapshot, which is intact (the run needs about "
             f"{format_size(needed)} for its snapshots and checkpoint)")
