@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import sys
 import typing
 from collections import Counter
@@ -40,6 +41,8 @@ from machinery.runtime import (
     round_up,
 )
 
+# The tokenizers library's switch for its threads, read when a process forks.
+TOKENIZERS_PARALLELISM = "TOKENIZERS_PARALLELISM"
 # Tensor Cores and vectorised CPU kernels prefer sequence lengths that are multiples of 8.
 PAD_TO_MULTIPLE_OF = 8
 # Tokenizers without a known limit report a huge sentinel as model_max_length.
@@ -393,6 +396,10 @@ def make_loader(dataset: Dataset, batch_size: int, collator: PaddingCollator, *,
     else:
         sampler = evaluation_shard(len(dataset), batch_size, rank, world_size,
                                    order=longest_first(example_lengths(dataset)))
+    if num_workers > 0:
+        # The fast tokenizer's threads have run (tokenize): without this, every worker forked
+        # below prints the tokenizers library's warning about parallelism before a fork.
+        os.environ.setdefault(TOKENIZERS_PARALLELISM, "false")
     # Each pass over a DataLoader draws a worker seed (0 workers too). From a generator of the
     # loader's own it leaves the global stream, the dropout masks', alone: they stay the same
     # with or without --eval-every, workers or persistent workers, and after a resume.

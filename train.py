@@ -305,6 +305,8 @@ class Trainer(snapshots.ResumableLoop):
         self.recipe, self.run_options, self.job = recipe, run_options, job
         self.model, self.tokenizer = model, tokenizer
         self.train_loader, self.validation_loader = train_loader, validation_loader
+        # The frozen linear weights in bf16/fp16 once, not cast by autocast in every forward.
+        runtime.cast_frozen_weights(model, job.precision)
         if run_options.compile:
             # In place: parameter names, and so the saved weights, stay the same. Dynamic
             # shapes: each batch is padded to its longest review, so the width changes.

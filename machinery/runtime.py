@@ -51,8 +51,18 @@ def use_device(device: torch.device) -> None:
     if device.type != "cuda":
         return
     torch.cuda.set_device(device)
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
+    allow_tf32()
+
+
+def allow_tf32() -> None:
+    """TF32 for fp32 matrix products and convolutions, through torch's own setting: since torch
+    2.9 ``fp32_precision``; the ``allow_tf32`` flags it replaces are deprecated there."""
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        torch.backends.cudnn.conv.fp32_precision = "tf32"
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -114,6 +124,29 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     if precision not in AUTOCAST_DTYPES:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision])
+
+
+def cast_frozen_weights(model: torch.nn.Module, precision: str) -> int:
+    """Store the frozen weights of `model`'s linear layers in the autocast dtype, once; return
+    how many parameters were cast (none for fp32).
+
+    Autocast runs every linear layer in bf16/fp16 and casts its fp32 weight for it in every
+    forward; a frozen weight is never cached, so that is ~85M weights of bert-base cast again
+    per step, and kept twice in memory. Cast once, the layer computes exactly the same numbers.
+    Only linear layers whose weights are all frozen are cast: trainable weights (LoRA's A and
+    B, the classifier head, every weight with --method full) stay fp32 for the optimizer, and
+    the embeddings and LayerNorms, which autocast runs in fp32, keep their fp32 weights.
+    """
+    dtype = AUTOCAST_DTYPES.get(precision)
+    if dtype is None:
+        return 0
+    cast = 0
+    for module in model.modules():
+        weights = list(module.parameters(recurse=False))
+        if isinstance(module, torch.nn.Linear) and not any(p.requires_grad for p in weights):
+            module.to(dtype)
+            cast += sum(p.numel() for p in weights)
+    return cast
 
 
 def loss_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:

@@ -101,32 +101,48 @@ def assert_only_step_2_was_skipped(steps: list[dict]) -> None:
 
 def count_host_syncs(model_dir: str, folder: Path, device: torch.device, precision: str,
                      steps: int = 8) -> tuple[list[int], list[str]]:
-    """Host synchronisations per optimizer step (CUDA only), in steps that neither log, save
-    nor validate; and where each came from ("file:line" of the Python code that asked)."""
+    """Host synchronisations of each optimizer step 2..`steps`, in steps that neither log, save
+    nor validate, and where they came from ("file:line" of the Python code that asked).
+
+    Only the steps are judged: from the end of step 1 (which also sets up the optimizer's
+    state) to the end of the last step. The run's deliberate syncs come after that (the last
+    step's log, the epoch's validation and snapshot) and are not counted. On CUDA the syncs are
+    torch's own warnings (``set_sync_debug_mode("warn")``); elsewhere only warnings that a test
+    raises with SYNC_WARNING in them are seen.
+    """
     trainer = tiny_trainer(model_dir, folder, device, precision, steps,
                            "--log-every", str(10 * steps), "--save-every", str(10 * steps))
-    per_step: list[int] = []
+    step_ends: list[int] = []  # how many warnings had been caught when each step ended
     optimizer_step = trainer.optimizer_step
-
-    def is_sync(warning: warnings.WarningMessage) -> bool:
-        return SYNC_WARNING in str(warning.message)
 
     def counted_step() -> None:
         optimizer_step()
-        # The synchronisations recorded so far (`caught` is bound by the with below).
-        per_step.append(sum(map(is_sync, caught)))
+        step_ends.append(len(caught))  # `caught` is bound by the with below
 
     trainer.optimizer_step = counted_step
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
+        if device.type == "cuda":
+            torch.cuda.set_sync_debug_mode("warn")
         try:
             trainer.train()
         finally:
-            torch.cuda.set_sync_debug_mode("default")
-    # Steps 2 .. steps, each from the end of the step before it (batch, forward, backward,
-    # optimizer step) to the end of its own; the first sets up the optimizer's state. The
-    # last step's log and the validation come after its count.
-    counts = [b - a for a, b in itertools.pairwise(per_step)]
-    sources = [f"{w.filename}:{w.lineno}" for w in caught if is_sync(w)]
-    return counts, sources
+            if device.type == "cuda":
+                torch.cuda.set_sync_debug_mode("default")
+    return syncs_between_steps([sync_source(warning) for warning in caught], step_ends)
+
+
+def sync_source(warning: warnings.WarningMessage) -> str | None:
+    """Where a caught warning came from ("file:line"), if it reports a host sync; else None."""
+    return f"{warning.filename}:{warning.lineno}" if SYNC_WARNING in str(warning.message) \
+        else None
+
+
+def syncs_between_steps(sources: list[str | None],
+                        step_ends: list[int]) -> tuple[list[int], list[str]]:
+    """The syncs of each step after the first, and their sources, from every caught warning's
+    sync source (None: no sync) and the number of warnings caught when each step ended."""
+    counts = [sum(source is not None for source in sources[start:end])
+              for start, end in itertools.pairwise(step_ends)]
+    judged = [source for source in sources[step_ends[0]:step_ends[-1]] if source is not None]
+    return counts, judged

@@ -57,7 +57,10 @@ def test_collate_keeps_a_width_that_is_already_a_multiple_of_8():
     assert batch["attention_mask"].sum().item() == 16
 
 
-def test_loader_with_worker_processes_gives_the_same_batches(tokenizer):
+def test_loader_with_worker_processes_gives_the_same_batches(tokenizer, monkeypatch):
+    """The same batches with worker processes, forked with the tokenizer's threads switched
+    off (the tokenizers library's advice before a fork), unless the user chose otherwise."""
+    monkeypatch.delenv("TOKENIZERS_PARALLELISM")
     tokens = tokenize(reviews(12), tokenizer, max_length=32)
     collate = PaddingCollator(tokenizer.pad_token_id, torch.device("cpu"))
     in_process = list(make_loader(tokens, 5, collate, shuffle=True, seed=3))
@@ -65,6 +68,10 @@ def test_loader_with_worker_processes_gives_the_same_batches(tokenizer):
     assert len(in_process) == len(workers) == 5
     for a, b in zip(in_process, workers, strict=True):
         assert all(torch.equal(a[key], b[key]) for key in a)
+    assert os.environ["TOKENIZERS_PARALLELISM"] == "false"
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "true")
+    make_loader(tokens, 5, collate, shuffle=True, num_workers=1)
+    assert os.environ["TOKENIZERS_PARALLELISM"] == "true"  # the user's choice stays
 
 
 def test_loader_order_depends_only_on_the_seed(tokenizer):

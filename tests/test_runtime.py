@@ -5,11 +5,15 @@ per GPU and the defaults that depend on the device. tests/test_gpu.py runs them 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
+import warnings
 
 import pytest
 import torch
+from transformers import BertConfig, BertForSequenceClassification
 
+from lora_model import prepare_model
 from machinery import runtime, snapshots
 from machinery.cli import UsageError
 from machinery.options import fill_device_defaults
@@ -21,9 +25,9 @@ CPU = torch.device("cpu")
 @pytest.fixture
 def pretend_gpus(monkeypatch):
     """A function that makes torch report `count` CUDA GPUs of `capability` and returns the
-    list in which the devices set current are recorded. TF32 flags are put back afterwards
+    list in which the devices set current are recorded. TF32 settings are put back afterwards
     (use_device turns TF32 on)."""
-    tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    tf32 = (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision)
 
     def pretend(count: int, capability: tuple[int, int] = (9, 0)) -> list:
         current: list = []
@@ -35,7 +39,7 @@ def pretend_gpus(monkeypatch):
         return current
 
     yield pretend
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+    torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = tf32
 
 
 def test_auto_precision_on_cpu_follows_native_bf16_support(monkeypatch):
@@ -84,11 +88,15 @@ def test_asking_for_cuda_without_a_gpu_is_a_usage_error(monkeypatch):
 def test_one_process_on_cuda_n_makes_gpu_n_current(monkeypatch, pretend_gpus):
     current = pretend_gpus(4)
     monkeypatch.delenv("RANK", raising=False)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    rank, world, device = init_distributed("cuda:3")
+    torch.backends.cuda.matmul.fp32_precision = "ieee"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch >= 2.9 deprecates the old allow_tf32 flags
+        rank, world, device = init_distributed("cuda:3")
     assert (rank, world, device) == (0, 1, torch.device("cuda", 3))
     assert current == [torch.device("cuda", 3)]
-    assert torch.backends.cuda.matmul.allow_tf32 is True
+    # TF32 through torch's own setting (fp32_precision), which the old flags only mirror.
+    assert torch.backends.cuda.matmul.fp32_precision == "tf32"
+    assert torch.backends.cudnn.conv.fp32_precision == "tf32"
     with pytest.raises(UsageError, match="this machine has 4 GPU"):
         init_distributed("cuda:4")
 
@@ -162,3 +170,46 @@ def test_device_dependent_defaults(monkeypatch, device, batch, workers):
     args = argparse.Namespace(eval_batch_size=8, num_workers=1)  # given: kept
     fill_device_defaults(args, torch.device(device))
     assert (args.eval_batch_size, args.num_workers) == (8, 1)
+
+
+@pytest.mark.parametrize("method", ["lora", "head", "full"])
+def test_frozen_weights_are_cast_once_and_compute_the_same(method):
+    """cast_frozen_weights stores the frozen linear weights in bf16, once: under autocast the
+    loss, the logits and every trainable weight's gradient stay identical, bit for bit, and
+    every trainable weight stays fp32 (the optimizer's), as do the embeddings and LayerNorms."""
+    config = BertConfig(vocab_size=1000, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=64, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    base = BertForSequenceClassification(config)
+    ids = torch.randint(0, 1000, (4, 24))
+    results = []
+    for cast in (False, True):
+        torch.manual_seed(1)  # the same LoRA weights in both
+        model = prepare_model(copy.deepcopy(base), method, 4, 8, 0.0, "query,value")
+        for name, param in model.named_parameters():
+            if "lora_B" in name:  # not zero, so that the adapters' gradients flow back
+                torch.nn.init.normal_(param, std=0.1)
+        n_cast = runtime.cast_frozen_weights(model, "bf16") if cast else 0
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            output = model(input_ids=ids, attention_mask=torch.ones_like(ids),
+                           labels=torch.tensor([0, 1, 0, 1]))
+        output.loss.backward()
+        results.append((output.logits, {name: param.grad for name, param
+                                        in model.named_parameters() if param.requires_grad}))
+        dtypes = {name: param.dtype for name, param in model.named_parameters()}
+    (logits, grads), (cast_logits, cast_grads) = results
+    assert torch.equal(logits, cast_logits)
+    assert grads.keys() == cast_grads.keys() and all(
+        torch.equal(grads[name], cast_grads[name]) for name in grads)
+    trainable = set(grads)
+    assert {dtypes[name] for name in trainable} == {torch.float32}
+    assert all(dtypes[name] == torch.float32 for name in dtypes
+               if "embeddings" in name or "LayerNorm" in name)
+    frozen_linear = [name for name in dtypes if name not in trainable
+                     and "embeddings" not in name and "LayerNorm" not in name]
+    assert {dtypes[name] for name in frozen_linear} <= {torch.bfloat16}
+    assert n_cast == (0 if method == "full" else sum(
+        model.get_parameter(name).numel() for name in frozen_linear))
+    # fp32: nothing to cast.
+    assert runtime.cast_frozen_weights(copy.deepcopy(base), "fp32") == 0

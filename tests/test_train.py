@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
 from conftest import REPO, reviews, run_main
-from step_probe import assert_only_step_2_was_skipped, run_with_inf_gradient
+from step_probe import (
+    SYNC_WARNING,
+    assert_only_step_2_was_skipped,
+    count_host_syncs,
+    run_with_inf_gradient,
+)
 
 import evaluate
 import train
@@ -241,3 +247,22 @@ def test_a_step_with_inf_gradients_is_skipped_on_the_device(tiny_model_dir, tmp_
     assert_only_step_2_was_skipped(steps)
     assert {step["scale"] for step in steps} == {1.0}
     assert trainer.state.step == 4 and trainer.state.nonfinite_steps == 0
+
+
+def test_the_sync_probe_judges_the_steps_alone(tiny_model_dir, tmp_path, monkeypatch):
+    """count_host_syncs (tests/test_gpu.py's probe) counts a sync made inside a step and
+    ignores the run's deliberate ones after the last step: its log line, the epoch's validation
+    and its snapshot. Here the syncs are warnings raised at those points, as torch raises them
+    on CUDA."""
+    def syncing(method, where: str):
+        def wrapper(self, *args, **kwargs):
+            warnings.warn(f"{SYNC_WARNING} ({where})", stacklevel=1)
+            return method(self, *args, **kwargs)
+        return wrapper
+
+    for name in ("log_training", "validate", "take_snapshot", "optimizer_step"):
+        monkeypatch.setattr(Trainer, name, syncing(getattr(Trainer, name), name))
+    counts, sources = count_host_syncs(tiny_model_dir, tmp_path / "run", CPU, "fp32", steps=8)
+    # Steps 2..8, each with the one sync of its optimizer step; none of the deliberate ones.
+    assert counts == [1] * 7
+    assert len(sources) == 7 and len(set(sources)) == 1
