@@ -27,11 +27,13 @@ from benchmarks.common import (
     synchronize,
 )
 from benchmarks.gpu_workload import (
+    TRAIN_FORWARDS,
     ConfigData,
     Shape,
-    batch_flops,
-    forward_flops_per_sequence,
-    loader_flops,
+    Workload,
+    batch_workload,
+    batches_workload,
+    loader_workload,
     new_model,
     synthetic_rows,
 )
@@ -58,9 +60,25 @@ def start_peak(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def peak_gb(device: torch.device) -> float | None:
-    """Peak GPU memory allocated since ``start_peak``, in GB (None on a CPU)."""
-    return torch.cuda.max_memory_allocated(device) / GB if device.type == "cuda" else None
+def peak_memory(device: torch.device) -> dict:
+    """Peak GPU memory since ``start_peak``, in GB: allocated by tensors, and reserved by the
+    caching allocator (what the GPU must have free; None on a CPU)."""
+    cuda = device.type == "cuda"
+    return {"peak_gb": torch.cuda.max_memory_allocated(device) / GB if cuda else None,
+            "peak_reserved_gb": torch.cuda.max_memory_reserved(device) / GB if cuda else None}
+
+
+def rates(kind: str, work: Workload, seconds: float, forwards: int) -> dict:
+    """The figures of a training or evaluation pass (`kind`: train or eval) over `work` that
+    took `seconds`: samples/s; tokens/s, real (non-padding) and padded (the width the model
+    computes); model FLOPs per sample, `forwards` forward passes' worth; the mean widths."""
+    return {f"{kind}_samples_per_s": work.rows / seconds,
+            f"{kind}_tokens_per_s": work.real_tokens / seconds,
+            f"{kind}_padded_tokens_per_s": work.padded_tokens / seconds,
+            f"{kind}_flops_per_sample": forwards * work.flops / work.rows,
+            f"{kind}_mean_tokens": work.real_tokens / work.rows,
+            f"{kind}_mean_width": work.padded_tokens / work.rows,
+            f"{kind}_samples": work.rows}
 
 
 def timed_seconds(step: Step, batches: list[dict], device: torch.device) -> float:
@@ -90,9 +108,7 @@ def measure_bare(config: BertConfig, device: torch.device, precision: str, shape
     collate = PaddingCollator(pad_token_id=0, device=device)
     batches = [collate(rows[i:i + shape.batch]) for i in range(0, len(rows), shape.batch)]
     warm, timed = batches[:warmup], batches[warmup:]
-    flops = sum(batch_flops(config, *batch["input_ids"].shape) for batch in timed)
-    samples = sum(len(batch["labels"]) for batch in timed)
-    width = sum(batch["input_ids"].numel() for batch in timed) / samples
+    work = batches_workload(config, timed)
     model = new_model(config, device)
     train_step, eval_step = bare_steps(model, device, precision)
     model.train()
@@ -104,11 +120,8 @@ def measure_bare(config: BertConfig, device: torch.device, precision: str, shape
         for batch in warm:
             eval_step(batch)
         eval_seconds = timed_seconds(eval_step, timed, device)
-    return {"train_samples_per_s": samples / train_seconds,
-            "eval_samples_per_s": samples / eval_seconds,
-            "train_flops_per_sample": 2 * flops / samples, "eval_flops_per_sample": flops / samples,
-            "train_mean_width": width, "eval_mean_width": width, "train_samples": samples,
-            "eval_samples": samples, "eval_batch_size": shape.batch}
+    return {**rates("train", work, train_seconds, TRAIN_FORWARDS),
+            **rates("eval", work, eval_seconds, 1), "eval_batch_size": shape.batch}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,8 +129,9 @@ def measure_bare(config: BertConfig, device: torch.device, precision: str, shape
 
 
 def measure_loop(config: BertConfig, device: torch.device, precision: str, shape: Shape,
-                 data: ConfigData, settings: argparse.Namespace) -> dict:
-    """train.py's Trainer.train and evaluate_model on loaders built as train.py builds them."""
+                 data: ConfigData, settings: argparse.Namespace, compiled: bool = False) -> dict:
+    """train.py's Trainer.train and evaluate_model on loaders built as train.py builds them;
+    with `compiled`, train.py's --compile."""
     workers = settings.num_workers
     collator = PaddingCollator(pad_token_id=0, device=device)
     train_loader = make_loader(data.train, shape.batch, collator, shuffle=True,
@@ -126,29 +140,30 @@ def measure_loop(config: BertConfig, device: torch.device, precision: str, shape
                                     shuffle=False, num_workers=workers)
     test_loader = make_loader(data.test, settings.eval_batch_size, collator, shuffle=False,
                               num_workers=workers)
-    train_flops, n_train, train_width = loader_flops(config, train_loader, data.train)
-    eval_flops, n_eval, eval_width = loader_flops(config, test_loader, data.test)
+    train_work = loader_workload(config, train_loader, data.train)
+    eval_work = loader_workload(config, test_loader, data.test)
     model = new_model(config, device)
     with tempfile.TemporaryDirectory() as folder:
         args = loop_arguments(device, folder, "--batch-size", str(shape.batch), "--max-length",
-                              str(shape.length), "--lr", str(LOOP_LR))
+                              str(shape.length), "--lr", str(LOOP_LR),
+                              *(["--compile"] if compiled else []))
         trainer = make_trainer(args, model, train_loader, validation_loader, device, precision)
+        started = time.perf_counter()
         trainer.train()  # one epoch (--epochs 1)
+        synchronize(device)
+        train_wall = time.perf_counter() - started
         # train.py's own clock: training only, not its validation or checkpoint writing.
         train_seconds = trainer.state.train_seconds
         after_first_log = logged_rate_after_first_window(Path(folder))
         del trainer
     eval_seconds = evaluation_seconds(model, test_loader, device, precision)
     del train_loader, validation_loader, test_loader  # their worker processes end
-    return {"train_samples_per_s": n_train / train_seconds,
-            "eval_samples_per_s": n_eval / eval_seconds[1],
-            "train_flops_per_sample": 2 * train_flops / n_train,
-            "eval_flops_per_sample": eval_flops / n_eval,
-            "train_mean_width": train_width, "eval_mean_width": eval_width,
-            "train_samples": n_train, "eval_samples": n_eval,
+    return {**rates("train", train_work, train_seconds, TRAIN_FORWARDS),
+            **rates("eval", eval_work, eval_seconds[1], 1),
             "eval_batch_size": settings.eval_batch_size, "train_seconds": train_seconds,
             "train_samples_per_s_after_first_log": after_first_log,
-            "eval_seconds_first_pass": eval_seconds[0], "eval_seconds": eval_seconds[1]}
+            "train_wall_seconds": train_wall, "eval_seconds_first_pass": eval_seconds[0],
+            "eval_seconds": eval_seconds[1]}
 
 
 def evaluation_seconds(model: torch.nn.Module, loader, device: torch.device,
@@ -211,9 +226,8 @@ def measure_recipe(config: BertConfig, device: torch.device, precision: str, rec
     """The lab recipe's HF Trainer on rows padded to its max length; bf16/fp16 where the
     project uses them."""
     batch, length = recipe["batch"], recipe["max_length"]
-    train = padded_to(length, synthetic_rows(config, counts["recipe_batches"] * batch, length,
-                                             seed=10))
-    test = padded_to(length, synthetic_rows(config, counts["eval_samples"], length, seed=11))
+    train_rows = synthetic_rows(config, counts["recipe_batches"] * batch, length, seed=10)
+    test_rows = synthetic_rows(config, counts["eval_samples"], length, seed=11)
     model = new_model(config, device)
     with tempfile.TemporaryDirectory() as folder:
         training_args = TrainingArguments(
@@ -222,14 +236,16 @@ def measure_recipe(config: BertConfig, device: torch.device, precision: str, rec
             bf16=precision == "bf16", fp16=precision == "fp16", report_to="none",
             save_strategy="no", eval_strategy="no", use_cpu=device.type == "cpu",
             disable_tqdm=True)
-        trainer = HFTrainer(model=model, args=training_args, train_dataset=train,
-                            eval_dataset=test)
+        trainer = HFTrainer(model=model, args=training_args,
+                            train_dataset=padded_to(length, train_rows),
+                            eval_dataset=padded_to(length, test_rows))
         trained = trainer.train()
         evaluated = trainer.evaluate()
-    flops = forward_flops_per_sequence(config, length)
-    return {"train_samples_per_s": len(train) / trained.metrics["train_runtime"],
-            "eval_samples_per_s": len(test) / evaluated["eval_runtime"],
-            "train_flops_per_sample": 2 * flops, "eval_flops_per_sample": flops,
-            "train_mean_width": length, "eval_mean_width": length, "train_samples": len(train),
-            "eval_samples": len(test), "eval_batch_size": batch, "batch": batch,
-            "length": length}
+
+    def work(rows: list[dict]) -> Workload:  # every row padded to the max length
+        return batch_workload(config, [len(row["input_ids"]) for row in rows], length)
+
+    return {**rates("train", work(train_rows), trained.metrics["train_runtime"],
+                    TRAIN_FORWARDS),
+            **rates("eval", work(test_rows), evaluated["eval_runtime"], 1),
+            "eval_batch_size": batch, "batch": batch, "length": length}

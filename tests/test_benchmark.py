@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import shutil
 import statistics
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,9 +18,24 @@ from benchmarks import gpu_benchmark
 from benchmarks.benchmark import build_parser, main
 from benchmarks.common import CPU_ROWS, write_section
 from benchmarks.cpu_comparison import TARGET_CACHED_TOKENIZE_SECONDS
-from benchmarks.gpu_benchmark import gpu_command, parse_configs
-from benchmarks.gpu_report import FULL_TEST_REVIEWS, FULL_TRAIN_REVIEWS, median_of, peak_flops
-from benchmarks.gpu_workload import Shape, forward_flops_per_sequence, model_config, review_lengths
+from benchmarks.gpu_benchmark import gpu_command, parse_configs, parse_variants, resolve_variants
+from benchmarks.gpu_measure import rates
+from benchmarks.gpu_report import (
+    FULL_TEST_REVIEWS,
+    FULL_TRAIN_REVIEWS,
+    epoch_seconds,
+    median_of,
+    peak_flops,
+)
+from benchmarks.gpu_workload import (
+    VARIANTS,
+    Shape,
+    Workload,
+    forward_flops_per_sequence,
+    model_config,
+    review_lengths,
+    t4_limits,
+)
 from benchmarks.lab_recipe import RECIPE_CHANGES
 from benchmarks.lengths import lengths_command
 from benchmarks.levers import levers_command
@@ -124,25 +142,60 @@ def percent(cell: str) -> float:
     return float(cell.rstrip("%")) / 100
 
 
-def test_gpu_benchmark_runs_on_the_cpu_with_a_tiny_model(tmp_path, monkeypatch):
-    # No peak is known for a CPU; a fake one makes every MFU cell checkable against its
-    # formula: samples/s x model FLOPs per sample / peak.
-    fake_peak = 1e9
-    monkeypatch.setattr(gpu_benchmark, "peak_flops", lambda name, precision: fake_peak)
-    result = gpu_command(gpu_args(tmp_path))
-    assert json.loads((tmp_path / "gpu.json").read_text()) == json.loads(json.dumps(result))
+def eager_compile(patch: pytest.MonkeyPatch) -> list[dict]:
+    """Make ``Module.compile`` trace with dynamo on its eager backend: train.py's --compile
+    path, without the minutes inductor spends compiling C++ on a CPU. Returns the arguments
+    of each call, as train.py made it."""
+    calls: list[dict] = []
+    original = torch.nn.Module.compile
+
+    def compile_eagerly(self, *args, **kwargs):
+        calls.append(kwargs)
+        return original(self, *args, backend="eager", **kwargs)
+
+    patch.setattr(torch.nn.Module, "compile", compile_eagerly)
+    return calls
+
+
+FAKE_PEAK = 1e9  # no peak is known for a CPU: a fake one makes every MFU cell checkable
+
+
+@pytest.fixture(scope="module")
+def quick_gpu_run(tmp_path_factory):
+    """One run of the gpu benchmark with its default variants on the CPU (native and compile;
+    fp16 and t4 left out), shared by the tests that read it: (result, folder, the compile
+    calls, what it printed)."""
+    folder = tmp_path_factory.mktemp("gpu")
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(io.StringIO()) as out:
+        patch.setattr(gpu_benchmark, "peak_flops", lambda name, precision: FAKE_PEAK)
+        calls = eager_compile(patch)
+        result = gpu_command(gpu_args(folder))
+    return result, folder, calls, out.getvalue()
+
+
+def test_gpu_benchmark_runs_on_the_cpu_with_a_tiny_model(quick_gpu_run):
+    result, folder, _, printed = quick_gpu_run
+    assert json.loads((folder / "gpu.json").read_text()) == json.loads(json.dumps(result))
     ctx = result["context"]
-    assert ctx["configs"] == ["16x128", "64x128"] and ctx["peak_flops"] == fake_peak
     # --precision auto on this CPU: bf16 where the suite's switch is on (conftest).
-    assert ctx["precision"] == pick_precision("auto", torch.device("cpu"))
-    measured = {(m["config"], m["kind"]): m for m in result["measurements"]}
-    assert sorted(measured) == [("16x128", "bare"), ("16x128", "loop"), ("64x128", "bare"),
-                                ("64x128", "loop")]
+    precision = pick_precision("auto", torch.device("cpu"))
+    assert ctx["configs"] == ["16x128", "64x128"] and ctx["peak_flops"] == {precision: FAKE_PEAK}
+    assert ctx["precision"] == precision
+    # The CUDA-only variants are left out on a CPU, with one line saying so.
+    assert ctx["variants"] == ["native", "compile"]
+    assert ctx["precisions"] == {"native": precision, "compile": precision}
+    assert ctx["notes"] == ["fp16 and t4 left out: they need a CUDA GPU"]
+    assert "fp16 and t4 left out: they need a CUDA GPU" in printed.splitlines()
+    measured = {(m["variant"], m["config"], m["kind"]): m for m in result["measurements"]}
+    assert list(measured) == [("native", "16x128", "bare"), ("native", "16x128", "loop"),
+                              ("native", "64x128", "bare"), ("native", "64x128", "loop"),
+                              ("compile", "16x128", "loop")]
     config = model_config(tiny=True)
     full_width = forward_flops_per_sequence(config, 128)
-    for (name, kind), m in measured.items():
+    for (_, name, kind), m in measured.items():
         batch = int(name.split("x")[0])
         assert m["train_samples_per_s"] > 0 and m["eval_samples_per_s"] > 0
+        assert m["precision"] == precision and m["peak_gb"] is m["peak_reserved_gb"] is None
         # --quick: 2 timed bare batches; 3 loop batches (one epoch) and 8 scored rows.
         assert m["train_samples"] == (2 if kind == "bare" else 3) * batch
         assert m["eval_samples"] == (2 * batch if kind == "bare" else 8)
@@ -152,27 +205,31 @@ def test_gpu_benchmark_runs_on_the_cpu_with_a_tiny_model(tmp_path, monkeypatch):
         assert m["train_mean_width"] == m["eval_mean_width"] == 128
         assert m["train_flops_per_sample"] == pytest.approx(2 * full_width)
         assert m["eval_flops_per_sample"] == pytest.approx(full_width)
-    loop = measured[("16x128", "loop")]
+    loop = measured[("native", "16x128", "loop")]
     assert loop["train_samples_per_s"] == pytest.approx(48 / loop["train_seconds"])
     assert loop["eval_samples_per_s"] == pytest.approx(8 / loop["eval_seconds"])
     summary = result["summary"]
-    training = {row[0]: row for row in summary["training"][1:]}
-    evaluation = {row[0]: row for row in summary["evaluation"][1:]}
+    training = {(row[0], row[1]): row for row in summary["training"][1:]}
+    evaluation = {(row[0], row[1]): row for row in summary["evaluation"][1:]}
+    assert list(training) == [(f"native ({precision})", "16x128"),
+                              (f"native ({precision})", "64x128"),
+                              (f"--compile ({precision})", "16x128")]
     for name in ("16x128", "64x128"):
-        bare, loop = measured[(name, "bare")], measured[(name, "loop")]
-        for cell, m, kind in ((training[name][3], bare, "train"),
-                              (training[name][5], loop, "train"),
-                              (evaluation[name][3], bare, "eval"),
-                              (evaluation[name][6], loop, "eval")):
-            expected = m[f"{kind}_samples_per_s"] * m[f"{kind}_flops_per_sample"] / fake_peak
+        key = (f"native ({precision})", name)
+        bare, loop = measured[("native", name, "bare")], measured[("native", name, "loop")]
+        for cell, m, kind in ((training[key][4], bare, "train"),
+                              (training[key][7], loop, "train"),
+                              (evaluation[key][4], bare, "eval"),
+                              (evaluation[key][8], loop, "eval")):
+            expected = m[f"{kind}_samples_per_s"] * m[f"{kind}_flops_per_sample"] / FAKE_PEAK
             assert percent(cell) == pytest.approx(expected, abs=0.0005)
-        assert float(training[name][7]) == pytest.approx(
+        assert float(training[key][9]) == pytest.approx(
             loop["train_samples_per_s"] / bare["train_samples_per_s"], abs=0.006)
     # The recipe ran once, at its own batch and length (lab_recipe.py's: 16 x 128).
     recipe = result["recipe"]
     assert (recipe["batch"], recipe["length"], recipe["train_samples"]) == (16, 128, 2 * 16)
     assert recipe["train_samples_per_s"] > 0 and recipe["eval_samples_per_s"] > 0
-    loop = measured[("16x128", "loop")]
+    loop = measured[("native", "16x128", "loop")]
     estimate = summary["estimate"]
     assert estimate["project_seconds"] == pytest.approx(
         FULL_TRAIN_REVIEWS / loop["train_samples_per_s"]
@@ -180,7 +237,8 @@ def test_gpu_benchmark_runs_on_the_cpu_with_a_tiny_model(tmp_path, monkeypatch):
     assert estimate["recipe_seconds"] == pytest.approx(
         FULL_TRAIN_REVIEWS / recipe["train_samples_per_s"]
         + 2 * FULL_TEST_REVIEWS / recipe["eval_samples_per_s"])
-    comparison = {row[0].split(" (")[0].split(":")[0]: row for row in summary["comparison"][1:]}
+    comparison = {row[0].split(" (")[0].split(":")[0].split(",")[0]: row
+                  for row in summary["comparison"][1:]}
     assert float(comparison["training samples/s"][3].split()[0]) == pytest.approx(
         loop["train_samples_per_s"] / recipe["train_samples_per_s"], abs=0.006)
     assert float(comparison["evaluation samples/s"][3].split()[0]) == pytest.approx(
@@ -189,17 +247,189 @@ def test_gpu_benchmark_runs_on_the_cpu_with_a_tiny_model(tmp_path, monkeypatch):
         f"{estimate['recipe_seconds'] / estimate['project_seconds']:.1f} x as fast"
     # Each target is met exactly when its measured numbers meet it.
     mfu_target, job_target = summary["targets"]
-    target_loop = measured[("64x128", "loop")]
+    target_loop = measured[("native", "64x128", "loop")]
     achieved = target_loop["train_samples_per_s"] * target_loop["train_flops_per_sample"] / 1e9
     assert mfu_target["measured"].startswith(f"{achieved:.1%} (train.py loop")
-    assert mfu_target["met"] == (ctx["precision"] == "bf16" and achieved >= 0.40)
+    assert mfu_target["met"] == (precision == "bf16" and achieved >= 0.40)
     assert job_target["met"] == (estimate["speedup"] >= 10)
-    text = (tmp_path / "B.md").read_text()
+    text = (folder / "B.md").read_text()
     assert text.count("<!-- benchmark:gpu start -->") == text.count("<!-- benchmark:gpu end -->")\
         == 1
-    for name in ("training", "comparison"):
+    for name in ("training", "evaluation", "comparison"):
         assert markdown_table(summary[name][0], summary[name][1:]) in text
-    assert "Partial" not in text and "CPU, " + ctx["precision"] + "; tiny model" in text
+    assert "Partial" not in text and "CPU; tiny model" in text
+    assert "fp16 and t4 left out: they need a CUDA GPU" in text and "T4-like" not in text
+
+
+def test_gpu_benchmark_reports_tokens_per_second_and_the_imdb_epoch(quick_gpu_run):
+    result = quick_gpu_run[0]
+    measured = {(m["variant"], m["config"], m["kind"]): m for m in result["measurements"]}
+    for m in [*measured.values(), result["recipe"]]:
+        for kind in ("train", "eval"):
+            rate = m[f"{kind}_samples_per_s"]
+            # Real tokens: the reviews' own; padded: the width the model computes.
+            assert m[f"{kind}_tokens_per_s"] == pytest.approx(rate * m[f"{kind}_mean_tokens"])
+            assert m[f"{kind}_padded_tokens_per_s"] == pytest.approx(
+                rate * m[f"{kind}_mean_width"])
+            assert 32 <= m[f"{kind}_mean_tokens"] < m[f"{kind}_mean_width"]
+    # The real tokens are those of the rows measured: the seeded synthetic lengths.
+    for batch in (16, 64):
+        bare, loop = (measured[("native", f"{batch}x128", kind)] for kind in ("bare", "loop"))
+        # The bare model's first batch is its untimed warm-up (--quick: 1).
+        timed = review_lengths(3 * batch, 128, seed=3)[batch:]
+        assert bare["train_mean_tokens"] == bare["eval_mean_tokens"] == \
+            pytest.approx(statistics.mean(timed))
+        assert loop["train_mean_tokens"] == pytest.approx(
+            statistics.mean(review_lengths(3 * batch, 128, seed=0)))
+        assert loop["eval_mean_tokens"] == pytest.approx(
+            statistics.mean(review_lengths(8, 128, seed=1)))
+        # 3 batches log no second window: the epoch's own rate carries it to 25,000 reviews.
+        assert loop["train_samples_per_s_after_first_log"] is None
+        assert loop["imdb_epoch_seconds"] == pytest.approx(
+            FULL_TRAIN_REVIEWS / loop["train_samples_per_s"])
+        assert bare["imdb_epoch_seconds"] == pytest.approx(
+            FULL_TRAIN_REVIEWS / bare["train_samples_per_s"])
+    row = next(row for row in result["summary"]["training"] if row[1] == "64x128")
+    loop = measured[("native", "64x128", "loop")]
+    assert row[6] == (f"{loop['train_tokens_per_s']:,.0f} / "
+                      f"{loop['train_padded_tokens_per_s']:,.0f}")
+    assert row[10] == f"{loop['imdb_epoch_seconds']:.0f}" and row[12] == "— / —"
+
+
+def test_the_imdb_epoch_continues_train_pys_epoch_at_its_steady_rate():
+    loop = {"train_seconds": 30.0, "train_samples": 1600, "train_samples_per_s": 1600 / 30,
+            "train_samples_per_s_after_first_log": 100.0}
+    # The measured epoch (its first batches, and compiling, once) plus the rest at 100/s.
+    assert epoch_seconds(loop) == 30.0 + (FULL_TRAIN_REVIEWS - 1600) / 100.0
+    assert epoch_seconds({"train_samples_per_s": 50.0}) == FULL_TRAIN_REVIEWS / 50.0
+
+
+def test_gpu_benchmark_compares_compile_with_native(quick_gpu_run):
+    result, folder, calls, _ = quick_gpu_run
+    assert calls == [{"dynamic": True}]  # train.py --compile, once
+    measured = {(m["variant"], m["config"], m["kind"]): m for m in result["measurements"]}
+    native, compiled = (measured[(name, "16x128", "loop")] for name in ("native", "compile"))
+    assert compiled["train_samples"] == native["train_samples"] == 48
+    summary = result["summary"]["compile"]
+    first = [m["train_wall_seconds"] + m["eval_seconds_first_pass"] for m in (native, compiled)]
+    assert summary["config"] == "16x128"
+    assert summary["added_seconds"] == pytest.approx(first[1] - first[0])
+    rows = {row[0]: row for row in summary["table"][1:]}
+    assert rows["training samples/s after the 1st log window"][1:] == ["—", "—", "—"]
+    assert rows["evaluation samples/s (second pass)"][3] == \
+        f"{compiled['eval_samples_per_s'] / native['eval_samples_per_s']:.2f} x"
+    # Faster at the steady rate: it pays after added seconds / seconds saved per review.
+    rates = [m["train_samples_per_s"] for m in (native, compiled)]
+    saved = 1 / rates[0] - 1 / rates[1]
+    assert summary["pays_after_reviews"] == (
+        pytest.approx(summary["added_seconds"] / saved)
+        if saved > 0 and summary["added_seconds"] > 0 else None)
+    text = (folder / "B.md").read_text()
+    assert markdown_table(summary["table"][0], summary["table"][1:]) in text
+    assert "train.py --compile (model.compile(dynamic=True)) against native" in text
+
+
+def fake_figures(shape, loop: bool) -> dict:
+    """What a measurement returns, for tests that fake the measuring: 10 batches at 2 per
+    second, rows of 100 real tokens padded to the max length."""
+    work = Workload(1e9 * shape.batch * 10, shape.batch * 10, shape.batch * 10 * shape.length,
+                    shape.batch * 10 * 100)
+    figures = {**rates("train", work, 5.0, 2), **rates("eval", work, 1.0, 1),
+               "eval_batch_size": shape.batch}
+    if loop:
+        figures.update(train_seconds=5.0, train_samples_per_s_after_first_log=None,
+                       train_wall_seconds=6.0, eval_seconds_first_pass=1.5, eval_seconds=1.0)
+    return figures
+
+
+def test_every_variant_runs_in_rounds_under_its_own_settings(tmp_path, monkeypatch):
+    # This CPU stands in for a GPU: every variant is chosen, the measurements are faked, and
+    # the T4-like preset is a recorder. What is checked is the order, each measurement's
+    # precision and settings, and that a measurement out of memory is kept and passed over.
+    monkeypatch.setattr(gpu_benchmark, "resolve_variants",
+                        lambda asked, device, precision: (list(VARIANTS.values()), []))
+    events: list = []
+
+    @contextlib.contextmanager
+    def limits(device):
+        events.append("limits on")
+        try:
+            yield {"memory_fraction": 0.1}
+        finally:
+            events.append("limits off")
+
+    def bare(config, device, precision, shape, rows, warmup):
+        events.append(("bare", precision, shape.name))
+        return fake_figures(shape, loop=False)
+
+    def loop(config, device, precision, shape, data, settings, compiled=False):
+        events.append(("loop", precision, shape.name, compiled))
+        if events[-2] == "limits on" and shape.batch == 64:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return fake_figures(shape, loop=True)
+
+    def recipe(config, device, precision, settings, counts):
+        events.append(("recipe", precision))
+        return {**fake_figures(Shape(16, 128), loop=False), "batch": 16, "length": 128}
+
+    for name, fake in (("t4_limits", limits), ("measure_bare", bare), ("measure_loop", loop),
+                       ("measure_recipe", recipe)):
+        monkeypatch.setattr(gpu_benchmark, name, fake)
+    result = gpu_command(gpu_args(tmp_path, "--repeats", "2"))
+    native = pick_precision("auto", torch.device("cpu"))
+    rounds = []
+    for repeat, variants in ((1, ["native", "fp16", "t4", "compile"]),
+                             (2, ["native", "fp16", "t4"])):  # compile in the first round only
+        for variant in variants:
+            configs = ["16x128"] if variant == "compile" else ["16x128", "64x128"]
+            kinds = ["loop"] if variant == "compile" else ["bare", "loop"]
+            rounds += [(repeat, variant, config, kind) for config in configs for kind in kinds]
+    assert [(m["repeat"], m["variant"], m["config"], m["kind"])
+            for m in result["measurements"]] == rounds
+    assert result["context"]["planned"] == len(rounds) == 25
+    # The preset wraps each t4 measurement, and nothing else; fp16 and t4 compute in fp16.
+    t4 = [("bare", "fp16", "16x128"), ("loop", "fp16", "16x128", False),
+          ("bare", "fp16", "64x128"), ("loop", "fp16", "64x128", False)]
+    # The recipe once, after native's first configuration, at native's precision.
+    assert events[:5] == [("bare", native, "16x128"), ("loop", native, "16x128", False),
+                          ("recipe", native), ("bare", native, "64x128"),
+                          ("loop", native, "64x128", False)]
+    inside = [events[i + 1] for i, event in enumerate(events) if event == "limits on"]
+    assert inside == t4 * 2
+    assert all(events[i + 2] == "limits off" for i, e in enumerate(events) if e == "limits on")
+    assert [e for e in events if e not in ("limits on", "limits off")].count(
+        ("loop", native, "16x128", True)) == 1  # compile: once, at native's precision
+    assert {m["precision"] for m in result["measurements"] if m["variant"] in ("fp16", "t4")} \
+        == {"fp16"}
+    failed = [m for m in result["measurements"] if "failed" in m]
+    assert [(m["repeat"], m["variant"], m["config"], m["kind"]) for m in failed] == \
+        [(1, "t4", "64x128", "loop"), (2, "t4", "64x128", "loop")]
+    assert failed[0]["failed"].startswith("out of memory (CUDA out of memory. Tried to")
+    summary = result["summary"]
+    assert summary["failures"][0].startswith("t4 64x128 loop (repeat 1): out of memory")
+    row = next(row for row in summary["training"] if row[:2] == ["T4-like (fp16)", "64x128"])
+    assert row[3] != "—" and row[5] == "—"  # the bare model fitted, train.py did not
+    text = (tmp_path / "B.md").read_text()
+    assert "Failed: t4 64x128 loop (repeat 1): out of memory" in text
+    assert "T4-like: this CPU under a Colab T4's limits, not a T4" in text
+    assert "memory capped at 15 GiB, 10.0% of this GPU" in text
+    assert result["context"]["t4_limits"] == {"memory_fraction": 0.1}
+
+
+def test_a_failed_compile_is_kept_and_the_run_goes_on(tmp_path, monkeypatch):
+    def loop(config, device, precision, shape, data, settings, compiled=False):
+        if compiled:
+            raise RuntimeError("backend raised:\nno C compiler found\nmore detail")
+        return fake_figures(shape, loop=True)
+
+    monkeypatch.setattr(gpu_benchmark, "measure_loop", loop)
+    result = gpu_command(gpu_args(tmp_path, "--configs", "4x32", "--repeats", "2"))
+    assert [(m["repeat"], m["variant"], m["kind"], m.get("failed"))
+            for m in result["measurements"]] == [
+        (1, "native", "bare", None), (1, "native", "loop", None),
+        (1, "compile", "loop", "RuntimeError: backend raised: no C compiler found"),
+        (2, "native", "bare", None), (2, "native", "loop", None)]
+    assert "--compile: no comparison" in (tmp_path / "B.md").read_text()
 
 
 def test_a_stopped_gpu_benchmark_keeps_what_it_measured(tmp_path, monkeypatch):
@@ -213,19 +443,117 @@ def test_a_stopped_gpu_benchmark_keeps_what_it_measured(tmp_path, monkeypatch):
     [bare] = saved["measurements"]
     assert (bare["config"], bare["kind"]) == ("4x32", "bare") and bare["train_samples_per_s"] > 0
     text = (tmp_path / "B.md").read_text()
-    assert "**Partial: 1 of 2 measurements.**" in text and "| 4x32 | 32 |" in text
+    # Planned: native's bare model and loop, and compile's loop.
+    assert "**Partial: 1 of 3 measurements.**" in text and "| 4x32 | 32 /" in text
+
+
+@pytest.mark.parametrize(("flags", "says"), [
+    (["--variants", "native,t4"], "--variants t4 needs a CUDA GPU"),
+    (["--variants", "fp16"], "--variants fp16 needs a CUDA GPU"),
+    (["--precision", "fp16"], "--precision fp16 needs a CUDA GPU")])
+def test_gpu_benchmark_refuses_cuda_only_settings_on_a_cpu(flags, says, tmp_path, capsys):
+    outcome = run_main(main, capsys, "gpu", "--device", "cpu", "--tiny", "--quick", "--json",
+                       str(tmp_path / "gpu.json"), *flags)
+    assert outcome.returncode == 2
+    [line] = outcome.stderr.strip().splitlines()  # one sentence, no traceback
+    assert line.startswith(f"python -m benchmarks.benchmark gpu: error: {says}")
+    assert not (tmp_path / "gpu.json").exists()  # refused before anything was measured
+
+
+def test_gpu_variants_on_a_gpu_leave_out_only_a_duplicate():
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert resolve_variants(None, cuda, "bf16") == (list(VARIANTS.values()), [])
+    # Where native is fp16 already (--precision fp16, or a T4's auto), fp16 would repeat it.
+    chosen, notes = resolve_variants(None, cuda, "fp16")
+    assert [v.name for v in chosen] == ["native", "t4", "compile"]
+    assert notes == ["fp16 left out: native already runs fp16 here"]
+    chosen, notes = resolve_variants(["compile", "native"], cpu, "bf16")
+    assert ([v.name for v in chosen], notes) == (["compile", "native"], [])
+    assert parse_variants("t4, native") == ["t4", "native"]
+    for bad in ("gpu", "native,native", "native,"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_variants(bad)
+
+
+@pytest.fixture
+def cuda_memory_calls(monkeypatch) -> list:
+    """torch.cuda's memory functions faked for a 141 GiB GPU that may use 90% of itself: the
+    calls the T4-like preset makes, in order."""
+    calls: list = []
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device: SimpleNamespace(total_memory=141 * 2**30))
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device: 0.9)
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction",
+                        lambda fraction, device: calls.append((fraction, device)))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append("empty_cache"))
+    return calls
+
+
+@pytest.fixture
+def backend_flags():
+    """The process's TF32 and attention flags, put back as they were after the test."""
+    cuda, cudnn = torch.backends.cuda, torch.backends.cudnn
+    saved = (cuda.matmul.allow_tf32, cudnn.allow_tf32, cuda.flash_sdp_enabled(),
+             cuda.cudnn_sdp_enabled())
+    yield cuda, cudnn
+    cuda.matmul.allow_tf32, cudnn.allow_tf32 = saved[:2]
+    cuda.enable_flash_sdp(saved[2])
+    cuda.enable_cudnn_sdp(saved[3])
+
+
+def test_the_t4_preset_sets_a_t4s_limits_and_restores_every_setting(cuda_memory_calls,
+                                                                     backend_flags):
+    cuda, cudnn = backend_flags
+    device = torch.device("cuda", 0)
+    # As in the benchmark's process: use_device turned TF32 on through the legacy flags.
+    cuda.matmul.allow_tf32 = cudnn.allow_tf32 = True
+    for stop in (None, RuntimeError("a measurement failed")):
+        cuda_memory_calls.clear()
+        with contextlib.suppress(RuntimeError), t4_limits(device) as limits:
+            assert not cuda.flash_sdp_enabled() and not cuda.cudnn_sdp_enabled()
+            # A T4's attention kernel stays, and the fallback.
+            assert cuda.mem_efficient_sdp_enabled() and cuda.math_sdp_enabled()
+            assert cuda.matmul.fp32_precision == cudnn.conv.fp32_precision == "ieee"
+            assert cuda_memory_calls == ["empty_cache", (15 / 141, device)]
+            assert limits == {"memory_fraction": 15 / 141, "memory_gib": 15.0,
+                              "sdp_off": ["flash", "cudnn"],
+                              "tf32_off": ["torch.backends.cuda.matmul.fp32_precision = 'ieee'",
+                                           "torch.backends.cudnn.conv.fp32_precision = 'ieee'"]}
+            if stop:
+                raise stop
+        # Restored, and readable through the legacy flags again (torch refuses to read one
+        # that disagrees with the new setting).
+        assert cuda_memory_calls[-1] == (0.9, device)
+        assert cuda.flash_sdp_enabled() and cuda.cudnn_sdp_enabled()
+        assert cuda.matmul.allow_tf32 and cudnn.allow_tf32
+        assert cuda.matmul.fp32_precision == cudnn.conv.fp32_precision == "tf32"
+
+
+def test_the_t4_preset_uses_the_legacy_tf32_flags_on_an_older_torch(cuda_memory_calls,
+                                                                    backend_flags,
+                                                                    monkeypatch):
+    cuda, _ = backend_flags
+    matmul, cudnn = SimpleNamespace(allow_tf32=True), SimpleNamespace(allow_tf32=True)
+    monkeypatch.setattr(cuda, "matmul", matmul)  # no fp32_precision: torch before 2.9
+    monkeypatch.setattr(torch.backends, "cudnn", cudnn)
+    with t4_limits(torch.device("cuda", 0)) as limits:
+        assert matmul.allow_tf32 is cudnn.allow_tf32 is False
+    assert limits["tf32_off"] == ["torch.backends.cuda.matmul.allow_tf32 = False",
+                                  "torch.backends.cudnn.allow_tf32 = False"]
+    assert matmul.allow_tf32 is cudnn.allow_tf32 is True
 
 
 def test_gpu_medians_over_repeats():
     runs = [{"config": "16x128", "eval_batch_size": 64, "train_samples_per_s": 10.0,
-             "after_first_log": None, "peak_gb": 1.5},
+             "after_first_log": None, "peak_gb": 1.5, "peak_reserved_gb": 2.0},
             {"config": "16x128", "eval_batch_size": 64, "train_samples_per_s": 30.0,
-             "after_first_log": 7.0, "peak_gb": 2.5},
+             "after_first_log": 7.0, "peak_gb": 2.5, "peak_reserved_gb": 2.75},
             {"config": "16x128", "eval_batch_size": 64, "train_samples_per_s": 14.0,
-             "after_first_log": 9.0, "peak_gb": 0.5}]
+             "after_first_log": 9.0, "peak_gb": 0.5, "peak_reserved_gb": 3.0}]
+    # The largest peak memory, allocated and reserved: what a run needs.
     assert median_of(runs) == {"config": "16x128", "eval_batch_size": 64,
                                "train_samples_per_s": 14.0, "after_first_log": 8.0,
-                               "peak_gb": 2.5}
+                               "peak_gb": 2.5, "peak_reserved_gb": 3.0}
 
 
 def test_peak_flops_come_from_the_datasheet_table_and_never_a_guess():
