@@ -29,8 +29,8 @@ from torch.utils.data import DataLoader, DistributedSampler, get_worker_info
 
 from machinery.checkpoints import PREPROCESSING_FILE
 from machinery.cli import DISK_FULL_ERRORS, UsageError
-from machinery.data_sources import LABEL, TEXT
-from machinery.files import writing
+from machinery.data_sources import LABEL, TEXT, class_counts, rereading
+from machinery.files import read_json, writing
 from machinery.options import Truncation
 from machinery.runtime import (
     LengthGroupedSampler,
@@ -80,12 +80,13 @@ def hash_reviews(*splits: Dataset) -> str:
     only for the same texts, labels and order, wherever and whenever they were read. A resumed
     run compares it with its snapshot's (``check_same_reviews``).
 
-    It hashes the Arrow data (~0.2 s for 25,000 reviews), not Python lists (~1 s to build),
-    without the schema's metadata: that holds the `datasets` cache key, which changes with the
-    files' modification times.
+    It hashes the Arrow data of the two columns (~0.2 s for 25,000 reviews), not Python lists
+    (~1 s to build), without the schema's metadata: that holds the `datasets` cache key, which
+    changes with the files' modification times.
     """
     return Hasher.hash([(split.features[LABEL].names, split.with_format("arrow")[:]
-                         .combine_chunks().replace_schema_metadata(None)) for split in splits])
+                         .select([TEXT, LABEL]).combine_chunks().replace_schema_metadata(None))
+                        for split in splits])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,7 +101,8 @@ def take_subset(split: Dataset, n: int | None, seed: int, flag: str = "--eval-sa
     if not 0 < n <= len(split):
         raise UsageError(f"{flag} {n} asks for more reviews than the {len(split)} available; "
                          f"choose a number from 1 to {len(split)}")
-    return split.shuffle(seed=seed).select(range(n))
+    # The indices in memory (8 bytes a review): no cache file on disk that a crash can damage.
+    return split.shuffle(seed=seed, keep_in_memory=True).select(range(n), keep_in_memory=True)
 
 
 def validation_count(validation_size: float, n_train: int, n_classes: int = 2) -> int:
@@ -117,6 +119,20 @@ def validation_count(validation_size: float, n_train: int, n_classes: int = 2) -
                              f"at least {n_classes} validation reviews, one of each class")
         return int(validation_size)
     return max(n_classes, round(validation_size * n_train))
+
+
+def check_class_sizes(train: Dataset, min_examples: int) -> None:
+    """Refuse a class with fewer than `min_examples` training reviews, naming every class's
+    count: a typo in a label ("postive") makes a class of its own, which would train silently."""
+    counts = class_counts(train)
+    rare = {name: n for name, n in counts.items() if 0 < n < min_examples}  # 0: refused later
+    if rare:
+        held = ", ".join(f"{name} {n:,}" for name, n in counts.items())
+        has = "has" if len(rare) == 1 else "have"
+        raise UsageError(
+            f"the training data holds {held} reviews: {', '.join(rare)} {has} fewer than "
+            f"{min_examples}, which is most often a typo in a label; fix the labels, or pass "
+            f"--min-class-examples {min(rare.values())} to train on it")
 
 
 def split_train_validation(train: Dataset, n_train: int | None, validation_size: float,
@@ -145,7 +161,10 @@ def split_train_validation(train: Dataset, n_train: int | None, validation_size:
         raise UsageError(f"the validation split ({n_val}) would leave fewer than {len(names)} "
                          f"of the {len(train)} training reviews for training (one of each "
                          "class); lower --validation-size")
-    parts = train.train_test_split(test_size=n_val, stratify_by_column=LABEL, seed=seed)
+    # Its indices cache (datasets cannot keep them in memory here) is read again if damaged.
+    parts = rereading(f"the split of {len(train)} training reviews", lambda fresh: (
+        train.train_test_split(test_size=n_val, stratify_by_column=LABEL, seed=seed,
+                               load_from_cache_file=not fresh)))
     rest, validation = parts["train"], parts["test"]
     subset = take_subset(rest, n_train, seed, flag="--train-samples")
     missing = [name for k, name in enumerate(names) if k not in set(subset[LABEL])]
@@ -278,7 +297,7 @@ def tokenize(split: Dataset, tokenizer, max_length: int,
                 raise  # not a damaged cache: no space to write it
             # A cache file cut short (a crash or a full disk while it was written) is never
             # read: tokenize again, which writes the cache file anew.
-            print(f"Warning: the tokenization cache could not be read ({error}); tokenizing "
+            print(f"warning: the tokenization cache could not be read ({error}); tokenizing "
                   "again", file=sys.stderr)
             return tokenize_all(load_from_cache_file=False)
 
@@ -300,7 +319,12 @@ class Preprocessing:
         path = Path(folder) / PREPROCESSING_FILE
         if not path.is_file():
             return None
-        return cls(**json.loads(path.read_text()))
+        recorded = read_json(path, "restore the checkpoint folder or train again")
+        try:
+            return cls(recorded["truncation"], int(recorded["max_length"]))
+        except (TypeError, KeyError, ValueError) as error:
+            raise UsageError(f"{path} is damaged ({error!r}); restore the checkpoint folder or "
+                             "train again") from error
 
 
 def resolve_preprocessing(recorded: Preprocessing | None, truncation: str | None,

@@ -40,7 +40,12 @@ from data import (
     tokenizer_fingerprint,
 )
 from lora_model import label_names_of, load_base_model, load_checkpoint
-from machinery.checkpoints import checkpoint_base_model, checkpoint_label_names, find_checkpoint
+from machinery.checkpoints import (
+    checkpoint_base_model,
+    checkpoint_label_names,
+    checkpoint_pooling,
+    find_checkpoint,
+)
 from machinery.cli import (
     UsageError,
     add_options,
@@ -49,7 +54,7 @@ from machinery.cli import (
     option,
     run_command,
 )
-from machinery.data_sources import BINARY_LABEL_NAMES, LABEL, load_split
+from machinery.data_sources import BINARY_LABEL_NAMES, ID, LABEL, ROW, load_split
 from machinery.files import write_file, write_json
 from machinery.hub import load_tokenizer
 from machinery.options import (
@@ -66,6 +71,7 @@ from machinery.runtime import (
     is_main_process,
     pick_device,
     pick_precision,
+    print_main,
     use_device,
 )
 from machinery.stats import (
@@ -213,6 +219,23 @@ def score_model(model: torch.nn.Module, loader, device: torch.device, precision:
     return Scores(metrics, logits, labels, temperature)
 
 
+def never_predicted(scores: Scores, label_names: tuple[str, ...]) -> list[str]:
+    """'no positive review (100 of the 200 are positive)' for each class that not one review
+    was predicted as: a class the model never names has collapsed into the others."""
+    predicted = set(scores.logits.argmax(axis=-1).tolist())
+    counts = np.bincount(scores.labels, minlength=len(label_names))
+    return [f"no {name} review ({counts[k]} of the {len(scores.labels)} are {name})"
+            for k, name in enumerate(label_names) if k not in predicted]
+
+
+def warn_if_a_class_collapsed(scores: Scores, label_names: tuple[str, ...]) -> None:
+    """A warning line for each class that not one review was predicted as (``never_predicted``):
+    after training, a class that collapsed into the others."""
+    for collapsed in never_predicted(scores, label_names):
+        print_main(f"warning: the fine-tuned model predicts {collapsed}: that class "
+                   "collapsed into others (docs/reference.md: the pooling)")
+
+
 def evaluate_model(model: torch.nn.Module, loader, device: torch.device, precision: str,
                    desc: str = "Evaluating") -> dict:
     """The metrics of ``score_model`` with the model's own probabilities (train.py's "before"
@@ -293,10 +316,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def prediction_lines(labels: np.ndarray, probabilities: dict[str, np.ndarray]) -> str:
-    """--predictions: a JSON line per scored review, in data order: its position, its true
-    class id and each model's class probabilities (softmax of the logits)."""
-    return "".join(json.dumps({"index": i, "label": int(label), "probabilities": {
+def prediction_lines(test, labels: np.ndarray, probabilities: dict[str, np.ndarray]) -> str:
+    """--predictions: a JSON line per scored review, in data order: its position among the
+    scored reviews, its row in the test split it came from (and the data's id, where it has an
+    id column: what joins a line back to the user's data), its true class id and each model's
+    class probabilities (softmax of the logits)."""
+    joins = {key: test[key] for key in (ROW, ID) if key in test.column_names}
+    return "".join(json.dumps({"index": i, **{key: values[i] for key, values in joins.items()},
+                               "label": int(label), "probabilities": {
         name: rows[i].tolist() for name, rows in probabilities.items()}}) + "\n"
         for i, label in enumerate(labels))
 
@@ -360,8 +387,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     print(format_comparison([(row["name"], row) for row in rows]))
     print("\n" + format_comparisons(rows, comparisons))
     print(calibration_note(rows, args.calibrate), file=sys.stderr)
-    write_outputs(args, rows, comparisons, labels, probabilities,
-                  tuple(test.features[LABEL].names))
+    write_outputs(args, rows, comparisons, test, labels, probabilities)
     return rows
 
 
@@ -407,12 +433,15 @@ def score_rows(models: list[tuple[str, Path | None]], temperatures: dict[Path, f
     result rows, the reviews' labels and each row's class probabilities."""
     label_names = tuple(test.features[LABEL].names)
     # The base model is scored as the first checkpoint was trained, as train.py's "before".
-    first = next((Preprocessing.recorded_in(c) for _, c in models if c is not None), None)
+    first_checkpoint = next((c for _, c in models if c is not None), None)
+    first = None if first_checkpoint is None else Preprocessing.recorded_in(first_checkpoint)
+    pooling = "auto" if first_checkpoint is None else checkpoint_pooling(first_checkpoint)
     loaders = {}  # one tokenization per tokenizer and preprocessing, shared by the rows
     rows, labels, probabilities = [], None, {}
     for name, checkpoint in models:
         if checkpoint is None:
-            model, tokenizer = load_base_model(base_name, label_names), load_tokenizer(base_name)
+            model = load_base_model(base_name, label_names, pooling)
+            tokenizer = load_tokenizer(base_name)
             preprocessing = resolve_preprocessing(first, args.truncation, args.max_length, None)
             temperature = UNCALIBRATED
         else:
@@ -435,18 +464,19 @@ def score_rows(models: list[tuple[str, Path | None]], temperatures: dict[Path, f
     return rows, labels, probabilities
 
 
-def write_outputs(args: argparse.Namespace, rows: list[dict], comparisons: list[dict],
-                  labels, probabilities: dict, label_names: tuple[str, ...]) -> None:
-    """--json, --predictions and --plot, each where asked."""
+def write_outputs(args: argparse.Namespace, rows: list[dict], comparisons: list[dict], test,
+                  labels, probabilities: dict) -> None:
+    """--json, --predictions and --plot, each where asked; `test` is the scored split."""
     if args.json:
         write_json(args.json, {"results": rows, "comparisons": comparisons})
         print(f"Wrote {args.json}", file=sys.stderr)
     if args.predictions:
-        text = prediction_lines(labels, probabilities)
+        text = prediction_lines(test, labels, probabilities)
         write_file(args.predictions, lambda partial: partial.write_text(text))
         print(f"Wrote {args.predictions}", file=sys.stderr)
     if args.plot:
-        plot_comparison([(row["name"], row) for row in rows], args.plot, label_names)
+        plot_comparison([(row["name"], row) for row in rows], args.plot,
+                        tuple(test.features[LABEL].names))
         print(f"Wrote {args.plot}", file=sys.stderr)
 
 

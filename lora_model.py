@@ -23,11 +23,20 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BertConfig,
+    BertForSequenceClassification,
+    PreTrainedModel,
+)
+from transformers.modeling_outputs import SequenceClassifierOutput
 
+from machinery import hub
 from machinery.checkpoints import (
     ADAPTER_CONFIG,
     ADAPTER_DIR,
@@ -37,16 +46,18 @@ from machinery.checkpoints import (
     HEAD_WEIGHTS,
     LABELS_FILE,
     MODEL_DIR,
+    POOLING_FILE,
     TOKENIZER_CONFIG,
     checkpoint_base_model,
     checkpoint_label_names,
     checkpoint_method,
+    checkpoint_pooling,
     find_checkpoint,
 )
 from machinery.cli import UsageError, check_can_write, run_command
 from machinery.data_sources import BINARY_LABEL_NAMES
-from machinery.files import folder_size, format_size, write_folder
-from machinery.hub import check_encoder, from_pretrained, load_tokenizer
+from machinery.files import folder_size, format_size, write_folder, write_manifest
+from machinery.hub import absolute_if_local, check_encoder, from_pretrained, load_tokenizer
 
 # The classifier head is trained in full (peft's modules_to_save), never given an adapter.
 HEAD_MODULES = frozenset({"classifier", "score"})
@@ -116,30 +127,85 @@ def format_parameter_counts(trainable: int, total: int) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# The pre-trained model
+# The pre-trained model, and what its head reads
+
+
+class MeanPoolingBertForSequenceClassification(BertForSequenceClassification):
+    """BERT's sequence classifier, its head reading the mean of the token vectors instead of
+    BERT's pooler over [CLS] (``--pooling mean``).
+
+    A sentence-transformers checkpoint (all-MiniLM-L6-v2 and its kin) was trained to mean its
+    token vectors: its [CLS] pooler was never trained for classification, and a head over it
+    can fail to separate classes at all. Everything else is BERT's own: the same encoder, the
+    dropout and the linear head, the same cross-entropy.
+    """
+
+    def __init__(self, config: BertConfig):
+        super().__init__(config)
+        self.bert.pooler = None  # unused here: no weight that never gets a gradient
+
+    def forward(self, input_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                **kwargs) -> SequenceClassifierOutput:
+        """Logits (and the loss, given `labels`) from the mean of the unpadded token vectors."""
+        kwargs.pop("return_dict", None)
+        hidden = self.bert(input_ids, attention_mask=attention_mask, return_dict=True,
+                           **kwargs).last_hidden_state
+        if attention_mask is None:
+            attention_mask = torch.ones(hidden.shape[:2], device=hidden.device)
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # 1 for a token, 0 for padding
+        pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+        logits = self.classifier(self.dropout(pooled))
+        loss = None if labels is None else F.cross_entropy(logits.view(-1, self.num_labels),
+                                                           labels.view(-1))
+        return SequenceClassifierOutput(loss=loss, logits=logits)
+
+
+def resolve_pooling(pooling: str, name: str) -> str:
+    """--pooling for the model `name`: "cls" or "mean" as given; "auto" is mean where the model
+    declares it was trained for mean pooling (a sentence-transformers model), else the model's
+    own [CLS] head, as for bert-base-uncased. Mean pooling is refused for other than BERT."""
+    config = check_encoder(name)
+    if pooling == "auto":
+        mean = hub.declared_pooling(name) == "mean" and config.model_type == "bert"
+        return "mean" if mean else "cls"
+    if pooling == "mean" and config.model_type != "bert":
+        raise UsageError(f"--pooling mean: --model {name} is a {config.model_type!r} model; mean "
+                         "pooling is built for BERT (model_type 'bert'): use --pooling cls")
+    return pooling
+
+
+def pooling_of(model: torch.nn.Module) -> str:
+    """How `model`'s head reads the encoder: "mean" or "cls" (a PeftModel: its base model's)."""
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    return "mean" if isinstance(base, MeanPoolingBertForSequenceClassification) else "cls"
+
 
 # The classifier head of the pre-trained ("before") model is random; drawing it from a fixed
 # seed makes train.py's "before" row and evaluate.py --base give the same numbers every time.
 HEAD_SEED = 0
 # Every model is loaded in fp32, whatever dtype its files hold (see load_base_model).
 MODEL_DTYPE = torch.float32
+CLASSIFIERS = {"cls": AutoModelForSequenceClassification,
+               "mean": MeanPoolingBertForSequenceClassification}
 
 
-def load_base_model(name: str,
-                    label_names: tuple[str, ...] = BINARY_LABEL_NAMES) -> PreTrainedModel:
+def load_base_model(name: str, label_names: tuple[str, ...] = BINARY_LABEL_NAMES,
+                    pooling: str = "auto") -> PreTrainedModel:
     """The pre-trained encoder in fp32 with a new classifier head drawn from ``HEAD_SEED``,
-    one output per class of `label_names` (which the config records as id2label).
+    one output per class of `label_names` (which the config records as id2label), reading
+    the encoder's output the `pooling` way (``resolve_pooling``).
 
     transformers 5 loads weights in the dtype they were stored in (``dtype="auto"``): a model
     saved in fp16 would train an fp16 head and LoRA weights, which AdamW updates in steps
     smaller than fp16 can hold and which the fp16 GradScaler refuses to unscale. Weights stay
     fp32; autocast computes in bf16/fp16 where asked.
     """
-    check_encoder(name)
+    classifier = CLASSIFIERS[resolve_pooling(pooling, name)]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(HEAD_SEED)
         return from_pretrained(
-            AutoModelForSequenceClassification.from_pretrained, name, "model",
+            classifier.from_pretrained, name, "model",
             dtype=MODEL_DTYPE, num_labels=len(label_names),
             id2label=dict(enumerate(label_names)),
             label2id={label: i for i, label in enumerate(label_names)})
@@ -173,6 +239,7 @@ def save_checkpoint(model: torch.nn.Module, tokenizer, folder: Path, method: str
     """
     folder.mkdir(parents=True, exist_ok=True)
     (folder / LABELS_FILE).write_text(json.dumps(list(label_names_of(model))) + "\n")
+    (folder / POOLING_FILE).write_text(json.dumps({"pooling": pooling_of(model)}) + "\n")
     if method == "lora":
         save_adapter(model, tokenizer, folder)
         return
@@ -200,7 +267,9 @@ def load_adapted_model(checkpoint: str | Path, base_model: str | None = None,
                          f"checkpoint, not a LoRA adapter ({ADAPTER_CONFIG})")
     base, base_name, recorded = load_checkpoint_base(adapter, base_model)
     try:
-        return PeftModel.from_pretrained(base, adapter, is_trainable=trainable)
+        model = PeftModel.from_pretrained(base, adapter, is_trainable=trainable)
+        check_adapter_fits(model, adapter, base_name, recorded)
+        return model
     except SafetensorError as error:
         raise UsageError(f"{adapter / ADAPTER_WEIGHTS} is damaged ({error}); restore it or "
                          "train again") from error
@@ -212,6 +281,21 @@ def load_adapted_model(checkpoint: str | Path, base_model: str | None = None,
             f"{recorded!r}, a model of another shape; pass that model with --model") from error
 
 
+def check_adapter_fits(model: PeftModel, adapter: Path, base_name: str, recorded: str) -> None:
+    """Refuse an adapter that loaded into a base model of another architecture or depth: peft
+    fills the adapter weights the model has no file entry for with their start values (B = 0:
+    no update at all), and skips the file's entries the model has no place for, silently."""
+    with safe_open(adapter / ADAPTER_WEIGHTS, framework="pt") as weights:
+        saved = len(list(weights.keys()))
+    taken = sum(1 for name, _ in model.named_parameters()
+                if ".lora_" in name or ".modules_to_save." in name)
+    if saved != taken:
+        raise UsageError(
+            f"the adapter in {adapter} does not fit --model {base_name}: it holds {saved} "
+            f"weights where the model takes {taken}, so the model is another architecture or "
+            f"depth than {recorded!r}, the one it was trained on; pass that model with --model")
+
+
 def load_checkpoint_base(folder: Path,
                          base_model: str | None) -> tuple[PreTrainedModel, str, str]:
     """The base model a LoRA or head checkpoint builds on: (model, its name, the recorded name).
@@ -221,9 +305,12 @@ def load_checkpoint_base(folder: Path,
     """
     recorded = checkpoint_base_model(folder)
     base_name = base_model or recorded
-    model = load_base_model(base_name, checkpoint_label_names(folder))
-    if base_model and base_model != recorded:
+    model = load_base_model(base_name, checkpoint_label_names(folder), checkpoint_pooling(folder))
+    if base_model and absolute_if_local(base_model) != absolute_if_local(recorded):
         check_same_vocabulary(folder, base_name)
+        print(f"warning: --model {base_model} is not the model the checkpoint in {folder} was "
+              f"trained on ({recorded}); its vocabulary matches, so it is used (a checkpoint on "
+              "a model of another shape is refused)", file=sys.stderr)
     return model, base_name, recorded
 
 
@@ -245,9 +332,10 @@ def check_same_vocabulary(folder: Path, base_name: str) -> None:
 
 def load_merged_model(folder: str | Path) -> PreTrainedModel:
     """A merged (or any fine-tuned) classifier folder, loaded as the plain transformers model
-    (in fp32, as ``load_base_model``)."""
-    return from_pretrained(AutoModelForSequenceClassification.from_pretrained, str(folder),
-                            "model", dtype=MODEL_DTYPE)
+    (in fp32, as ``load_base_model``), its head reading the encoder as its ``POOLING_FILE``
+    says: a mean-pooling model is a ``MeanPoolingBertForSequenceClassification``."""
+    classifier = CLASSIFIERS[checkpoint_pooling(Path(folder))]
+    return from_pretrained(classifier.from_pretrained, str(folder), "model", dtype=MODEL_DTYPE)
 
 
 def load_head_model(folder: Path, base_model: str | None = None) -> PreTrainedModel:
@@ -334,6 +422,7 @@ def merge_adapter(checkpoint: str | Path, out: str | Path, base_model: str | Non
         for entry in out.iterdir() if out.is_dir() else ():
             if entry.name not in CHECKPOINT_NOTES and not (partial / entry.name).exists():
                 (shutil.copytree if entry.is_dir() else shutil.copy2)(entry, partial / entry.name)
+        write_manifest(partial)  # last: a damaged file is found before it is used
 
     # Only now is anything written (a refused merge leaves no folder behind), and whole or not
     # at all: a full disk or a kill leaves the previous --out folder (or none).

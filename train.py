@@ -37,7 +37,14 @@ from machinery import checkpoints, cli, files, report, run_folder, runtime, snap
 from machinery.cli import Fraction, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 from machinery.data_sources import LABEL, load_split
 from machinery.hub import load_tokenizer
-from machinery.options import DataOptions, MaxLength, RunOptions, RuntimeOptions, Truncation
+from machinery.options import (
+    DataOptions,
+    MaxLength,
+    Pooling,
+    RunOptions,
+    RuntimeOptions,
+    Truncation,
+)
 from machinery.runtime import autocast, is_main_process, print_main
 
 # ---------------------------------------------------------------------------------------------
@@ -69,6 +76,8 @@ class Recipe:
     """Dropout on the LoRA branch's input during training."""
     lora_targets: str = "query,value"
     """Comma-separated names of the linear layers that get adapters."""
+    pooling: Pooling = "auto"
+    """The head reads [CLS] (cls) or the token mean (mean); auto: mean where the model says so."""
     lr: PositiveFloat | None = cli.option(default_text="by --method, " + ", ".join(
         f"{method} {lr:g}" for method, lr in DEFAULT_LRS.items()))
     """Peak AdamW learning rate; docs/reference.md says why it depends on --method."""
@@ -93,6 +102,8 @@ class Recipe:
     """Train on TRAIN_SAMPLES reviews of the training split, drawn with the subset rule."""
     validation_size: PositiveFloat = 0.1
     """Validation reviews carved out of the training split: a fraction (<1) or a count (>=1)."""
+    min_class_examples: PositiveInt = 5
+    """Refuse a class with fewer training reviews: a typo in a label makes a class of its own."""
     labels: cli.ClassNames | None = cli.option(default_text=(
         "0/1 and neg/pos/negative/positive are negative, positive; other integers are 0..K-1; "
         "strings are sorted"))
@@ -139,8 +150,8 @@ def run(recipe: Recipe, data_options: DataOptions, run_options: RunOptions,
         tokenizer, (train, validation, test), recipe, data_options, runtime_options, job)
 
     # The pre-trained model with a new classifier head, one output per class.
-    model = lora_model.load_base_model(recipe.model, tuple(train.features[LABEL].names))
-    model = model.to(job.device)
+    model = lora_model.load_base_model(recipe.model, tuple(train.features[LABEL].names),
+                                       recipe.pooling).to(job.device)
     if recipe.method == "lora":
         lora_model.check_lora_targets(model, recipe.lora_targets)
     run_folder.start_run_folder(run_options.output_dir, job, train, validation, test)
@@ -152,7 +163,7 @@ def run(recipe: Recipe, data_options: DataOptions, run_options: RunOptions,
     model = lora_model.prepare_model(model, recipe.method, recipe.lora_r, recipe.lora_alpha,
                                      recipe.lora_dropout, recipe.lora_targets)
     trainable, total = lora_model.parameter_counts(model)
-    print_main(describe_method(recipe, trainable, total))
+    print_main(describe_method(recipe, lora_model.pooling_of(model), trainable, total))
 
     # The loop.
     trainer = Trainer(recipe, run_options, job, model, tokenizer, train_loader,
@@ -182,11 +193,11 @@ def run(recipe: Recipe, data_options: DataOptions, run_options: RunOptions,
 
 
 def load_reviews(recipe: Recipe, data_options: DataOptions) -> tuple[Dataset, Dataset, Dataset]:
-    """The training, validation and test reviews (data.py: the validation split, the subset
-    rule)."""
+    """The training, validation and test reviews (data.py: validation split, subset rule)."""
     source, columns = data_options.data, (data_options.text_column, data_options.label_column)
     seed = data_options.data_seed
     train = load_split(source, "train", *columns, recipe.labels)
+    data.check_class_sizes(train, recipe.min_class_examples)
     train, validation = data.split_train_validation(train, recipe.train_samples,
                                                     recipe.validation_size, seed)
     test = load_split(source, "test", *columns, tuple(train.features[LABEL].names))
@@ -243,6 +254,7 @@ def score_after(recipe: Recipe, run_options: RunOptions, job: run_folder.Job, va
     best = lora_model.load_checkpoint(run_options.output_dir, recipe.model)[0].to(job.device)
     validated = evaluate.score_model(best, validation_loader, job.device, job.precision,
                                      desc="Calibrating")
+    evaluate.warn_if_a_class_collapsed(validated, lora_model.label_names_of(best))
     calibration = stats.fit_calibration(validated.logits, validated.labels)
     if is_main_process():
         folder = checkpoints.checkpoint_folder(run_options.output_dir, recipe.method)
@@ -274,13 +286,15 @@ def finish_run(recipe: Recipe, run_options: RunOptions, metrics: dict, n_test: i
                f"{checkpoints.checkpoint_folder(folder, recipe.method)}")
 
 
-def describe_method(recipe: Recipe, trainable: int, total: int) -> str:
+def describe_method(recipe: Recipe, pooling: str, trainable: int, total: int) -> str:
     """What the run trains, how fast and how much, in words: 'LoRA r=8, alpha=32 on
-    query,value, lr 0.0005: trainable 74,498 of 22,788,484 parameters (0.33%)' (or the
-    --method's own description)."""
+    query,value, a head over the token mean, lr 0.0005: trainable 74,498 of 22,640,644
+    parameters (0.33%)' (or the --method's own description)."""
     what = (f"LoRA r={recipe.lora_r}, alpha={recipe.lora_alpha:g} on {recipe.lora_targets}"
             if recipe.method == "lora" else checkpoints.METHODS[recipe.method])
-    return f"{what}, lr {recipe.lr:g}: {lora_model.format_parameter_counts(trainable, total)}"
+    head = "a head over the token mean" if pooling == "mean" else "a head over [CLS]"
+    return (f"{what}, {head}, lr {recipe.lr:g}: "
+            f"{lora_model.format_parameter_counts(trainable, total)}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -473,6 +487,7 @@ class Trainer(snapshots.ResumableLoop):
         def write(partial: Path) -> None:
             lora_model.save_checkpoint(self.model, self.tokenizer, partial, recipe.method)
             data.Preprocessing(recipe.truncation, recipe.max_length).save(partial)
+            files.write_manifest(partial)  # last: a damaged file is found before it is used
 
         folder = checkpoints.checkpoint_folder(self.run_options.output_dir, recipe.method)
         files.write_folder(folder, write)

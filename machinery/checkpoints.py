@@ -22,6 +22,7 @@ from typing import Literal
 
 from machinery.cli import UsageError
 from machinery.data_sources import BINARY_LABEL_NAMES
+from machinery.files import MANIFEST_FILE, manifest_problem, read_json
 from machinery.stats import TEMPERATURE_FILE
 
 # What train.py trains (--method): each is a row of the comparison in docs/results.md.
@@ -48,8 +49,14 @@ LABELS_FILE = "labels.json"
 # Written into every checkpoint folder: how its reviews were tokenized (data.Preprocessing), so
 # that evaluate.py and predict.py can tokenize the same way.
 PREPROCESSING_FILE = "preprocessing.json"
+# How a classifier head reads the encoder's output: the model's own [CLS] head, or the mean of
+# the token vectors (lora_model.MeanPoolingBertForSequenceClassification).
+POOLINGS = ("cls", "mean")
+# Written into every checkpoint folder: how the classifier head reads the encoder's output
+# ({"pooling": "mean"} or "cls"; a checkpoint without one predates it and pools [CLS]).
+POOLING_FILE = "pooling.json"
 # The small files beside a checkpoint's weights that say how to use them.
-CHECKPOINT_NOTES = (PREPROCESSING_FILE, LABELS_FILE, TEMPERATURE_FILE)
+CHECKPOINT_NOTES = (PREPROCESSING_FILE, LABELS_FILE, TEMPERATURE_FILE, POOLING_FILE)
 
 
 def checkpoint_folder(run_folder: Path, method: str) -> Path:
@@ -95,6 +102,7 @@ def find_checkpoint(path: str | Path) -> Path:
     if not path.exists():
         raise UsageError(f"--checkpoint {path} does not exist")
     for folder in (path, path / ADAPTER_DIR, path / MODEL_DIR):
+        check_checkpoint_files(folder)
         if checkpoint_method(folder):
             return folder
     raise UsageError(
@@ -103,18 +111,41 @@ def find_checkpoint(path: str | Path) -> Path:
         f"*{CLASSIFIER_SUFFIX} architecture, as --method full saves too)")
 
 
+def check_checkpoint_files(folder: Path) -> None:
+    """Refuse a checkpoint whose files are not the ones train.py or merge wrote: each file its
+    manifest lists must have the size and SHA-256 hash the manifest says (a damaged or edited
+    file is named). A folder without a manifest (saved before they were written, or by other
+    code) is taken as it is."""
+    if not (folder / MANIFEST_FILE).exists():
+        return
+    problem = manifest_problem(folder)
+    if problem:
+        raise UsageError(f"the checkpoint in {folder} is damaged: {problem}; restore the folder "
+                         "or train again")
+
+
 def checkpoint_base_model(folder: Path) -> str | None:
     """The base model a checkpoint builds on; None for a model folder, which holds every weight."""
     if checkpoint_method(folder) == "lora":
         return adapter_base_model(folder)
     if checkpoint_method(folder) == "head":
-        return json.loads((folder / HEAD_CONFIG).read_text())["base_model_name_or_path"]
+        return checkpoint_note(folder / HEAD_CONFIG, "base_model_name_or_path")
     return None
 
 
 def adapter_base_model(adapter: Path) -> str:
     """The base model name or folder an adapter was trained on, from its config."""
-    return json.loads((adapter / ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
+    return checkpoint_note(adapter / ADAPTER_CONFIG, "base_model_name_or_path")
+
+
+def checkpoint_note(path: Path, key: str):
+    """The value of `key` in a JSON file of a checkpoint; a file cut short, emptied or without
+    the key is refused in one sentence naming it."""
+    note = read_json(path, "restore the checkpoint folder or train again")
+    if not isinstance(note, dict) or key not in note:
+        raise UsageError(f"{path} is damaged (it holds no {key!r}); restore the checkpoint "
+                         "folder or train again")
+    return note[key]
 
 
 def is_merged_model(folder: str | Path) -> bool:
@@ -128,6 +159,23 @@ def is_merged_model(folder: str | Path) -> bool:
         return False
     try:
         architectures = json.loads(config.read_text()).get("architectures") or []
-    except (json.JSONDecodeError, AttributeError):
+    except (OSError, ValueError, AttributeError):  # not JSON, not UTF-8: no model config
         return False
     return any(name.endswith(CLASSIFIER_SUFFIX) for name in architectures)
+
+
+def checkpoint_pooling(folder: Path) -> str:
+    """How a checkpoint's head reads the encoder: "mean" or "cls" (``POOLING_FILE``; "cls" for a
+    checkpoint saved before the file existed, when every head read [CLS])."""
+    path = Path(folder) / POOLING_FILE
+    if not path.is_file():
+        return "cls"
+    try:
+        pooling = json.loads(path.read_text())["pooling"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise UsageError(f"{path} is damaged ({error!r}); it holds {{\"pooling\": \"mean\"}} or "
+                         "\"cls\": restore it or train again") from error
+    if pooling not in POOLINGS:
+        raise UsageError(f"{path} names pooling {pooling!r}; it must be one of "
+                         f"{', '.join(POOLINGS)}: restore it or train again")
+    return pooling

@@ -15,17 +15,27 @@ The training split decides them; every other split must hold only those.
 
 from __future__ import annotations
 
+import sys
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
-from datasets import ClassLabel, Dataset, Features, Value, load_dataset
+from datasets import ClassLabel, Dataset, DownloadMode, Features, Value, load_dataset
 from datasets.exceptions import DatasetGenerationError
 from datasets.fingerprint import Hasher
+from datasets.io.generator import GeneratorDatasetInputStream
 from pyarrow import parquet as pq
 from pyarrow.lib import ArrowException
 
-from machinery.cli import UsageError
+from machinery.cli import DISK_FULL_ERRORS, UsageError
+from machinery.runtime import print_main
 
 TEXT, LABEL = "text", "label"
+# Beside them, each review keeps its row in the split it came from (0: the first data row; in
+# an aclImdb folder, its place among the class folders' sorted files), and the data's own id
+# where it has a column of that name (an aclImdb review: its file name): what joins a
+# prediction back to the user's data.
+ROW, ID = "row", "id"
 # IMDB's two classes, and the labels some datasets use for them (compared lower-cased,
 # stripped): data labelled only with these keeps this meaning and order.
 BINARY_LABEL_NAMES = ("negative", "positive")
@@ -38,12 +48,17 @@ NO_ROWS_MESSAGE = "corresponds to no data"
 TEXT_DTYPES = ("string", "large_string")
 # Characters of a refused value shown in an error message.
 SHOWN_VALUE_CHARS = 60
+# What reading a damaged `datasets` cache file raises (a truncated Arrow file: "Expected to be
+# able to read ... bytes"; an empty one: "... is not an Arrow file" or EOF), and what rebuilding
+# it takes: reading the data again (load_dataset's and from_generator's download_mode).
+CACHE_ERRORS = (ArrowException, OSError, EOFError, ValueError)
+FORCE = DownloadMode.FORCE_REDOWNLOAD
 # aclImdb's class folders. Their names are its labels, read like any other data's labels
 # (normalize_columns), so --labels and a checkpoint's classes are checked against them too.
 ACLIMDB_CLASSES = ("neg", "pos")
 
 FEATURES = Features({TEXT: Value("string"), LABEL: ClassLabel(names=list(BINARY_LABEL_NAMES))})
-ACLIMDB_FEATURES = Features({TEXT: Value("string"), LABEL: Value("string")})
+ACLIMDB_FEATURES = Features({TEXT: Value("string"), LABEL: Value("string"), ID: Value("string")})
 
 
 def load_split(data: str, split: str, text_column: str = TEXT, label_column: str = LABEL,
@@ -66,8 +81,29 @@ def load_split(data: str, split: str, text_column: str = TEXT, label_column: str
         raise UsageError(f"--data folder {data} does not exist")
     else:
         raw, source = load_hub_split(data, split), f"{data} ({split})"
-    return check_reviews(normalize_columns(raw, text_column, label_column, source, label_names,
-                                           decide_classes=split == "train"), source)
+    reviews = check_reviews(normalize_columns(raw, text_column, label_column, source,
+                                              label_names, decide_classes=split == "train"),
+                            source)
+    if split != "train":
+        warn_if_one_class(reviews, source)
+    return reviews
+
+
+def class_counts(split: Dataset) -> dict[str, int]:
+    """How many reviews of each class `split` holds, by class name, in id order."""
+    counts = Counter(split.with_format("arrow")[LABEL].to_pylist())
+    return {name: counts.get(k, 0) for k, name in enumerate(split.features[LABEL].names)}
+
+
+def warn_if_one_class(split: Dataset, source: str) -> None:
+    """Say so, in one line, when every review of a test split is of one class: accuracy is then
+    the share predicted as that class, and the measures that weigh classes against each other
+    (precision, recall, F1 and their means) mean nothing there."""
+    present = [name for name, n in class_counts(split).items() if n]
+    if len(present) == 1:
+        print_main(f"warning: every review of {source} is {present[0]}: accuracy is the share "
+                   f"predicted {present[0]}; precision, recall and F1, which weigh classes "
+                   "against each other, mean nothing there", file=sys.stderr)
 
 
 def looks_like_path(name: str) -> bool:
@@ -94,9 +130,34 @@ def load_aclimdb_split(split_folder: Path) -> Dataset:
     # The stamp makes the `datasets` cache notice added, removed or edited files.
     stamp = Hasher.hash([(str(p), p.stat().st_size, p.stat().st_mtime_ns)
                          for paths in files.values() for p in paths])
-    return reading(split_folder, lambda: Dataset.from_generator(
-        aclimdb_examples, features=ACLIMDB_FEATURES,
-        gen_kwargs={"files": {k: [str(p) for p in v] for k, v in files.items()}, "stamp": stamp}))
+    gen_kwargs = {"files": {k: [str(p) for p in v] for k, v in files.items()}, "stamp": stamp}
+
+    def generate(fresh: bool) -> Dataset:  # Dataset.from_generator, which cannot force a build
+        builder = GeneratorDatasetInputStream(aclimdb_examples, features=ACLIMDB_FEATURES,
+                                              gen_kwargs=gen_kwargs).builder
+        builder.download_and_prepare(download_mode=FORCE if fresh else None)
+        return builder.as_dataset(split=builder.config.split)
+
+    return reading(split_folder, lambda: rereading(split_folder, generate))
+
+
+def rereading(source: str | Path, read: Callable[[bool], object]):
+    """`read(False)`, which may take what `datasets` cached of `source` on disk; should a cache
+    file be unreadable (cut short by a crash or a full disk, say), `read(True)`, which builds
+    it anew (and writes it again), with a one-line warning. The same data, the same numbers.
+
+    An error the second read raises too is the data's own, and passes on.
+    """
+    try:
+        return read(False)
+    except CACHE_ERRORS as error:
+        if getattr(error, "errno", None) in DISK_FULL_ERRORS:
+            raise  # no space to read into: not a damaged file
+        data = read(True)
+        print_main(f"warning: the cache of {source} could not be read "
+                   f"({' '.join(str(error).split())[:SHOWN_VALUE_CHARS * 2]}); it was built "
+                   "again", file=sys.stderr)
+        return data
 
 
 def reading(source: Path, read):
@@ -131,7 +192,7 @@ def aclimdb_examples(files: dict[str, list[str]], stamp: str):
             except UnicodeDecodeError as error:
                 raise UsageError(f"{path} is not valid UTF-8 text ({error.reason} at byte "
                                  f"{error.start}); save it as UTF-8") from error
-            yield {TEXT: text, LABEL: name}
+            yield {TEXT: text, LABEL: name, ID: Path(path).stem}
 
 
 def load_file_split(folder: Path, split: str) -> tuple[Dataset, str]:
@@ -150,8 +211,9 @@ def load_file_split(folder: Path, split: str) -> tuple[Dataset, str]:
     if path.suffix == ".parquet" and parquet_rows(path) == 0:
         # `datasets` would fail with "BatchSize must be greater than 0".
         raise UsageError(f"could not read {path}: it holds no reviews; add the reviews")
-    raw = reading(path, lambda: load_dataset(FILE_BUILDERS[path.suffix],
-                                              data_files={split: str(path)}, split=split))
+    raw = reading(path, lambda: rereading(path, lambda fresh: load_dataset(
+        FILE_BUILDERS[path.suffix], data_files={split: str(path)}, split=split,
+        download_mode=FORCE if fresh else None)))
     return raw, str(path)
 
 
@@ -188,7 +250,8 @@ def normalize_columns(raw: Dataset, text_column: str = TEXT, label_column: str =
         raise UsageError(
             f"column {missing[0]!r} not found (columns: {', '.join(raw.column_names)}); "
             "choose them with --text-column / --label-column")
-    raw = raw.select_columns([text_column, label_column])
+    has_id = ID in raw.column_names and ID not in (text_column, label_column)
+    raw = raw.select_columns([text_column, label_column, *([ID] if has_id else [])])
     check_text_column(raw, text_column, source)
     feature, values = raw.features[label_column], raw[label_column]
     if isinstance(feature, ClassLabel):  # ids with names (the Hub's imdb: 0/1 named neg/pos)
@@ -205,11 +268,13 @@ def normalize_columns(raw: Dataset, text_column: str = TEXT, label_column: str =
         raise UsageError(f"{len(unknown)} labels of {source} are not among the classes "
                          f"{', '.join(label_names)} ({shown}); every label must be one the "
                          "training data has (or --labels names)")
-    features = Features({TEXT: Value("string"), LABEL: ClassLabel(names=list(label_names))})
-    return raw.map(lambda batch, indices: {TEXT: batch[text_column],
-                                           LABEL: [ids[i] for i in indices]},
-                   batched=True, with_indices=True, remove_columns=raw.column_names,
-                   features=features, desc="Checking labels")
+    features = Features({TEXT: Value("string"), LABEL: ClassLabel(names=list(label_names)),
+                         ROW: Value("int64"), **({ID: raw.features[ID]} if has_id else {})})
+    return rereading(source, lambda fresh: raw.map(
+        lambda batch, indices: {TEXT: batch[text_column], LABEL: [ids[i] for i in indices],
+                                ROW: indices, **({ID: batch[ID]} if has_id else {})},
+        batched=True, with_indices=True, remove_columns=raw.column_names, features=features,
+        load_from_cache_file=not fresh, desc="Checking labels"))
 
 
 def as_integer(value: object) -> int | None:

@@ -9,14 +9,18 @@ atomic on one filesystem. A full disk then fails the write (an ``OSError`` namin
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from machinery.cli import DISK_FULL_ERRORS
+from machinery.cli import DISK_FULL_ERRORS, UsageError
 
+# Beside the files of a snapshot or a checkpoint: the size and SHA-256 hash of each, written
+# last, so that a damaged or changed file is found before it is used.
+MANIFEST_FILE = "manifest.json"
 # How libraries that do not raise OSError (safetensors' Rust writer) word a full disk.
 DISK_FULL_WORDS = tuple(os.strerror(code) for code in DISK_FULL_ERRORS)
 
@@ -115,3 +119,54 @@ def format_size(n_bytes: int) -> str:
         if size < 1000 or unit == "GB":
             break
     return f"{size:.1f} {unit}"
+
+
+def read_json(path: Path, advice: str) -> object:
+    """A JSON file the program wrote; missing, unreadable or damaged (cut short, emptied,
+    overwritten), it is refused in one sentence that names it and ends with `advice`."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError as error:
+        raise UsageError(f"{path} is missing; {advice}") from error
+    except (OSError, ValueError) as error:  # ValueError: not JSON, not UTF-8
+        reason = " ".join(str(error).split())[:80]
+        raise UsageError(f"{path} is damaged ({reason}); {advice}") from error
+
+
+def file_sha256(path: Path) -> str:
+    """The SHA-256 hex digest of a file's bytes."""
+    with path.open("rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
+
+
+def write_manifest(folder: Path) -> None:
+    """Write MANIFEST_FILE into `folder`: the size and SHA-256 hash of every other file in it,
+    its subfolders' too (by path from `folder`)."""
+    entries = {str(path.relative_to(folder)): {"size": path.stat().st_size,
+                                                "sha256": file_sha256(path)}
+               for path in sorted(folder.rglob("*"))
+               if path.is_file() and path.name != MANIFEST_FILE}
+    write_json(folder / MANIFEST_FILE, entries)
+
+
+def manifest_problem(folder: Path) -> str | None:
+    """Why the files of `folder` are not those its MANIFEST_FILE lists (the first file whose
+    size or hash differs, or that is missing; a manifest that cannot be read), or None when
+    they all match. A folder without a manifest is for the caller to judge."""
+    try:
+        manifest = json.loads((folder / MANIFEST_FILE).read_text())
+        entries = [(name, expected["size"], expected["sha256"])
+                   for name, expected in manifest.items()]
+    except FileNotFoundError:
+        return f"it has no {MANIFEST_FILE}"
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
+        return f"its {MANIFEST_FILE} is unreadable"
+    for name, size, sha256 in entries:
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, the manifest says {size}"
+        if file_sha256(path) != sha256:
+            return f"{name} does not match its SHA-256 hash in the manifest"
+    return None

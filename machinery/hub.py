@@ -1,12 +1,15 @@
 """Loading a pre-trained model's config and tokenizer, from the Hugging Face Hub or a folder,
 with what would fail later (or silently) refused at once in one sentence: no Hub, a damaged
 weights file, a model that is no BERT-style encoder, a tokenizer that does not fit the model.
+And what the model says of the pooling it was trained for (``declared_pooling``).
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+from huggingface_hub import hf_hub_download
 from safetensors import SafetensorError
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
 
@@ -21,6 +24,11 @@ MIN_TOKENIZER_SHARE = 0.5
 # sequence-classification head in transformers.
 BERT_STYLE_MODEL_TYPES = frozenset({"bert", "roberta", "xlm-roberta", "camembert", "electra",
                                     "ernie", "megatron-bert"})
+# A sentence-transformers model lists its modules (the transformer, then its pooling) in this
+# file, and keeps the pooling's settings in the folder that entry names.
+SENTENCE_TRANSFORMERS_MODULES = "modules.json"
+SENTENCE_TRANSFORMERS_POOLING = "sentence_transformers.models.Pooling"
+POOLING_CONFIG = "config.json"
 
 
 def from_pretrained(loader, name: str, what: str, **kwargs):
@@ -81,3 +89,33 @@ def check_tokenizer_fits(tokenizer, vocab_size: int, name: str) -> None:
                          f"embedding table has {vocab_size:,}{missing}; put the tokenizer the "
                          "model was trained with beside its weights")
 
+
+def declared_pooling(name: str) -> str | None:
+    """The pooling a model says it was trained for: "mean" or "cls" for a sentence-transformers
+    model (its modules.json and pooling config: a local folder, or the Hub repo's files), None
+    for any other model, or where the files cannot be read (offline, say)."""
+    try:
+        modules = json.loads(read_model_file(name, SENTENCE_TRANSFORMERS_MODULES))
+        pooling = next(module for module in modules
+                       if module.get("type") == SENTENCE_TRANSFORMERS_POOLING)
+        settings = json.loads(read_model_file(
+            name, f"{pooling['path']}/{POOLING_CONFIG}".lstrip("/")))
+    except (OSError, ValueError, KeyError, StopIteration, TypeError, AttributeError):
+        return None  # no sentence-transformers files: the model's own head
+    if settings.get("pooling_mode_mean_tokens"):
+        return "mean"
+    return "cls" if settings.get("pooling_mode_cls_token") else None
+
+
+def read_model_file(name: str, file: str) -> str:
+    """A file of a model: from its folder, else from its Hub repo (cached, or downloaded)."""
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        return (folder / file).read_text()
+    return Path(hf_hub_download(name, file)).read_text()
+
+
+def absolute_if_local(model: str) -> str:
+    """A --model that names a local folder, as an absolute path (a Hub name as it is)."""
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.exists() else model

@@ -33,6 +33,9 @@ MaxLength = Annotated[int, at_least(MIN_MAX_LENGTH)]
 # Which tokens of a review longer than --max-length are kept (data.truncate_ids).
 Truncation = Literal["head", "tail", "head+tail"]
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
+# What the classifier head reads: BERT's pooler over [CLS], or the mean of the token vectors
+# (lora_model.resolve_pooling).
+Pooling = Literal["auto", "cls", "mean"]
 # Evaluation keeps no activations for backward, so a GPU takes far larger batches than
 # training (and needs them to be kept busy); on a CPU 64 is the measured choice (BENCHMARKS.md,
 # levers).

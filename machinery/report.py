@@ -31,7 +31,8 @@ from machinery.checkpoints import (
 )
 from machinery.cli import UsageError, run_command
 from machinery.data_sources import BINARY_LABEL_NAMES
-from machinery.files import write_file, writing
+from machinery.files import read_json, write_file, writing
+from machinery.runtime import print_main
 from machinery.stats import UNCALIBRATED, format_calibration
 
 # The files of a run folder: written by train.py, read here.
@@ -52,18 +53,25 @@ MULTICLASS_METRICS = ("accuracy", "macro_precision", "macro_recall", "macro_f1",
 SMOOTHING = 0.6
 DPI = 120
 # Config entries that the report shows in their own sections rather than the settings table.
-CONFIG_SHOWN_ELSEWHERE = ("versions", "train_examples", "validation_examples", "test_examples")
+CONFIG_SHOWN_ELSEWHERE = ("versions", "train_examples", "validation_examples", "test_examples",
+                          "class_counts")
 
 
 class RunLog:
     """log.jsonl, one JSON record per line, written as the run goes (by rank 0).
 
     A resumed run keeps the first `keep_bytes` of the file, what the steps up to its snapshot
-    had logged, and appends from there: the log reads as one uninterrupted run's.
+    had logged, and appends from there: the log reads as one uninterrupted run's. Should those
+    bytes be damaged (cut short, overwritten), the log starts anew, with a one-line warning:
+    the numbers of the run do not depend on it, only its earlier curves are lost.
     """
 
     def __init__(self, path: Path, keep_bytes: int = 0):
-        self.file = path.open("r+" if keep_bytes and path.exists() else "w")
+        if keep_bytes and not log_prefix_is_whole(path, keep_bytes):
+            print_main(f"warning: {path} is damaged; the log starts again here, and the curves "
+                       "of the steps before this one are lost", file=sys.stderr)
+            keep_bytes = 0
+        self.file = path.open("r+" if keep_bytes else "w")
         self.file.truncate(keep_bytes)
         self.file.seek(keep_bytes)
 
@@ -105,22 +113,48 @@ class LogWindow:
         return self.samples / self.seconds
 
 
+def log_prefix_is_whole(path: Path, size: int) -> bool:
+    """True when the first `size` bytes of the log at `path` are whole JSON records, a line
+    each (what a resumed run keeps)."""
+    try:
+        with path.open("rb") as file:
+            prefix = file.read(size)
+        return len(prefix) == size and prefix.endswith(b"\n") and all(
+            isinstance(json.loads(line), dict) for line in prefix.decode().splitlines())
+    except (OSError, ValueError):
+        return False
+
+
 # ---------------------------------------------------------------------------------------------
 # Reading a run folder
 
 
-def read_json(path: Path) -> dict:
-    """A JSON file of the run folder; a missing one is a usage error naming the file."""
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError as error:
-        raise UsageError(f"{path} is missing: is {path.parent} a finished train.py run "
-                         "folder?") from error
+def read_run_file(path: Path) -> dict:
+    """config.json or metrics.json of a finished run folder; missing or damaged, it is refused
+    in one sentence naming it."""
+    return read_json(path, f"is {path.parent} a finished train.py run folder? Train again if "
+                           "it was")
 
 
 def read_log(path: Path) -> tuple[list[dict], list[dict]]:
-    """(training records, validation records) of a log.jsonl, each in step order."""
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """(training records, validation records) of a log.jsonl, each in step order; a line that
+    is not a record (the file damaged) is refused in one sentence naming the file and line."""
+    records = []
+    try:
+        text = path.read_text()
+    except (OSError, ValueError) as error:
+        raise UsageError(f"{path} cannot be read ({error}); train again") from error
+    for number, line in enumerate(text.splitlines(), start=1):
+        try:
+            records += [json.loads(line)] if line.strip() else []
+        except ValueError as error:
+            raise UsageError(f"{path} is damaged at line {number} ({error}); its training "
+                             "curves cannot be drawn: train again") from error
+    if not records or not all(isinstance(record, dict) and "step" in record
+                              for record in records):
+        # Every run logs its last step and a validation at least: an empty log is damaged.
+        raise UsageError(f"{path} holds no train.py log records; its training curves cannot "
+                         "be drawn: train again")
     return ([r for r in records if "loss" in r], [r for r in records if "validation" in r])
 
 
@@ -416,11 +450,6 @@ def report_markdown(run_dir: Path, config: dict, metrics: dict, training: list[d
               f"({best['validation']['accuracy']:.4f}) of {validations}" if best
               else "the best checkpoint by validation accuracy")
     n_steps = training[-1]["step"] if training else None
-    data_rows = [[split, f"{config[key]:,}" if key in config else "not recorded"]
-                 for split, key in (("training", "train_examples"),
-                                    ("validation (carved out of the training split)",
-                                     "validation_examples"),
-                                    ("test", "test_examples"))]
     versions = ", ".join(f"{name} {version}" for name, version in
                          config.get("versions", {}).items())
     sections = [
@@ -439,7 +468,7 @@ def report_markdown(run_dir: Path, config: dict, metrics: dict, training: list[d
         "## Parameters",
         parameters_section(metrics, method),
         "## Data",
-        markdown_table(["split", "reviews"], data_rows, "lr"),
+        data_table(config),
         "## Time and throughput",
         markdown_table(["", ""], timing_rows(metrics, n_steps), "lr"),
         f"![Training loss, learning rate and validation scores against steps]({CURVES_PNG})",
@@ -449,6 +478,19 @@ def report_markdown(run_dir: Path, config: dict, metrics: dict, training: list[d
     if versions:
         sections.append(f"Versions: {versions}.")
     return "\n\n".join(sections) + "\n"
+
+
+def data_table(config: dict) -> str:
+    """The reviews of each split, and of each class in it where config.json records them."""
+    counts = config.get("class_counts", {})
+    names = list(counts.get("train", {}))
+    rows = [[split, f"{config[key]:,}" if key in config else "not recorded",
+             *(f"{counts[short][name]:,}" for name in names)]
+            for split, key, short in (("training", "train_examples", "train"),
+                                      ("validation (carved out of the training split)",
+                                       "validation_examples", "validation"),
+                                      ("test", "test_examples", "test"))]
+    return markdown_table(["split", "reviews", *names], rows, "l" + "r" * (1 + len(names)))
 
 
 def per_class_tables(metrics: dict) -> list[str]:
@@ -494,8 +536,8 @@ def write_report(run_dir: str | Path, metrics: dict | None = None) -> Path:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UsageError(f"{run_dir} is not a folder; give a train.py run folder (runs/NAME)")
-    config = read_json(run_dir / CONFIG_FILE)
-    metrics = metrics or read_json(run_dir / METRICS_FILE)
+    config = read_run_file(run_dir / CONFIG_FILE)
+    metrics = metrics or read_run_file(run_dir / METRICS_FILE)
     log_path = run_dir / LOG_FILE
     if not log_path.is_file():
         raise UsageError(f"{log_path} is missing: is {run_dir} a finished train.py run folder?")

@@ -26,10 +26,11 @@ import peft
 import torch
 import transformers
 
-from machinery.checkpoints import ADAPTER_DIR, MODEL_DIR, checkpoint_folder
+from machinery.checkpoints import ADAPTER_DIR, MODEL_DIR, check_checkpoint_files, checkpoint_folder
 from machinery.cli import UsageError, check_can_write
+from machinery.data_sources import class_counts
 from machinery.files import folder_size, format_size, write_json
-from machinery.hub import check_encoder
+from machinery.hub import absolute_if_local, check_encoder
 from machinery.options import fill_device_defaults
 from machinery.report import (
     COMPARISON_PNG,
@@ -128,12 +129,6 @@ def run_settings(precision: str, world_size: int, *options: object) -> dict:
             "resolved_precision": precision, "world_size": world_size}
 
 
-def absolute_if_local(model: str) -> str:
-    """A --model that names a local folder, as an absolute path (a Hub name as it is)."""
-    path = Path(model).expanduser()
-    return str(path.resolve()) if path.exists() else model
-
-
 def differing_settings(saved: dict, current: dict,
                        adjustable: set[str]) -> list[tuple[str, object, object]]:
     """(name, saved value, current value) of every setting that differs, but the `adjustable`
@@ -189,6 +184,9 @@ def plan_resume(options, settings: dict, adjustable: set[str]) -> Path | None:
         raise UsageError(f"--output-dir {folder} holds an unfinished run with other settings: "
                          f"{'; '.join(differences)}. Repeat its settings to resume it, or pass "
                          "--overwrite to start over")
+    for name in (ADAPTER_DIR, MODEL_DIR):  # the best checkpoint so far, scored at the end
+        if (folder / name).is_dir():
+            check_checkpoint_files(folder / name)
     return find_snapshot(folder)
 
 
@@ -280,6 +278,7 @@ def start_run_folder(folder: Path, job: Job, *splits) -> None:
     clears an earlier run's files and writes config.json (the settings, the device, the
     review counts of the training, validation and test `splits`), a resumed one drops the
     damaged snapshots newer than the one it resumes from. Then say what the run holds."""
+    counts = dict(zip(("train", "validation", "test"), map(class_counts, splits), strict=True))
     train, validation, test = (len(split) for split in splits)
     wait_for_all_ranks()  # every rank has passed its checks before rank 0 writes a file
     if is_main_process():
@@ -291,7 +290,7 @@ def start_run_folder(folder: Path, job: Job, *splits) -> None:
             write_json(folder / CONFIG_FILE, {
                 **job.settings, "resolved_device": str(job.device), "train_examples": train,
                 "validation_examples": validation, "test_examples": test,
-                "versions": library_versions()})
+                "class_counts": counts, "versions": library_versions()})
         else:
             discard_newer_snapshots(job.snapshot)
     wait_for_all_ranks()
@@ -302,6 +301,9 @@ def start_run_folder(folder: Path, job: Job, *splits) -> None:
     processes = f" x {job.world_size} processes" if job.world_size > 1 else ""
     print_main(f"Data: {train} training, {validation} validation, {test} test reviews; "
                f"{job.device}, {job.precision}{processes}; output in {folder}")
+    print_main("Classes (training / validation / test reviews): " + ", ".join(
+        f"{name} {' / '.join(str(counts[split][name]) for split in counts)}"
+        for name in counts["train"]))
 
 
 def remove_run_files(folder: Path) -> None:

@@ -19,7 +19,6 @@ a snapshot is only for resuming, and a finished run deletes it.)
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -37,7 +36,13 @@ from safetensors.torch import save as tensors_to_bytes
 from tqdm.auto import tqdm
 
 from machinery.cli import UsageError
-from machinery.files import sync_to_disk, write_json, writing
+from machinery.files import (
+    MANIFEST_FILE,
+    manifest_problem,
+    sync_to_disk,
+    write_manifest,
+    writing,
+)
 from machinery.runtime import (
     all_ranks_true,
     from_main_process,
@@ -63,7 +68,6 @@ ALL_SNAPSHOT_DIRS = (*SNAPSHOT_DIRS, PARTIAL_SNAPSHOT_DIR, OLD_PARTIAL_SNAPSHOT_
 TRAINABLE_FILE = "trainable.safetensors"  # the weights being trained (LoRA A/B + head, ...)
 TRAINING_STATE_FILE = "training_state.pt"  # optimizer, scheduler, scaler, RNG, data order
 PROGRESS_FILE = "progress.json"  # the LoopState (position, best score, ...) and the settings
-MANIFEST_FILE = "manifest.json"  # size and SHA-256 of the files above; written last
 
 
 @dataclass
@@ -89,21 +93,10 @@ class LoopState:
 def snapshot_problem(folder: Path) -> str | None:
     """Why the snapshot in `folder` cannot be trusted, or None when its files match the
     manifest (names, sizes and SHA-256 hashes)."""
-    try:
-        manifest = json.loads((folder / MANIFEST_FILE).read_text())
-    except FileNotFoundError:
-        return f"it has no {MANIFEST_FILE}, so its save did not finish"
-    except (OSError, ValueError):
-        return f"its {MANIFEST_FILE} is unreadable"
-    for name, expected in manifest.items():
-        path = folder / name
-        if not path.is_file():
-            return f"{name} is missing"
-        if path.stat().st_size != expected["size"]:
-            return f"{name} has {path.stat().st_size} bytes, the manifest says {expected['size']}"
-        if file_sha256(path) != expected["sha256"]:
-            return f"{name} does not match its SHA-256 hash in the manifest"
-    return None
+    problem = manifest_problem(folder)
+    if problem == f"it has no {MANIFEST_FILE}":
+        return f"{problem}, so its save did not finish"
+    return problem
 
 
 def find_snapshot(run_folder: Path) -> Path | None:
@@ -137,12 +130,6 @@ def discard_newer_snapshots(chosen: Path) -> None:
         shutil.rmtree(chosen.parent / name, ignore_errors=True)
 
 
-def file_sha256(path: Path) -> str:
-    """The SHA-256 hex digest of a file's bytes."""
-    with path.open("rb") as file:
-        return hashlib.file_digest(file, "sha256").hexdigest()
-
-
 def write_snapshot(folder: Path, files: dict[str, object]) -> None:
     """Write a complete snapshot into the new folder `folder`, every byte flushed to disk.
 
@@ -153,7 +140,6 @@ def write_snapshot(folder: Path, files: dict[str, object]) -> None:
     ``OSError`` naming the file (torch.save's own writer reports "unexpected pos").
     """
     folder.mkdir(parents=True)
-    manifest = {}
     for name, content in files.items():
         path = folder / name
         if name.endswith(".safetensors"):
@@ -167,8 +153,7 @@ def write_snapshot(folder: Path, files: dict[str, object]) -> None:
         with writing(path):
             path.write_bytes(data)
             sync_to_disk(path)
-        manifest[name] = {"size": path.stat().st_size, "sha256": file_sha256(path)}
-    write_json(folder / MANIFEST_FILE, manifest)
+    write_manifest(folder)
     sync_to_disk(folder / MANIFEST_FILE)
     sync_to_disk(folder)
 

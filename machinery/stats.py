@@ -35,7 +35,7 @@ from scipy.optimize import minimize_scalar
 from scipy.stats import binomtest
 
 from machinery.cli import UsageError
-from machinery.files import write_json
+from machinery.files import MANIFEST_FILE, write_json, write_manifest
 
 Z_95 = 1.959963984540054  # the standard normal's 97.5% quantile: two-sided 95%
 CALIBRATION_BINS = 15  # equal-width bins of the top-class probability (Guo et al., 2017)
@@ -215,10 +215,13 @@ def fit_calibration(logits: np.ndarray, labels: np.ndarray) -> dict:
 
 def save_temperature(folder: Path, calibration: dict) -> None:
     """Write ``TEMPERATURE_FILE`` into a checkpoint folder: T and what its fit did on the
-    validation split (`calibration` as ``fit_calibration`` returns it)."""
+    validation split (`calibration` as ``fit_calibration`` returns it); the folder's manifest,
+    where it has one, is written anew to count it."""
     write_json(Path(folder) / TEMPERATURE_FILE,
                {key: calibration[key] for key in ("temperature", "validation", "unused_fit")
                 if key in calibration})
+    if (Path(folder) / MANIFEST_FILE).exists():
+        write_manifest(Path(folder))
 
 
 def format_calibration(calibration: dict) -> str:

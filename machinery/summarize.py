@@ -21,23 +21,24 @@ import numpy as np
 from machinery.cli import UsageError, adjustable_options, check_can_write, run_command
 from machinery.files import write_json
 from machinery.options import DataOptions, RunOptions, RuntimeOptions
-from machinery.report import CONFIG_FILE, METRICS_FILE, metric_names, read_json
+from machinery.report import CONFIG_FILE, METRICS_FILE, metric_names, read_run_file
 from machinery.run_folder import differing_settings
 
 # What a sweep varies; with the flags a resumed run may change (they do not change the result:
 # train.py's recipe has none), the library versions and the device, these may differ between
-# the summarised runs. The review counts config.json records may not: with the same flags only
-# other data changes them.
+# the summarised runs, and so may the class counts of the splits (another --data-seed draws
+# other training reviews). The review counts config.json records may not: with the same flags
+# only other data changes them.
 SWEPT = ("seed", "data_seed")
 MAY_DIFFER = {*SWEPT, *adjustable_options(DataOptions, RunOptions, RuntimeOptions), "versions",
-              "resolved_device"}
+              "resolved_device", "class_counts"}
 
 
 def read_run(folder: Path) -> tuple[dict, dict]:
     """(config.json, metrics.json) of a finished run folder."""
     if not folder.is_dir():
         raise UsageError(f"{folder} is not a folder; give finished train.py run folders")
-    return read_json(folder / CONFIG_FILE), read_json(folder / METRICS_FILE)
+    return read_run_file(folder / CONFIG_FILE), read_run_file(folder / METRICS_FILE)
 
 
 def configuration_differences(folders: list[Path], configs: list[dict]) -> list[str]:

@@ -327,10 +327,33 @@ def save_random_adapter(model_dir: str, folder: Path, r: int = 4, scale: float =
     return model.eval()
 
 
-# Files whose tests start first, in this order: the real-data run is the suite's long pole, and
-# the resume and torchrun files hold most of the rest of the work. pytest.ini keeps this order
-# (--no-loadscope-reorder) when it hands whole files to its workers.
-START_FIRST = ("test_real_data.py", "test_resume.py", "test_distributed.py", "test_labels.py")
+# A file "cut short" (a crash or a full disk while it was written), "emptied", or overwritten
+# with as many bytes of garbage (which its size alone cannot tell): what test_damage.py and
+# test_resume.py do to every file a run writes.
+DAMAGES: dict[str, Callable[[bytes], bytes]] = {
+    "cut short": lambda data: data[: len(data) // 2],
+    "emptied": lambda data: b"",
+    "garbage": lambda data: (b"\x89garbage\xff\x00" * (len(data) // 11 + 2))[:max(len(data), 16)],
+}
+
+
+def damage(path: Path, kind: str) -> None:
+    """Damage the file at `path` the DAMAGES way `kind`."""
+    path.write_bytes(DAMAGES[kind](path.read_bytes()))
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder`, by its path there, with its bytes."""
+    return {str(path.relative_to(folder)): path.read_bytes()
+            for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+# Files whose tests start first, in this order: the real-data run is the suite's long pole, the
+# three-class real run the next longest (on the other worker), and the resume and torchrun
+# files hold most of the rest of the work. pytest.ini keeps this order (--no-loadscope-reorder)
+# when it hands whole files to its workers.
+START_FIRST = ("test_real_data.py", "test_real_kclasses.py", "test_resume.py",
+               "test_distributed.py", "test_labels.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

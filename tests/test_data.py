@@ -122,9 +122,11 @@ def test_aclimdb_layout_is_read_and_unsup_is_ignored(tmp_path):
     (tmp_path / "train" / "unsup").mkdir()
     (tmp_path / "train" / "unsup" / "0_0.txt").write_text("unlabelled")
     train = load_split(str(tmp_path), "train")
-    assert train.column_names == ["text", "label"]
+    assert train.column_names == ["text", "label", "row", "id"]
     assert sorted(zip(train["text"], train["label"], strict=True)) == [
         ("bad one", 0), ("bad two", 0), ("good <br />", 1)]
+    # Each review's place among the sorted files, and its file name: what joins it back.
+    assert list(zip(train["row"], train["id"], strict=True)) == [(0, "0_2"), (1, "1_2"), (2, "0_7")]
 
 
 def test_aclimdb_labels_are_checked_against_the_classes_asked_for(tmp_path):
@@ -137,7 +139,8 @@ def test_aclimdb_labels_are_checked_against_the_classes_asked_for(tmp_path):
         load_split(str(tmp_path), "test", label_names=("bad", "ok", "good"))
     with pytest.raises(UsageError, match=r"^the classes 'bad', 'good' have no example in "):
         load_split(str(tmp_path), "train", label_names=("bad", "good"))
-    with pytest.raises(UsageError, match=r"^column 'review' not found \(columns: text, label\)"):
+    with pytest.raises(UsageError,
+                       match=r"^column 'review' not found \(columns: text, label, id\)"):
         load_split(str(tmp_path), "train", text_column="review")
     named = load_split(str(tmp_path), "train", label_names=("negative", "positive"))
     assert named.features["label"].names == ["negative", "positive"]
@@ -288,7 +291,7 @@ def test_a_damaged_tokenization_cache_is_rebuilt_not_scored(tmp_path, tokenizer,
     capsys.readouterr()
     second = tokenize(load_split(str(tmp_path), "train"), tokenizer, max_length=16)
     warning = capsys.readouterr().err
-    assert warning.count("Warning: the tokenization cache could not be read") == 1
+    assert warning.count("warning: the tokenization cache could not be read") == 1
     assert "tokenizing again" in warning
     assert second["input_ids"] == expected and len(second) == 40
     assert cache_file.read_bytes() == whole

@@ -28,7 +28,7 @@ MODULES = {
 MAX_FUNCTION_LINES = 60
 MAX_MODULE_LINES = 600
 # train.py is read top to bottom: the recipe, the run and the loop.
-MAX_TRAIN_LINES = 560
+MAX_TRAIN_LINES = 575
 
 
 def imported_modules(node: ast.Import | ast.ImportFrom) -> list[str]:

@@ -21,12 +21,17 @@ import torch
 from conftest import IMDB_DIR, MACHINE_ENV, BackgroundScript, minilm_path, run_script
 from peft import PeftModel
 from test_temperature import ece
-from transformers import AutoModelForSequenceClassification
 
 from data import PaddingCollator, make_loader, take_subset, tokenize
 from evaluate import predict_logits
-from lora_model import load_adapted_model, load_base_model, load_merged_model, merge_adapter
-from machinery.checkpoints import ADAPTER_DIR
+from lora_model import (
+    MeanPoolingBertForSequenceClassification,
+    load_adapted_model,
+    load_base_model,
+    load_merged_model,
+    merge_adapter,
+)
+from machinery.checkpoints import ADAPTER_DIR, checkpoint_pooling
 from machinery.data_sources import load_split
 from machinery.files import folder_size, format_size
 from machinery.hub import load_tokenizer
@@ -116,10 +121,13 @@ def first_test_reviews(n: int):
 
 
 def test_stock_peft_loading_gives_the_same_predictions(smoke_run):
+    """peft's own PeftModel.from_pretrained on the base classifier the run chose: MiniLM
+    declares mean pooling, so --pooling auto trained a head over the token mean."""
     run = smoke_run.folder
+    assert checkpoint_pooling(run / ADAPTER_DIR) == "mean"
     loader = first_test_reviews(64)
     ours, labels = predict_logits(load_adapted_model(run), loader, CPU, "fp32")
-    base = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)
+    base = MeanPoolingBertForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)
     stock = PeftModel.from_pretrained(base, run / ADAPTER_DIR)
     theirs, _ = predict_logits(stock, loader, CPU, "fp32")
     assert (ours.argmax(1) == theirs.argmax(1)).all()

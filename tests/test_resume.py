@@ -20,7 +20,16 @@ import interrupt_train
 import pandas as pd
 import pytest
 import torch
-from conftest import Outcome, minilm_path, reviews, run_forked, run_main
+from conftest import (
+    DAMAGES,
+    Outcome,
+    damage,
+    folder_bytes,
+    minilm_path,
+    reviews,
+    run_forked,
+    run_main,
+)
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
@@ -391,3 +400,49 @@ def test_resume_needs_a_run_to_resume(setup, tmp_path, capsys):
     run_in_process(setup, tmp_path / "nothing-here", "--resume")
     assert "holds no run to resume" in capsys.readouterr().err
     assert not (tmp_path / "nothing-here").exists()
+
+
+def test_every_file_of_an_unfinished_run_survives_damage(setup, tmp_path, capsys):
+    """test_damage.py's test for a run stopped part-way (SIGINT at step 7: its snapshots of
+    steps 6 and 7, the best checkpoint of its validation at step 4, config.json, the log):
+    each file cut short, emptied and overwritten in turn, the same command either resumes to
+    the uninterrupted run's numbers (a damaged latest snapshot: from the one before it, a
+    damaged log: started anew, each with a warning) or refuses in one sentence naming the file
+    and leaves the folder as it was (but for its lock file, which names the run that read it)."""
+    stopped = tmp_path / "stopped"
+    assert interrupted_run(setup, "signal-at-step:7:INT", stopped).returncode == 130
+    files = sorted(folder_bytes(stopped))
+    assert {"config.json", "log.jsonl", "snapshot/trainable.safetensors",
+            "snapshot-previous/training_state.pt",
+            "adapter/adapter_model.safetensors"} <= set(files)
+    expected = json.loads((setup["reference"] / "metrics.json").read_text())
+    problems, outcomes = [], set()
+    for file in files:
+        for kind in DAMAGES:
+            run = tmp_path / "run"
+            shutil.rmtree(run, ignore_errors=True)
+            shutil.copytree(stopped, run)
+            damage(run / file, kind)
+            before = folder_bytes(run)
+            result = run_main(train.main, capsys, *setup["flags"], "--output-dir", str(run))
+            where = f"{file} {kind}"
+            if result.returncode == 0:
+                metrics = json.loads((run / "metrics.json").read_text())
+                if (metrics["before"], metrics["after"]) != (expected["before"],
+                                                             expected["after"]):
+                    problems.append(f"{where}: other numbers than the uninterrupted run's")
+                outcomes.add("resumed with a warning" if "warning:" in result.stdout +
+                             result.stderr else "resumed")
+                continue
+            outcomes.add("refused")
+            last = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else ""
+            after = folder_bytes(run)
+            if result.returncode != 2 or "Traceback" in result.stderr:
+                problems.append(f"{where}: exit {result.returncode}: {last}")
+            elif Path(file).name not in last and Path(file).parent.name not in last:
+                problems.append(f"{where}: the refusal does not name the file: {last}")
+            elif {k: v for k, v in after.items() if k != ".train.lock"} != \
+                    {k: v for k, v in before.items() if k != ".train.lock"}:
+                problems.append(f"{where}: refused, but the run folder changed")
+    assert problems == []
+    assert outcomes == {"resumed", "resumed with a warning", "refused"}  # each path was taken
