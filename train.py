@@ -33,9 +33,10 @@ from transformers import get_linear_schedule_with_warmup
 import data
 import evaluate
 import lora_model
-from machinery import checkpoints, cli, files, report, run_folder, runtime, snapshots, stats
+from machinery import checkpoints, cli, report, run_folder, runtime, snapshots, stats, tracking
 from machinery.cli import Fraction, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 from machinery.data_sources import LABEL, load_split
+from machinery.files import write_folder, write_json, write_manifest
 from machinery.hub import load_tokenizer
 from machinery.options import (
     DataOptions,
@@ -188,7 +189,7 @@ def run(recipe: Recipe, data_options: DataOptions, run_options: RunOptions,
                "tokenize_seconds": tokenize_seconds,
                "test_seconds": {"before": before_seconds, "after": after_seconds},
                "wall_seconds": time.perf_counter() - started}
-    finish_run(recipe, run_options, metrics, len(test))
+    finish_run(recipe, run_options, job, metrics, len(test))
     return metrics
 
 
@@ -268,12 +269,16 @@ def score_after(recipe: Recipe, run_options: RunOptions, job: run_folder.Job, va
     return scored.metrics, calibration, seconds
 
 
-def finish_run(recipe: Recipe, run_options: RunOptions, metrics: dict, n_test: int) -> None:
-    """Write the report and metrics.json (last: the run is finished); print before and after."""
+def finish_run(recipe: Recipe, run_options: RunOptions, job: run_folder.Job, metrics: dict,
+               n_test: int) -> None:
+    """Write the report (and TensorBoard's results) and metrics.json (last: the run is
+    finished); print before and after."""
     folder = run_options.output_dir
     if is_main_process():
         report.write_report(folder, metrics)
-        files.write_json(folder / report.METRICS_FILE, metrics)
+        if run_options.report_to == "tensorboard":
+            tracking.write_tensorboard_results(folder, job.settings, metrics)
+        write_json(folder / report.METRICS_FILE, metrics)
         run_folder.finish_run_folder(folder)
     print_main(f"\nTest reviews ({n_test}), pre-trained vs fine-tuned ({recipe.method}):")
     print_main(evaluate.format_comparison([("before", metrics["before"]),
@@ -336,8 +341,8 @@ class Trainer(snapshots.ResumableLoop):
         self.state = snapshots.LoopState()  # where the loop is: saved and restored as a whole
         # Kept on the device, where adding costs no host sync; the host reads it at log steps.
         self.window_loss = torch.zeros((), device=job.device)  # loss summed since the last log
-        self.window = report.LogWindow()  # samples and seconds since the last log
-        self.log_file: report.RunLog | None = None  # rank 0's log.jsonl
+        self.window = tracking.LogWindow()  # samples and seconds since the last log
+        self.log_file: tracking.RunLog | None = None  # rank 0's log.jsonl
         # [production] torchrun: forward and backward go through the DDP wrapper (which starts
         # every rank from rank 0's weights); evaluation and saving use the model itself. BERT's
         # buffers (position and token type ids) never change: no broadcast of them per forward.
@@ -350,8 +355,9 @@ class Trainer(snapshots.ResumableLoop):
     def train(self) -> None:
         """Train from the current position (the start, or a snapshot's) to the end."""
         if is_main_process():
-            self.log_file = report.RunLog(self.run_options.output_dir / report.LOG_FILE,
-                                          self.state.log_bytes)
+            self.log_file = tracking.RunLog(
+                self.run_options.output_dir / tracking.LOG_FILE, self.state.log_bytes,
+                tensorboard=self.run_options.report_to == "tensorboard", resumed_at=self.state.step)
         try:
             with self.stop:  # [production] SIGINT/SIGTERM end the run after a snapshot
                 while self.state.epoch < self.recipe.epochs:
@@ -370,7 +376,7 @@ class Trainer(snapshots.ResumableLoop):
         sampler.set_epoch(epoch)  # a new order every epoch, the same on all ranks
         sampler.start_at(start * self.recipe.batch_size)  # [production] resume mid-epoch
         model.train()
-        self.window = report.LogWindow()
+        self.window = tracking.LogWindow()
         # One iterator, made here: tqdm.auto would otherwise call iter() on the loader twice,
         # starting the worker processes twice and losing the resume position to the first.
         bar = tqdm(iter(self.train_loader), desc=f"epoch {epoch + 1}/{self.recipe.epochs}",
@@ -412,7 +418,7 @@ class Trainer(snapshots.ResumableLoop):
         # Clip the true gradients: with fp16 they are still multiplied by the loss scale.
         self.scaler.unscale_(self.optimizer)
         max_norm = self.recipe.max_grad_norm if self.recipe.max_grad_norm > 0 else math.inf
-        norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        norm = self.grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
         self.scaler.step(self.optimizer)
         # fp16: lower the scale after an overflow, raise it after many clean steps; bf16 and
         # fp32 keep it at 1 (no scaling: the scaler is there for its inf/NaN check alone).
@@ -487,10 +493,10 @@ class Trainer(snapshots.ResumableLoop):
         def write(partial: Path) -> None:
             lora_model.save_checkpoint(self.model, self.tokenizer, partial, recipe.method)
             data.Preprocessing(recipe.truncation, recipe.max_length).save(partial)
-            files.write_manifest(partial)  # last: a damaged file is found before it is used
+            write_manifest(partial)  # last: a damaged file is found before it is used
 
         folder = checkpoints.checkpoint_folder(self.run_options.output_dir, recipe.method)
-        files.write_folder(folder, write)
+        write_folder(folder, write)
 
     def log_training(self, epoch: int, bar: tqdm) -> None:
         """Log the mean loss since the last log line (a host sync), the lr and the speed."""
@@ -498,11 +504,13 @@ class Trainer(snapshots.ResumableLoop):
         lr = self.scheduler.get_last_lr()[0]
         # Every rank trains as many samples per step, so the job's rate is world x ours.
         samples_per_s = self.window.rate() * self.job.world_size
-        self.log({"epoch": epoch + 1, "loss": loss, "lr": lr, "samples_per_s": samples_per_s})
+        grad_norm = self.grad_norm.item()  # the last step's, before clipping (equal on all ranks)
+        self.log({"epoch": epoch + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                  "samples_per_s": samples_per_s})
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{samples_per_s:.1f}")
         self.window_loss.zero_()
         self.state.window_batches = 0
-        self.window = report.LogWindow(clock=self.window.clock)
+        self.window = tracking.LogWindow(clock=self.window.clock)
 
     def log(self, record: dict) -> None:
         """Append a record to log.jsonl (rank 0: the other ranks hold no log file)."""

@@ -42,7 +42,7 @@ from benchmarks.lab_recipe import build_parser as recipe_parser
 from data import PaddingCollator, make_loader
 from evaluate import evaluate_model
 from machinery.data_sources import LABEL
-from machinery.report import LOG_FILE
+from machinery.tracking import LOG_FILE
 
 LOOP_LR = 5e-4  # train.py's default for LoRA
 GB = 1e9

@@ -150,9 +150,9 @@ def write_manifest(folder: Path) -> None:
 
 
 def manifest_problem(folder: Path) -> str | None:
-    """Why the files of `folder` are not those its MANIFEST_FILE lists (the first file whose
-    size or hash differs, or that is missing; a manifest that cannot be read), or None when
-    they all match. A folder without a manifest is for the caller to judge."""
+    """Why the files of `folder` are not those its MANIFEST_FILE lists (the path of the first
+    file whose size or hash differs, or that is missing; a manifest that cannot be read), or
+    None when they all match. A folder without a manifest is for the caller to judge."""
     try:
         manifest = json.loads((folder / MANIFEST_FILE).read_text())
         entries = [(name, expected["size"], expected["sha256"])
@@ -164,9 +164,9 @@ def manifest_problem(folder: Path) -> str | None:
     for name, size, sha256 in entries:
         path = folder / name
         if not path.is_file():
-            return f"{name} is missing"
+            return f"{path} is missing"
         if path.stat().st_size != size:
-            return f"{name} has {path.stat().st_size} bytes, the manifest says {size}"
+            return f"{path} has {path.stat().st_size} bytes, the manifest says {size}"
         if file_sha256(path) != sha256:
-            return f"{name} does not match its SHA-256 hash in the manifest"
+            return f"{path} does not match its SHA-256 hash in the manifest"
     return None

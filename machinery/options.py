@@ -36,6 +36,8 @@ Precision = Literal["auto", "bf16", "fp16", "fp32"]
 # What the classifier head reads: BERT's pooler over [CLS], or the mean of the token vectors
 # (lora_model.resolve_pooling).
 Pooling = Literal["auto", "cls", "mean"]
+# Where the training curves go besides log.jsonl (transformers' report_to; none by default).
+ReportTo = Literal["none", "tensorboard"]
 # Evaluation keeps no activations for backward, so a GPU takes far larger batches than
 # training (and needs them to be kept busy); on a CPU 64 is the measured choice (BENCHMARKS.md,
 # levers).
@@ -110,6 +112,9 @@ class RunOptions:
     save_every: PositiveInt = 200
     """Write a resumable snapshot every SAVE_EVERY optimizer steps, as well as at the end of
     each epoch."""
+    report_to: ReportTo = "none"
+    """Also log to TensorBoard (event files in the run folder's tensorboard/; needs the
+    tensorboard package), or nowhere but log.jsonl."""
     compile: bool = False
     """torch.compile the model for training and validation; compiling takes minutes, so it pays
     only on long runs (see BENCHMARKS.md)."""

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,14 +30,13 @@ from machinery.checkpoints import (
 )
 from machinery.cli import UsageError, run_command
 from machinery.data_sources import BINARY_LABEL_NAMES
-from machinery.files import read_json, write_file, writing
-from machinery.runtime import print_main
+from machinery.files import read_json, write_file
 from machinery.stats import UNCALIBRATED, format_calibration
+from machinery.tracking import LOG_FILE, read_log
 
 # The files of a run folder: written by train.py, read here.
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.json"
-LOG_FILE = "log.jsonl"
 CURVES_PNG = "training_curves.png"
 COMPARISON_PNG = "comparison.png"
 REPORT_MD = "report.md"
@@ -57,74 +55,6 @@ CONFIG_SHOWN_ELSEWHERE = ("versions", "train_examples", "validation_examples", "
                           "class_counts")
 
 
-class RunLog:
-    """log.jsonl, one JSON record per line, written as the run goes (by rank 0).
-
-    A resumed run keeps the first `keep_bytes` of the file, what the steps up to its snapshot
-    had logged, and appends from there: the log reads as one uninterrupted run's. Should those
-    bytes be damaged (cut short, overwritten), the log starts anew, with a one-line warning:
-    the numbers of the run do not depend on it, only its earlier curves are lost.
-    """
-
-    def __init__(self, path: Path, keep_bytes: int = 0):
-        if keep_bytes and not log_prefix_is_whole(path, keep_bytes):
-            print_main(f"warning: {path} is damaged; the log starts again here, and the curves "
-                       "of the steps before this one are lost", file=sys.stderr)
-            keep_bytes = 0
-        self.file = path.open("r+" if keep_bytes else "w")
-        self.file.truncate(keep_bytes)
-        self.file.seek(keep_bytes)
-
-    def write(self, record: dict) -> None:
-        """Append `record` as one line, flushed (a kill loses no finished line)."""
-        with writing(Path(self.file.name)):
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
-
-    def size(self) -> int:
-        """Bytes written so far: what a snapshot records as `log_bytes`."""
-        return self.file.tell()
-
-    def close(self) -> None:
-        """Close the file."""
-        self.file.close()
-
-
-class LogWindow:
-    """The samples trained and the seconds spent training since the last log line: the speed
-    that log.jsonl records."""
-
-    def __init__(self, clock: float | None = None):
-        self.samples, self.seconds = 0, 0.0
-        self.clock = time.perf_counter() if clock is None else clock
-
-    def lap(self) -> float:
-        """The seconds since the clock last started, added to the window's."""
-        elapsed = time.perf_counter() - self.clock
-        self.seconds += elapsed
-        return elapsed
-
-    def restart(self) -> None:
-        """Start the clock again: what came since the last lap was not training."""
-        self.clock = time.perf_counter()
-
-    def rate(self) -> float:
-        """Samples per second over the window."""
-        return self.samples / self.seconds
-
-
-def log_prefix_is_whole(path: Path, size: int) -> bool:
-    """True when the first `size` bytes of the log at `path` are whole JSON records, a line
-    each (what a resumed run keeps)."""
-    try:
-        with path.open("rb") as file:
-            prefix = file.read(size)
-        return len(prefix) == size and prefix.endswith(b"\n") and all(
-            isinstance(json.loads(line), dict) for line in prefix.decode().splitlines())
-    except (OSError, ValueError):
-        return False
-
-
 # ---------------------------------------------------------------------------------------------
 # Reading a run folder
 
@@ -134,28 +64,6 @@ def read_run_file(path: Path) -> dict:
     in one sentence naming it."""
     return read_json(path, f"is {path.parent} a finished train.py run folder? Train again if "
                            "it was")
-
-
-def read_log(path: Path) -> tuple[list[dict], list[dict]]:
-    """(training records, validation records) of a log.jsonl, each in step order; a line that
-    is not a record (the file damaged) is refused in one sentence naming the file and line."""
-    records = []
-    try:
-        text = path.read_text()
-    except (OSError, ValueError) as error:
-        raise UsageError(f"{path} cannot be read ({error}); train again") from error
-    for number, line in enumerate(text.splitlines(), start=1):
-        try:
-            records += [json.loads(line)] if line.strip() else []
-        except ValueError as error:
-            raise UsageError(f"{path} is damaged at line {number} ({error}); its training "
-                             "curves cannot be drawn: train again") from error
-    if not records or not all(isinstance(record, dict) and "step" in record
-                              for record in records):
-        # Every run logs its last step and a validation at least: an empty log is damaged.
-        raise UsageError(f"{path} holds no train.py log records; its training curves cannot "
-                         "be drawn: train again")
-    return ([r for r in records if "loss" in r], [r for r in records if "validation" in r])
 
 
 def smooth(values: list[float], weight: float = SMOOTHING) -> list[float]:

@@ -37,7 +37,6 @@ from machinery.report import (
     CONFIG_FILE,
     CONFIG_SHOWN_ELSEWHERE,
     CURVES_PNG,
-    LOG_FILE,
     METRICS_FILE,
     REPORT_MD,
 )
@@ -55,12 +54,13 @@ from machinery.snapshots import (
     discard_newer_snapshots,
     find_snapshot,
 )
+from machinery.tracking import LOG_FILE, TENSORBOARD_DIR, require_tensorboard
 
 # In the run folder: locked by the run using it, and naming that run (lock_run_folder).
 LOCK_FILE = ".train.lock"
 # Everything a run writes into its folder (what --overwrite clears first).
 RUN_FILES = (ADAPTER_DIR, MODEL_DIR, CONFIG_FILE, LOG_FILE, METRICS_FILE, REPORT_MD, CURVES_PNG,
-             COMPARISON_PNG, *ALL_SNAPSHOT_DIRS,
+             COMPARISON_PNG, TENSORBOARD_DIR, *ALL_SNAPSHOT_DIRS,
              *(f".{name}.{kind}" for name in (ADAPTER_DIR, MODEL_DIR)  # files.write_folder's
                for kind in ("partial", "old")))
 # What a snapshot and config.json record beside the flags: named as recorded, not as --flags.
@@ -239,6 +239,8 @@ def start_job(recipe, data_options, run_options, runtime_options, adjustable: se
     fill_device_defaults(data_options, device)
     fill_device_defaults(runtime_options, device)
     precision = pick_precision(runtime_options.precision, device)
+    if run_options.report_to == "tensorboard":
+        require_tensorboard()
     # A --model folder as an absolute path, which adapter_config.json records, so that the
     # checkpoint loads from any working directory.
     recipe.model = absolute_if_local(recipe.model)

@@ -36,7 +36,7 @@ from safetensors import SafetensorError
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import lora_model
 import train
-from machinery import report, snapshots
+from machinery import snapshots, tracking
 
 DISK_FULL = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # as write() raises it: no name
 
@@ -119,13 +119,13 @@ class FullFile:
 def disk_full_at(kind: str) -> None:
     """Make the disk full when the run first writes `kind` (see the module's docstring)."""
     if kind == "log":
-        original_init = report.RunLog.__init__
+        original_init = tracking.RunLog.__init__
 
         def __init__(self, *args, **kwargs) -> None:  # the log file, full from its first line
             original_init(self, *args, **kwargs)
             self.file = FullFile(self.file)
 
-        report.RunLog.__init__ = __init__
+        tracking.RunLog.__init__ = __init__
     elif kind == "checkpoint":
         original_save = lora_model.save_checkpoint
 

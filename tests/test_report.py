@@ -9,7 +9,7 @@ import pytest
 from conftest import run_script
 from matplotlib.image import imread
 
-from machinery import report
+from machinery import report, tracking
 from machinery.cli import UsageError
 
 BEFORE = {"accuracy": 0.515, "precision": 0.515748031496063, "recall": 0.2657200811359026,
@@ -43,7 +43,7 @@ def write_run(folder, with_validation: bool = True, with_counts: bool = True):
                      "validation": {**AFTER, "accuracy": 0.76, "f1": 0.79, "loss": 0.48}}]
     (folder / report.CONFIG_FILE).write_text(json.dumps(config))
     (folder / report.METRICS_FILE).write_text(json.dumps(metrics))
-    (folder / report.LOG_FILE).write_text("".join(json.dumps(r) + "\n" for r in records))
+    (folder / tracking.LOG_FILE).write_text("".join(json.dumps(r) + "\n" for r in records))
     return folder
 
 

@@ -21,6 +21,7 @@ from lora_model import load_checkpoint, merge_adapter
 from machinery import summarize
 from machinery.checkpoints import ADAPTER_DIR
 from machinery.data_sources import load_split
+from machinery.files import MANIFEST_FILE
 from machinery.options import DataOptions
 from machinery.stats import (
     MAX_TEMPERATURE,
@@ -231,6 +232,7 @@ def test_train_stores_the_temperature_and_evaluate_and_predict_apply_it(
     older = tmp_path / "older"  # a checkpoint saved before temperature scaling existed
     shutil.copytree(run / ADAPTER_DIR, older)
     (older / TEMPERATURE_FILE).unlink()
+    (older / MANIFEST_FILE).unlink()  # which came later still
     merge_adapter(older, merged, overwrite=True)
     assert not (merged / TEMPERATURE_FILE).exists()
 
@@ -244,23 +246,29 @@ def test_train_stores_the_temperature_and_evaluate_and_predict_apply_it(
     assert f"Raw probabilities (no fitted temperature stored): {older}" in result.stderr
 
 
-@pytest.mark.parametrize(("content", "message"), [
-    ("{", "is damaged"), ('{"temperature": -1}', "outside"), ("{}", "is damaged")])
+@pytest.mark.parametrize(("content", "manifest", "message"), [
+    ("{", False, "is damaged"), ('{"temperature": -1}', False, "outside"),
+    ("{}", False, "is damaged"), ('{"temperature": -1}', True, "the manifest says")])
 def test_a_damaged_temperature_file_is_one_line_naming_it(runs, shared_data_dir, tmp_path,
-                                                          capsys, content, message):
+                                                          capsys, content, manifest, message):
+    """With the checkpoint's manifest the damage is caught by size and hash; without one (a
+    checkpoint saved before manifests existed) by reading the file itself."""
     adapter = tmp_path / "adapter"
     shutil.copytree(runs[0] / ADAPTER_DIR, adapter)
     (adapter / TEMPERATURE_FILE).write_text(content)
+    if not manifest:
+        (adapter / MANIFEST_FILE).unlink()
     for argv in ((evaluate.main, "--data", str(shared_data_dir)), (predict.main, "Fine.")):
         result = run_main(argv[0], capsys, "--checkpoint", str(adapter), *argv[1:])
         assert result.returncode == 2 and "Traceback" not in result.stderr
         line = result.stderr.strip().splitlines()[-1]
         assert ": error: " in line and str(adapter / TEMPERATURE_FILE) in line and message in line
         assert "Scoring" not in result.stderr  # refused before any work
-    # --no-calibration does not need the file: it scores the raw probabilities.
+    # --no-calibration does not read the file: it scores the raw probabilities (where no
+    # manifest says that the checkpoint itself is damaged).
     result = run_main(predict.main, capsys, "--checkpoint", str(adapter), "--no-calibration",
                       "Fine.")
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == (2 if manifest else 0), result.stderr
 
 
 def test_a_seed_sweep_reads_as_mean_and_standard_deviation(runs, tmp_path):
