@@ -149,18 +149,24 @@ def write_manifest(folder: Path) -> None:
     write_json(folder / MANIFEST_FILE, entries)
 
 
+def missing_manifest(folder: Path) -> str:
+    """What manifest_problem says of a folder without a manifest."""
+    return f"{folder} has no {MANIFEST_FILE}"
+
+
 def manifest_problem(folder: Path) -> str | None:
-    """Why the files of `folder` are not those its MANIFEST_FILE lists (the path of the first
-    file whose size or hash differs, or that is missing; a manifest that cannot be read), or
-    None when they all match. A folder without a manifest is for the caller to judge."""
+    """Why the files of `folder` are not those its MANIFEST_FILE lists, naming the file: the
+    first whose size or hash differs or that is missing, or the manifest itself (missing or
+    unreadable); None when they all match. A folder without a manifest is for the caller to
+    judge."""
     try:
         manifest = json.loads((folder / MANIFEST_FILE).read_text())
         entries = [(name, expected["size"], expected["sha256"])
                    for name, expected in manifest.items()]
     except FileNotFoundError:
-        return f"it has no {MANIFEST_FILE}"
+        return missing_manifest(folder)
     except (OSError, ValueError, AttributeError, KeyError, TypeError):
-        return f"its {MANIFEST_FILE} is unreadable"
+        return f"{folder / MANIFEST_FILE} is unreadable"
     for name, size, sha256 in entries:
         path = folder / name
         if not path.is_file():

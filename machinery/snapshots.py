@@ -39,6 +39,7 @@ from machinery.cli import UsageError
 from machinery.files import (
     MANIFEST_FILE,
     manifest_problem,
+    missing_manifest,
     sync_to_disk,
     write_manifest,
     writing,
@@ -94,7 +95,7 @@ def snapshot_problem(folder: Path) -> str | None:
     """Why the snapshot in `folder` cannot be trusted, or None when its files match the
     manifest (names, sizes and SHA-256 hashes)."""
     problem = manifest_problem(folder)
-    if problem == f"it has no {MANIFEST_FILE}":
+    if problem == missing_manifest(folder):
         return f"{problem}, so its save did not finish"
     return problem
 
@@ -117,7 +118,7 @@ def find_snapshot(run_folder: Path) -> Path | None:
             return folder
         problems.append((folder, problem))
     if problems:
-        reasons = "; ".join(f"{folder.name}/: {reason}" for folder, reason in problems)
+        reasons = "; ".join(reason for _, reason in problems)  # each names its file
         raise UsageError(f"--output-dir {run_folder} holds no valid snapshot to resume from "
                          f"({reasons}); pass --overwrite to start over")
     return None

@@ -30,7 +30,7 @@ import tempfile
 import time
 import traceback
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -340,6 +340,17 @@ DAMAGES: dict[str, Callable[[bytes], bytes]] = {
 def damage(path: Path, kind: str) -> None:
     """Damage the file at `path` the DAMAGES way `kind`."""
     path.write_bytes(DAMAGES[kind](path.read_bytes()))
+
+
+def damaged_copies(source: Path, files: list[str], copy: Path) -> Iterator[tuple[str, str]]:
+    """For every file of `files` (paths under `source`) and every kind of DAMAGES: copy
+    `source` to `copy` afresh, damage that file in the copy, and yield (file, kind)."""
+    for file in files:
+        for kind in DAMAGES:
+            shutil.rmtree(copy, ignore_errors=True)
+            shutil.copytree(source, copy)
+            damage(copy / file, kind)
+            yield file, kind
 
 
 def folder_bytes(folder: Path) -> dict[str, bytes]:

@@ -17,7 +17,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import DAMAGES, Outcome, damage, folder_bytes, run_main
+from conftest import DAMAGES, Outcome, damage, damaged_copies, folder_bytes, run_main
 
 import evaluate
 import predict
@@ -80,27 +80,23 @@ def test_every_file_of_a_finished_run_survives_damage(finished_run, shared_data_
                 for name, reader in READERS.items()}
     assert all(value is not None for value in expected.values())
     problems = []
-    for file in files:
-        for kind in DAMAGES:
-            run = tmp_path / "run"
-            shutil.rmtree(run, ignore_errors=True)
-            shutil.copytree(finished_run, run)
-            damage(run / file, kind)
-            for name, reader in READERS.items():
-                before = folder_bytes(run)
-                result, value = reader(run, shared_data_dir, capsys, out)
-                where = f"{file} {kind}, {name}"
-                if result.returncode == 0:
-                    if value != expected[name]:
-                        problems.append(f"{where}: other numbers than before")
-                    continue
-                last = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else ""
-                if result.returncode != 2 or "Traceback" in result.stderr:
-                    problems.append(f"{where}: exit {result.returncode}: {last}")
-                elif Path(file).name not in last:
-                    problems.append(f"{where}: the refusal does not name the file: {last}")
-                elif folder_bytes(run) != before:
-                    problems.append(f"{where}: refused, but the run folder changed")
+    run = tmp_path / "run"
+    for file, kind in damaged_copies(finished_run, files, run):
+        for name, reader in READERS.items():
+            before = folder_bytes(run)
+            result, value = reader(run, shared_data_dir, capsys, out)
+            where = f"{file} {kind}, {name}"
+            if result.returncode == 0:
+                if value != expected[name]:
+                    problems.append(f"{where}: other numbers than before")
+                continue
+            last = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else ""
+            if result.returncode != 2 or "Traceback" in result.stderr:
+                problems.append(f"{where}: exit {result.returncode}: {last}")
+            elif Path(file).name not in last:
+                problems.append(f"{where}: the refusal does not name the file: {last}")
+            elif folder_bytes(run) != before:
+                problems.append(f"{where}: refused, but the run folder changed")
     assert problems == []
 
 

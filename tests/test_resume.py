@@ -21,9 +21,8 @@ import pandas as pd
 import pytest
 import torch
 from conftest import (
-    DAMAGES,
     Outcome,
-    damage,
+    damaged_copies,
     folder_bytes,
     minilm_path,
     reviews,
@@ -273,14 +272,15 @@ def flip_a_byte(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("damage", [
+@pytest.mark.parametrize("damage_snapshot", [
     lambda folder: truncate(folder / "trainable.safetensors"),
     lambda folder: flip_a_byte(folder / "training_state.pt"),
     lambda folder: (folder / "manifest.json").unlink(),
     lambda folder: (folder / "progress.json").unlink(),
 ], ids=["truncated-weights", "flipped-byte", "no-manifest", "missing-file"])
-def test_damaged_latest_snapshot_falls_back_to_the_previous(killed_copy, capsys, damage):
-    damage(killed_copy / "snapshot")
+def test_damaged_latest_snapshot_falls_back_to_the_previous(killed_copy, capsys,
+                                                            damage_snapshot):
+    damage_snapshot(killed_copy / "snapshot")
     assert snapshots.find_snapshot(killed_copy) == killed_copy / "snapshot-previous"
     assert "warning: the snapshot in" in capsys.readouterr().out
 
@@ -292,8 +292,9 @@ def test_every_snapshot_damaged_is_one_clear_error(killed_copy):
         snapshots.find_snapshot(killed_copy)
     message = str(error.value)
     assert "holds no valid snapshot" in message and "--overwrite" in message
-    assert "snapshot/: trainable.safetensors has" in message
-    assert "snapshot-previous/: training_state.pt does not match its SHA-256" in message
+    assert f"{killed_copy / 'snapshot' / 'trainable.safetensors'} has" in message
+    assert (f"{killed_copy / 'snapshot-previous' / 'training_state.pt'} does not match its "
+            "SHA-256") in message
 
 
 def test_resume_from_the_previous_snapshot_gives_the_identical_result(setup, killed_copy,
@@ -417,32 +418,28 @@ def test_every_file_of_an_unfinished_run_survives_damage(setup, tmp_path, capsys
             "adapter/adapter_model.safetensors"} <= set(files)
     expected = json.loads((setup["reference"] / "metrics.json").read_text())
     problems, outcomes = [], set()
-    for file in files:
-        for kind in DAMAGES:
-            run = tmp_path / "run"
-            shutil.rmtree(run, ignore_errors=True)
-            shutil.copytree(stopped, run)
-            damage(run / file, kind)
-            before = folder_bytes(run)
-            result = run_main(train.main, capsys, *setup["flags"], "--output-dir", str(run))
-            where = f"{file} {kind}"
-            if result.returncode == 0:
-                metrics = json.loads((run / "metrics.json").read_text())
-                if (metrics["before"], metrics["after"]) != (expected["before"],
-                                                             expected["after"]):
-                    problems.append(f"{where}: other numbers than the uninterrupted run's")
-                warned = "is damaged" in result.stdout + result.stderr  # not other warnings
-                outcomes.add("resumed with a warning" if warned else "resumed")
-                continue
-            outcomes.add("refused")
-            last = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else ""
-            after = folder_bytes(run)
-            if result.returncode != 2 or "Traceback" in result.stderr:
-                problems.append(f"{where}: exit {result.returncode}: {last}")
-            elif Path(file).name not in last and Path(file).parent.name not in last:
-                problems.append(f"{where}: the refusal does not name the file: {last}")
-            elif {k: v for k, v in after.items() if k != ".train.lock"} != \
-                    {k: v for k, v in before.items() if k != ".train.lock"}:
-                problems.append(f"{where}: refused, but the run folder changed")
+    run = tmp_path / "run"
+    for file, kind in damaged_copies(stopped, files, run):
+        before = folder_bytes(run)
+        result = run_main(train.main, capsys, *setup["flags"], "--output-dir", str(run))
+        where = f"{file} {kind}"
+        if result.returncode == 0:
+            metrics = json.loads((run / "metrics.json").read_text())
+            if (metrics["before"], metrics["after"]) != (expected["before"],
+                                                         expected["after"]):
+                problems.append(f"{where}: other numbers than the uninterrupted run's")
+            warned = "is damaged" in result.stdout + result.stderr  # not other warnings
+            outcomes.add("resumed with a warning" if warned else "resumed")
+            continue
+        outcomes.add("refused")
+        last = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else ""
+        after = folder_bytes(run)
+        if result.returncode != 2 or "Traceback" in result.stderr:
+            problems.append(f"{where}: exit {result.returncode}: {last}")
+        elif Path(file).name not in last and Path(file).parent.name not in last:
+            problems.append(f"{where}: the refusal does not name the file: {last}")
+        elif {k: v for k, v in after.items() if k != ".train.lock"} != \
+                {k: v for k, v in before.items() if k != ".train.lock"}:
+            problems.append(f"{where}: refused, but the run folder changed")
     assert problems == []
     assert outcomes == {"resumed", "resumed with a warning", "refused"}  # each path was taken
