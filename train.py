@@ -6,7 +6,8 @@
 
 Read it top to bottom: the recipe (every hyper-parameter and its default), the run (data ->
 model -> "before" -> the loop -> "after"), then the loop (``Trainer.train_epoch``, with one
-optimizer step in ``Trainer.optimizer_step``). What is marked ``[production]`` makes the run
+optimizer step in ``Trainer.optimizer_step``), and last the run's other steps (loading the
+data, scoring before and after, the report). What is marked ``[production]`` makes the run
 resumable (snapshots), data parallel (torchrun) and stoppable (signals, a diverging loss): a
 first reading can skip it. ``--method head`` trains the classifier head alone and ``--method
 full`` every weight, with the same loop and data, for comparison with LoRA.
@@ -191,115 +192,6 @@ def run(recipe: Recipe, data_options: DataOptions, run_options: RunOptions,
                "wall_seconds": time.perf_counter() - started}
     finish_run(recipe, run_options, job, metrics, len(test))
     return metrics
-
-
-def load_reviews(recipe: Recipe, data_options: DataOptions) -> tuple[Dataset, Dataset, Dataset]:
-    """The training, validation and test reviews (data.py: validation split, subset rule)."""
-    source, columns = data_options.data, (data_options.text_column, data_options.label_column)
-    seed = data_options.data_seed
-    train = load_split(source, "train", *columns, recipe.labels)
-    data.check_class_sizes(train, recipe.min_class_examples)
-    train, validation = data.split_train_validation(train, recipe.train_samples,
-                                                    recipe.validation_size, seed)
-    test = load_split(source, "test", *columns, tuple(train.features[LABEL].names))
-    return train, validation, data.take_subset(test, data_options.eval_samples, seed)
-
-
-def make_loaders(tokenizer, splits: tuple, recipe: Recipe, data_options: DataOptions,
-                 runtime_options: RuntimeOptions, job: run_folder.Job) -> tuple:
-    """Each split tokenized once (cached on disk) and batched: the training batches shuffled,
-    the validation and test batches longest first; and the seconds this took.
-
-    Every rank tokenizes (the `datasets` cache files are written atomically, so concurrent
-    ranks are safe) and loads its own share of each split.
-    """
-    started, (train, validation, test) = time.perf_counter(), splits
-    collator = data.PaddingCollator(tokenizer.pad_token_id, job.device)
-    tokens = data.tokenize(train, tokenizer, recipe.max_length, recipe.truncation)
-    train_loader = data.make_loader(
-        tokens, recipe.batch_size, collator, shuffle=True, seed=recipe.seed,
-        num_workers=data_options.num_workers, rank=job.rank, world_size=job.world_size,
-        group_by_length=recipe.group_by_length)
-    preprocessing = data.Preprocessing(recipe.truncation, recipe.max_length)
-    validation_loader, test_loader = (
-        evaluate.evaluation_loader(tokenizer, split, preprocessing,
-                                   runtime_options.eval_batch_size, data_options.num_workers,
-                                   job.device, job.rank, job.world_size)
-        for split in (validation, test))
-    return train_loader, validation_loader, test_loader, time.perf_counter() - started
-
-
-def score_before(model: torch.nn.Module, test_loader,
-                 job: run_folder.Job) -> tuple[dict, float | None]:
-    """The pre-trained model's test metrics, and the seconds scoring them took."""
-    started = time.perf_counter()
-    if job.snapshot is None:
-        before = evaluate.evaluate_model(model, test_loader, job.device, job.precision,
-                                         desc="Scoring pre-trained")
-        seconds = time.perf_counter() - started
-    else:  # [production] resume: scored when the run started; the snapshot keeps the numbers
-        before, seconds = snapshots.saved_before(job.snapshot), None
-    print_main(f"Pre-trained model: test accuracy {before['accuracy']:.4f}")
-    return before, seconds
-
-
-def score_after(recipe: Recipe, run_options: RunOptions, job: run_folder.Job, validation_loader,
-                test_loader) -> tuple[dict, dict, float]:
-    """The best checkpoint, loaded back from disk (once rank 0 has written it) and scored
-    exactly as evaluate.py scores it: its logits divided by one temperature fitted on the
-    validation reviews (the same accuracy, more honest probabilities: machinery/stats.py).
-
-    Returns its test metrics, the calibration, and the seconds scoring the test reviews took.
-    """
-    runtime.wait_for_all_ranks()
-    best = lora_model.load_checkpoint(run_options.output_dir, recipe.model)[0].to(job.device)
-    validated = evaluate.score_model(best, validation_loader, job.device, job.precision,
-                                     desc="Calibrating")
-    evaluate.warn_if_a_class_collapsed(validated, lora_model.label_names_of(best))
-    calibration = stats.fit_calibration(validated.logits, validated.labels)
-    if is_main_process():
-        folder = checkpoints.checkpoint_folder(run_options.output_dir, recipe.method)
-        stats.save_temperature(folder, calibration)
-    started = time.perf_counter()
-    scored = evaluate.score_model(best, test_loader, job.device, job.precision,
-                                  calibration["temperature"], desc="Scoring fine-tuned")
-    seconds = time.perf_counter() - started
-    calibration["test"] = stats.calibration_effect(scored.logits, scored.labels,
-                                                   scored.temperature)
-    return scored.metrics, calibration, seconds
-
-
-def finish_run(recipe: Recipe, run_options: RunOptions, job: run_folder.Job, metrics: dict,
-               n_test: int) -> None:
-    """Write the report (and TensorBoard's results) and metrics.json (last: the run is
-    finished); print before and after."""
-    folder = run_options.output_dir
-    if is_main_process():
-        report.write_report(folder, metrics)
-        if run_options.report_to == "tensorboard":
-            tracking.write_tensorboard_results(folder, job.settings, metrics)
-        write_json(folder / report.METRICS_FILE, metrics)
-        run_folder.finish_run_folder(folder)
-    print_main(f"\nTest reviews ({n_test}), pre-trained vs fine-tuned ({recipe.method}):")
-    print_main(evaluate.format_comparison([("before", metrics["before"]),
-                                           ("after", metrics["after"])]))
-    print_main(stats.format_calibration(metrics["calibration"]))
-    print_main(f"\nTraining took {metrics['train_seconds']:.0f} s "
-               f"({metrics['train_samples_per_s']:.1f} samples/s). Wrote "
-               f"{folder / report.METRICS_FILE} and {folder / report.REPORT_MD} with its "
-               f"plots; the checkpoint is in "
-               f"{checkpoints.checkpoint_folder(folder, recipe.method)}")
-
-
-def describe_method(recipe: Recipe, pooling: str, trainable: int, total: int) -> str:
-    """What the run trains, how fast and how much, in words: 'LoRA r=8, alpha=32 on
-    query,value, a head over the token mean, lr 0.0005: trainable 74,498 of 22,640,644
-    parameters (0.33%)' (or the --method's own description)."""
-    what = (f"LoRA r={recipe.lora_r}, alpha={recipe.lora_alpha:g} on {recipe.lora_targets}"
-            if recipe.method == "lora" else checkpoints.METHODS[recipe.method])
-    head = "a head over the token mean" if pooling == "mean" else "a head over [CLS]"
-    return (f"{what}, {head}, lr {recipe.lr:g}: "
-            f"{lora_model.format_parameter_counts(trainable, total)}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -530,6 +422,119 @@ def build_optimizer(model: torch.nn.Module, lr: float,
     # The fused kernel updates every parameter in one launch (CUDA and CPU), and it can skip
     # its update on the device when the GradScaler found inf/NaN gradients: no host sync.
     return torch.optim.AdamW(groups, lr=lr, fused=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The run's steps: the data, the scores before and after, the report
+
+
+def load_reviews(recipe: Recipe, data_options: DataOptions) -> tuple[Dataset, Dataset, Dataset]:
+    """The training, validation and test reviews (data.py: validation split, subset rule)."""
+    source, columns = data_options.data, (data_options.text_column, data_options.label_column)
+    seed = data_options.data_seed
+    train = load_split(source, "train", *columns, recipe.labels)
+    data.check_class_sizes(train, recipe.min_class_examples)
+    train, validation = data.split_train_validation(train, recipe.train_samples,
+                                                    recipe.validation_size, seed)
+    test = load_split(source, "test", *columns, tuple(train.features[LABEL].names))
+    return train, validation, data.take_subset(test, data_options.eval_samples, seed)
+
+
+def make_loaders(tokenizer, splits: tuple, recipe: Recipe, data_options: DataOptions,
+                 runtime_options: RuntimeOptions, job: run_folder.Job) -> tuple:
+    """Each split tokenized once (cached on disk) and batched: the training batches shuffled,
+    the validation and test batches longest first; and the seconds this took.
+
+    Every rank tokenizes (the `datasets` cache files are written atomically, so concurrent
+    ranks are safe) and loads its own share of each split.
+    """
+    started, (train, validation, test) = time.perf_counter(), splits
+    collator = data.PaddingCollator(tokenizer.pad_token_id, job.device)
+    tokens = data.tokenize(train, tokenizer, recipe.max_length, recipe.truncation)
+    train_loader = data.make_loader(
+        tokens, recipe.batch_size, collator, shuffle=True, seed=recipe.seed,
+        num_workers=data_options.num_workers, rank=job.rank, world_size=job.world_size,
+        group_by_length=recipe.group_by_length)
+    preprocessing = data.Preprocessing(recipe.truncation, recipe.max_length)
+    validation_loader, test_loader = (
+        evaluate.evaluation_loader(tokenizer, split, preprocessing,
+                                   runtime_options.eval_batch_size, data_options.num_workers,
+                                   job.device, job.rank, job.world_size)
+        for split in (validation, test))
+    return train_loader, validation_loader, test_loader, time.perf_counter() - started
+
+
+def score_before(model: torch.nn.Module, test_loader,
+                 job: run_folder.Job) -> tuple[dict, float | None]:
+    """The pre-trained model's test metrics, and the seconds scoring them took."""
+    started = time.perf_counter()
+    if job.snapshot is None:
+        before = evaluate.evaluate_model(model, test_loader, job.device, job.precision,
+                                         desc="Scoring pre-trained")
+        seconds = time.perf_counter() - started
+    else:  # [production] resume: scored when the run started; the snapshot keeps the numbers
+        before, seconds = snapshots.saved_before(job.snapshot), None
+    print_main(f"Pre-trained model: test accuracy {before['accuracy']:.4f}")
+    return before, seconds
+
+
+def score_after(recipe: Recipe, run_options: RunOptions, job: run_folder.Job, validation_loader,
+                test_loader) -> tuple[dict, dict, float]:
+    """The best checkpoint, loaded back from disk (once rank 0 has written it) and scored
+    exactly as evaluate.py scores it: its logits divided by one temperature fitted on the
+    validation reviews (the same accuracy, more honest probabilities: machinery/stats.py).
+
+    Returns its test metrics, the calibration, and the seconds scoring the test reviews took.
+    """
+    runtime.wait_for_all_ranks()
+    best = lora_model.load_checkpoint(run_options.output_dir, recipe.model)[0].to(job.device)
+    validated = evaluate.score_model(best, validation_loader, job.device, job.precision,
+                                     desc="Calibrating")
+    evaluate.warn_if_a_class_collapsed(validated, lora_model.label_names_of(best))
+    calibration = stats.fit_calibration(validated.logits, validated.labels)
+    if is_main_process():
+        folder = checkpoints.checkpoint_folder(run_options.output_dir, recipe.method)
+        stats.save_temperature(folder, calibration)
+    started = time.perf_counter()
+    scored = evaluate.score_model(best, test_loader, job.device, job.precision,
+                                  calibration["temperature"], desc="Scoring fine-tuned")
+    seconds = time.perf_counter() - started
+    calibration["test"] = stats.calibration_effect(scored.logits, scored.labels,
+                                                   scored.temperature)
+    return scored.metrics, calibration, seconds
+
+
+def finish_run(recipe: Recipe, run_options: RunOptions, job: run_folder.Job, metrics: dict,
+               n_test: int) -> None:
+    """Write the report (and TensorBoard's results) and metrics.json (last: the run is
+    finished); print before and after."""
+    folder = run_options.output_dir
+    if is_main_process():
+        report.write_report(folder, metrics)
+        if run_options.report_to == "tensorboard":
+            tracking.write_tensorboard_results(folder, job.settings, metrics)
+        write_json(folder / report.METRICS_FILE, metrics)
+        run_folder.finish_run_folder(folder)
+    print_main(f"\nTest reviews ({n_test}), pre-trained vs fine-tuned ({recipe.method}):")
+    print_main(evaluate.format_comparison([("before", metrics["before"]),
+                                           ("after", metrics["after"])]))
+    print_main(stats.format_calibration(metrics["calibration"]))
+    print_main(f"\nTraining took {metrics['train_seconds']:.0f} s "
+               f"({metrics['train_samples_per_s']:.1f} samples/s). Wrote "
+               f"{folder / report.METRICS_FILE} and {folder / report.REPORT_MD} with its "
+               f"plots; the checkpoint is in "
+               f"{checkpoints.checkpoint_folder(folder, recipe.method)}")
+
+
+def describe_method(recipe: Recipe, pooling: str, trainable: int, total: int) -> str:
+    """What the run trains, how fast and how much, in words: 'LoRA r=8, alpha=32 on
+    query,value, a head over the token mean, lr 0.0005: trainable 74,498 of 22,640,644
+    parameters (0.33%)' (or the --method's own description)."""
+    what = (f"LoRA r={recipe.lora_r}, alpha={recipe.lora_alpha:g} on {recipe.lora_targets}"
+            if recipe.method == "lora" else checkpoints.METHODS[recipe.method])
+    head = "a head over the token mean" if pooling == "mean" else "a head over [CLS]"
+    return (f"{what}, {head}, lr {recipe.lr:g}: "
+            f"{lora_model.format_parameter_counts(trainable, total)}")
 
 
 # ---------------------------------------------------------------------------------------------
