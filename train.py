@@ -175,7 +175,7 @@ def run(recipe: Recipe, data_options: DataOptions, run_options: RunOptions,
     if job.snapshot is not None:  # [production] resume
         trainer.resume_from(job.snapshot)
     trainer.train()
-    train_seconds = trainer.state.train_seconds
+    train_seconds, steps = trainer.state.train_seconds, trainer.state.step
     # Free the model and its optimizer: two copies of the model are never in memory together.
     del trainer, model
     gc.collect()
@@ -190,7 +190,7 @@ def run(recipe: Recipe, data_options: DataOptions, run_options: RunOptions,
                "tokenize_seconds": tokenize_seconds,
                "test_seconds": {"before": before_seconds, "after": after_seconds},
                "wall_seconds": time.perf_counter() - started}
-    finish_run(recipe, run_options, job, metrics, len(test))
+    finish_run(recipe, run_options, job, metrics, len(test), steps)
     return metrics
 
 
@@ -233,6 +233,7 @@ class Trainer(snapshots.ResumableLoop):
         self.state = snapshots.LoopState()  # where the loop is: saved and restored as a whole
         # Kept on the device, where adding costs no host sync; the host reads it at log steps.
         self.window_loss = torch.zeros((), device=job.device)  # loss summed since the last log
+        self.grad_norm = torch.zeros((), device=job.device)  # the last step's, before clipping
         self.window = tracking.LogWindow()  # samples and seconds since the last log
         self.log_file: tracking.RunLog | None = None  # rank 0's log.jsonl
         # [production] torchrun: forward and backward go through the DDP wrapper (which starts
@@ -396,7 +397,7 @@ class Trainer(snapshots.ResumableLoop):
         lr = self.scheduler.get_last_lr()[0]
         # Every rank trains as many samples per step, so the job's rate is world x ours.
         samples_per_s = self.window.rate() * self.job.world_size
-        grad_norm = self.grad_norm.item()  # the last step's, before clipping (equal on all ranks)
+        grad_norm = self.grad_norm.item()  # equal on all ranks: the gradients are averaged
         self.log({"epoch": epoch + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                   "samples_per_s": samples_per_s})
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{samples_per_s:.1f}")
@@ -505,14 +506,14 @@ def score_after(recipe: Recipe, run_options: RunOptions, job: run_folder.Job, va
 
 
 def finish_run(recipe: Recipe, run_options: RunOptions, job: run_folder.Job, metrics: dict,
-               n_test: int) -> None:
-    """Write the report (and TensorBoard's results) and metrics.json (last: the run is
-    finished); print before and after."""
+               n_test: int, steps: int) -> None:
+    """Write the report (and TensorBoard's results, at the last of the `steps` optimizer
+    steps) and metrics.json (last: the run is finished); print before and after."""
     folder = run_options.output_dir
     if is_main_process():
         report.write_report(folder, metrics)
         if run_options.report_to == "tensorboard":
-            tracking.write_tensorboard_results(folder, job.settings, metrics)
+            tracking.write_tensorboard_results(folder, job.settings, metrics, steps)
         write_json(folder / report.METRICS_FILE, metrics)
         run_folder.finish_run_folder(folder)
     print_main(f"\nTest reviews ({n_test}), pre-trained vs fine-tuned ({recipe.method}):")

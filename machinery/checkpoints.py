@@ -170,11 +170,7 @@ def checkpoint_pooling(folder: Path) -> str:
     path = Path(folder) / POOLING_FILE
     if not path.is_file():
         return "cls"
-    try:
-        pooling = json.loads(path.read_text())["pooling"]
-    except (ValueError, KeyError, TypeError) as error:
-        raise UsageError(f"{path} is damaged ({error!r}); it holds {{\"pooling\": \"mean\"}} or "
-                         "\"cls\": restore it or train again") from error
+    pooling = checkpoint_note(path, "pooling")
     if pooling not in POOLINGS:
         raise UsageError(f"{path} names pooling {pooling!r}; it must be one of "
                          f"{', '.join(POOLINGS)}: restore it or train again")

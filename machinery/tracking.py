@@ -189,9 +189,8 @@ def read_log(path: Path) -> tuple[list[dict], list[dict]]:
     return ([r for r in records if "loss" in r], [r for r in records if "validation" in r])
 
 
-def write_tensorboard_results(run_dir: Path, settings: dict, metrics: dict) -> None:
-    """TensorBoard's test metrics and hparams of a finished run, at its last logged step."""
-    training, validation = read_log(run_dir / LOG_FILE)
+def write_tensorboard_results(run_dir: Path, settings: dict, metrics: dict, step: int) -> None:
+    """TensorBoard's test metrics and hparams of a finished run, at its last step."""
     log = TensorBoardLog(run_dir)
-    log.write_results(settings, metrics, max(record["step"] for record in training + validation))
+    log.write_results(settings, metrics, step)
     log.close()
