@@ -210,11 +210,12 @@ def run_experiment(experiment: Experiment, model: str, data: str, out: Path) -> 
     return record
 
 
-def up_to_date(experiment: Experiment, model: str, data: str, out: Path) -> dict | None:
+def up_to_date(experiment: Experiment, by_name: dict[str, Experiment], model: str, data: str,
+               out: Path) -> dict | None:
     """The record of `experiment` if it finished with its present command after everything
-    it reads (None: it must run); refuses one whose input has not been made."""
+    it reads (None: it must run); refuses one whose input has not been made. `by_name` holds
+    the mode's experiments: an input's present command depends on the mode's sizes."""
     done = finished(out / experiment.name, command_line(experiment, model, data, out))
-    by_name = {e.name: e for e in experiments(SCALES["full"])}
     for needed in requirements(experiment):
         record = out / needed / EXPERIMENT_FILE
         # The input must have finished with its present command (the same model and data).
@@ -230,9 +231,10 @@ def up_to_date(experiment: Experiment, model: str, data: str, out: Path) -> dict
 
 def run_all(mode: str, model: str, data: str, out: Path, only: list[str] | None) -> None:
     """Run every experiment of `mode` not yet finished in `out` (those of `only`, if given)."""
-    todo = [e for e in experiments(SCALES[mode]) if not only or e.name in only]
+    by_name = {e.name: e for e in experiments(SCALES[mode])}
+    todo = [e for e in by_name.values() if not only or e.name in only]
     for i, experiment in enumerate(todo, 1):
-        done = up_to_date(experiment, model, data, out)
+        done = up_to_date(experiment, by_name, model, data, out)
         if done:
             print(f"[{i}/{len(todo)}] {experiment.name}: finished before "
                   f"({done['wall_seconds']:.0f} s), skipped", file=sys.stderr)

@@ -134,16 +134,16 @@ def test_an_experiment_whose_command_changed_runs_again(quick):
 
 def test_an_experiment_whose_input_was_made_again_runs_again(quick):
     model, data, out = quick["argv"][2], quick["argv"][4], quick["out"]
-    pooling = next(e for e in results.experiments(results.SCALES["quick"])
-                   if e.name == "smoke-pooling")
+    by_name = {e.name: e for e in results.experiments(results.SCALES["quick"])}
+    pooling = by_name["smoke-pooling"]
     assert results.requirements(pooling) == ["smoke-cls", "smoke"]
-    assert results.up_to_date(pooling, model, data, out) is not None
+    assert results.up_to_date(pooling, by_name, model, data, out) is not None
     record = out / "smoke" / results.EXPERIMENT_FILE
     times = record.stat()
     later = (out / "smoke-pooling" / results.EXPERIMENT_FILE).stat().st_mtime + 1
     os.utime(record, (later, later))  # as if the smoke run had been made again
     try:
-        assert results.up_to_date(pooling, model, data, out) is None
+        assert results.up_to_date(pooling, by_name, model, data, out) is None
     finally:
         os.utime(record, (times.st_atime, times.st_mtime))
 
