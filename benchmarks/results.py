@@ -11,6 +11,7 @@ Every table of README.md and docs/results.md comes from here, never from a hand:
 3. **render** (``benchmarks.results_tables``): with ``--docs ROOT``, the tables are written from
    that JSON between their ``results:NAME`` markers in ROOT's README.md and docs/results.md,
    and the JSON is kept as ROOT/docs/results.json, from which ``render`` rewrites them again.
+   Only a complete set is published, and never over another mode's numbers.
 
 ``quick`` runs the same experiments on a few dozen reviews (the suite runs it); ``full`` on the
 sizes docs/results.md describes.
@@ -343,8 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
                              + ", ".join(e.name for e in experiments(SCALES["full"])))
     parser.add_argument("--docs", type=Path, default=None, metavar="ROOT",
                         help="write the tables into ROOT/README.md and ROOT/docs/results.md, "
-                             "and the numbers into ROOT/docs/results.json (default: only "
-                             "OUT/results.json)")
+                             "and the numbers into ROOT/docs/results.json, once every "
+                             "experiment of the mode has finished in --out; refused when that "
+                             "file holds another mode's numbers (default: only OUT/results.json)")
     return parser
 
 
@@ -369,6 +371,25 @@ def check(args: argparse.Namespace) -> None:
                          "built from the local IMDB Parquet files)")
     if args.docs is not None:
         results_tables.check_docs(args.docs)
+        check_published_mode(args.docs, args.mode)
+
+
+def check_published_mode(root: Path, mode: str) -> None:
+    """Refuse to replace the numbers of one mode in `root`'s documents with another's (a quick
+    mode publishing into the project itself would put toy numbers in place of the full ones)."""
+    published = root / results_tables.DOCS_JSON
+    if not published.is_file():
+        return
+    held = json.loads(published.read_text()).get("mode")
+    if held != mode:
+        raise UsageError(f"--docs {root}: its {results_tables.DOCS_JSON} holds {held}-mode "
+                         f"numbers, which {mode} mode would replace (publish into a copy of "
+                         "the documents, or remove that file first)")
+
+
+def unfinished(mode: str, results: dict) -> list[str]:
+    """The experiments of `mode` missing from `results`."""
+    return [e.name for e in experiments(SCALES[mode]) if e.name not in results["experiments"]]
 
 
 def command(args: argparse.Namespace) -> None:
@@ -389,6 +410,13 @@ def command(args: argparse.Namespace) -> None:
     (out / RESULTS_FILE).write_text(json.dumps(results, indent=1) + "\n")
     print(f"Wrote {out / RESULTS_FILE}", file=sys.stderr)
     if args.docs is not None:
+        # Published numbers come from one complete set: a partial one (after --only into a new
+        # folder) would drop the others' numbers from docs/results.json.
+        missing = unfinished(args.mode, results)
+        if missing:
+            raise UsageError(f"--docs: nothing written, {len(missing)} experiments have not "
+                             f"finished in {out} ({', '.join(missing)}): run again without "
+                             "--only to finish them")
         results_tables.publish(args.docs, results)
 
 

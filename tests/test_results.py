@@ -156,6 +156,36 @@ def test_an_experiment_whose_input_is_missing_is_refused(capsys, tiny_model_dir,
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_partial_set_is_not_published(capsys, quick, tmp_path):
+    out, root = quick["out"], copy_docs(tmp_path)
+    texts = {path: (root / path).read_text() for path in (README, RESULTS_DOC)}
+    collected = (out / results.RESULTS_FILE).read_bytes()
+    (out / "paired").rename(out / "paired.away")  # as if --only had left it out of a new folder
+    try:
+        outcome = run_main(results.main, capsys, *quick["argv"][:7], "--docs", str(root),
+                           "--only", "smoke")
+    finally:
+        (out / "paired.away").rename(out / "paired")
+        (out / results.RESULTS_FILE).write_bytes(collected)
+    assert outcome.returncode == 2
+    assert "nothing written, 1 experiments have not finished" in outcome.stderr
+    assert "(paired)" in outcome.stderr
+    assert {path: (root / path).read_text() for path in (README, RESULTS_DOC)} == texts
+    assert not (root / DOCS_JSON).exists()
+
+
+def test_quick_mode_never_replaces_the_full_modes_numbers(capsys, tiny_model_dir, tmp_path):
+    root = copy_docs(tmp_path / "docs-copy")
+    shutil.copy(REPO / DOCS_JSON, root / DOCS_JSON)  # the project's own: full mode
+    before = {path: (root / path).read_bytes() for path in (README, RESULTS_DOC, DOCS_JSON)}
+    outcome = run_main(results.main, capsys, "quick", "--model", tiny_model_dir,
+                       "--out", str(tmp_path / "out"), "--docs", str(root))
+    assert outcome.returncode == 2
+    assert "holds full-mode numbers, which quick mode would replace" in outcome.stderr
+    assert {path: (root / path).read_bytes() for path in before} == before
+    assert not (tmp_path / "out").exists()  # refused before any work
+
+
 def test_the_published_tables_are_what_docs_results_json_gives():
     published = json.loads((REPO / DOCS_JSON).read_text())
     assert published["mode"] == "full"
