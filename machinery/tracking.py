@@ -56,16 +56,28 @@ def scalars(record: dict, prefix: str = "") -> dict[str, float]:
     return found
 
 
+def wait_for_a_later_second(folder: Path) -> None:
+    """Wait, if need be, until the clock is a second past the newest event file's in `folder`.
+
+    TensorBoard reads a folder's event files in name order, and a name starts with the second its
+    writer opened, then the host and the process ID: a resumed run whose writer opened within the
+    killed one's second could sort before it (by its PID), and its purge would not apply to it."""
+    opened = [int(path.name.split(".")[3]) for path in folder.glob("events.out.tfevents.*")]
+    if opened:
+        time.sleep(max(0.0, max(opened) + 1 - time.time()))
+
+
 class TensorBoardLog:
     """The TensorBoard side of log.jsonl: ``write`` mirrors a record at its step."""
 
     def __init__(self, run_folder: Path, resumed_at: int = 0):
         from torch.utils.tensorboard import SummaryWriter  # optional: only when asked for
 
+        folder = run_folder / TENSORBOARD_DIR
+        wait_for_a_later_second(folder)
         # purge_step: a resumed run drops the events its killed process wrote after the
         # snapshot it resumes from, which it writes again.
-        self.writer = SummaryWriter(str(run_folder / TENSORBOARD_DIR),
-                                    purge_step=resumed_at + 1 if resumed_at else None)
+        self.writer = SummaryWriter(str(folder), purge_step=resumed_at + 1 if resumed_at else None)
 
     def write(self, record: dict) -> None:
         """The numbers of one log.jsonl record, at its step."""

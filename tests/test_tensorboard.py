@@ -5,6 +5,8 @@ alone writes them; without the package it is one sentence and nothing written.""
 from __future__ import annotations
 
 import json
+import socket
+import time
 from pathlib import Path
 
 import interrupt_train
@@ -91,6 +93,20 @@ def test_a_resumed_run_writes_no_step_twice(tiny_model_dir, shared_data_dir, tmp
     tensorboard = assert_mirrors_the_log(run)
     steps = [step for step, _ in tensorboard["train/loss"]]
     assert steps == sorted(set(steps)) and 8 in steps  # once each, and past the stop
+
+
+def test_a_writer_opened_within_the_last_ones_second_still_sorts_after_it(tmp_path):
+    """TensorBoard reads event files in name order (the second opened, host, PID): a resumed
+    run's writer, opened in its killed run's second by a process of lower PID, must come after
+    the killed run's file, or the purge of its steps would not apply to it."""
+    folder = tmp_path / TENSORBOARD_DIR
+    folder.mkdir()
+    killed = (folder / f"events.out.tfevents.{int(time.time()):010d}."
+                       f"{socket.gethostname()}.99999999.0")  # a PID that sorts after ours
+    killed.touch()
+    tracking.TensorBoardLog(tmp_path, resumed_at=7).close()
+    files = sorted(folder.glob("events.out.tfevents.*"))
+    assert len(files) == 2 and files[0] == killed
 
 
 def test_under_torchrun_rank_0_alone_writes(tiny_model_dir, shared_data_dir, tmp_path):
