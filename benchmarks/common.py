@@ -181,10 +181,11 @@ def bare_steps(model: torch.nn.Module, device: torch.device, precision: str
 
 
 def measure_process(command: list[str], log: Path, env: dict[str, str]) -> dict:
-    """Run `command`; return its wall time, peak resident memory (RSS) and exit code.
+    """Run `command`; return its wall time and peak resident memory (RSS).
 
-    ``os.wait4`` gives the resource usage of exactly this child (``getrusage`` of all children
-    would report the largest of every run so far).
+    ``os.wait4`` gives the resource usage of exactly this child and the processes it waited
+    for (``getrusage`` of all children would report the largest of every run so far); its peak
+    RSS is that of the largest one of them, not a sum: under torchrun, the largest rank's.
     """
     started = time.perf_counter()
     with log.open("w") as out:

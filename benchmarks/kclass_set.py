@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def command(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace) -> None:
     """Build the set and say what was written."""
     rows = build(args.data, args.out, args.train, args.test)
     print(f"Wrote {args.out / 'train.csv'} ({rows['train']} texts) and "
@@ -132,7 +132,7 @@ def command(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m benchmarks.kclass_set``."""
-    return run_command(build_parser(), command, argv)
+    return run_command(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

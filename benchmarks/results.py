@@ -211,31 +211,41 @@ def run_experiment(experiment: Experiment, model: str, data: str, out: Path) -> 
     return record
 
 
-def up_to_date(experiment: Experiment, by_name: dict[str, Experiment], model: str, data: str,
-               out: Path) -> dict | None:
+def up_to_date(experiment: Experiment, model: str, data: str, out: Path) -> dict | None:
     """The record of `experiment` if it finished with its present command after everything
-    it reads (None: it must run); refuses one whose input has not been made. `by_name` holds
-    the mode's experiments: an input's present command depends on the mode's sizes."""
+    it reads (None: it must run)."""
     done = finished(out / experiment.name, command_line(experiment, model, data, out))
     for needed in requirements(experiment):
         record = out / needed / EXPERIMENT_FILE
-        # The input must have finished with its present command (the same model and data).
-        if finished(out / needed, command_line(by_name[needed], model, data, out)) is None:
-            raise UsageError(f"experiment {experiment.name} reads {needed}, which has not run "
-                             f"in {out} as it is now: run it first (give both to --only, or "
-                             "leave --only out)")
-        if done and record.stat().st_mtime > (out / experiment.name / EXPERIMENT_FILE).stat(
-                ).st_mtime:
+        if done and (not record.is_file() or record.stat().st_mtime
+                     > (out / experiment.name / EXPERIMENT_FILE).stat().st_mtime):
             done = None  # its input was made again since
     return done
+
+
+def check_inputs(todo: list[Experiment], by_name: dict[str, Experiment], model: str, data: str,
+                 out: Path) -> None:
+    """Refuse, before any experiment runs, one that reads an experiment which neither runs
+    before it now nor has finished in `out` with its present command (the same model and data;
+    `by_name` holds the mode's experiments: an input's command depends on the mode's sizes)."""
+    runs_before: set[str] = set()
+    for experiment in todo:
+        for needed in requirements(experiment):
+            if needed not in runs_before and finished(
+                    out / needed, command_line(by_name[needed], model, data, out)) is None:
+                raise UsageError(f"experiment {experiment.name} reads {needed}, which has not "
+                                 f"run in {out} as it is now: run it first (give both to "
+                                 "--only, or leave --only out)")
+        runs_before.add(experiment.name)
 
 
 def run_all(mode: str, model: str, data: str, out: Path, only: list[str] | None) -> None:
     """Run every experiment of `mode` not yet finished in `out` (those of `only`, if given)."""
     by_name = {e.name: e for e in experiments(SCALES[mode])}
     todo = [e for e in by_name.values() if not only or e.name in only]
+    check_inputs(todo, by_name, model, data, out)
     for i, experiment in enumerate(todo, 1):
-        done = up_to_date(experiment, by_name, model, data, out)
+        done = up_to_date(experiment, model, data, out)
         if done:
             print(f"[{i}/{len(todo)}] {experiment.name}: finished before "
                   f"({done['wall_seconds']:.0f} s), skipped", file=sys.stderr)
@@ -257,12 +267,12 @@ def folder_bytes(folder: Path) -> int:
 
 def collect_run(folder: Path) -> dict:
     """A train.py run's numbers: its configuration, metrics, last validation and checkpoint."""
-    run = folder / TRAIN_RUN
-    config = json.loads((run / "config.json").read_text())
-    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line]
-    checkpoint = find_checkpoint(run)
+    train_run = folder / TRAIN_RUN
+    config = json.loads((train_run / "config.json").read_text())
+    log = [json.loads(line) for line in (train_run / "log.jsonl").read_text().splitlines() if line]
+    checkpoint = find_checkpoint(train_run)
     weights = sorted(checkpoint.glob("*.safetensors"))
-    return {"config": config, "metrics": json.loads((run / "metrics.json").read_text()),
+    return {"config": config, "metrics": json.loads((train_run / "metrics.json").read_text()),
             "validation": next((r["validation"] for r in reversed(log) if "validation" in r),
                                None),
             "steps": max((r["step"] for r in log if "step" in r), default=0),
@@ -392,7 +402,7 @@ def unfinished(mode: str, results: dict) -> list[str]:
     return [e.name for e in experiments(SCALES[mode]) if e.name not in results["experiments"]]
 
 
-def command(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace) -> None:
     """Run, collect and render, as the mode says."""
     check(args)
     if args.mode == "render":
@@ -427,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
     given = sys.argv[1:] if argv is None else argv
     parser.set_defaults(command_line=shlex.join(
         ["python", "-m", "benchmarks.results", *(portable(arg) for arg in given)]))
-    return run_command(parser, command, argv)
+    return run_command(parser, run, argv)
 
 
 def portable(arg: str) -> str:

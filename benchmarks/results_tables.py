@@ -244,6 +244,14 @@ PAIR_LABELS = {
 }
 
 
+def pair_table(evaluation: dict) -> str:
+    """The paired comparisons of one evaluate.py call, a row each."""
+    return markdown_table(["comparison (b vs a)", "test reviews", "accuracy a → b",
+                           "b − a (paired 95% CI)", "only a right / only b right",
+                           "McNemar p", f"at {SIGNIFICANCE_LEVEL:g}"], pair_rows(evaluation),
+                          "lrrrrrl")
+
+
 def pair_rows(evaluation: dict) -> list[list[str]]:
     """A row per paired comparison of one evaluate.py call."""
     accuracy = {row["name"]: row["accuracy"] for row in evaluation["rows"]}
@@ -266,10 +274,7 @@ def paired(results: dict) -> str | None:
     evaluation = results["evaluations"].get("paired")
     if evaluation is None:
         return None
-    return markdown_table(["comparison (b vs a)", "test reviews", "accuracy a → b",
-                           "b − a (paired 95% CI)", "only a right / only b right",
-                           "McNemar p", f"at {SIGNIFICANCE_LEVEL:g}"], pair_rows(evaluation),
-                          "lrrrrrl")
+    return pair_table(evaluation)
 
 
 CALIBRATED = (("`lora`, 128, `head`", "lora-128-head"),
@@ -360,10 +365,7 @@ def pooling(results: dict) -> str | None:
     evaluation = results["evaluations"].get("smoke-pooling")
     if evaluation is None:
         return table
-    return table + "\n\n" + markdown_table(
-        ["comparison (b vs a)", "test reviews", "accuracy a → b", "b − a (paired 95% CI)",
-         "only a right / only b right", "McNemar p", f"at {SIGNIFICANCE_LEVEL:g}"],
-        pair_rows(evaluation), "lrrrrrl")
+    return table + "\n\n" + pair_table(evaluation)
 
 
 def timing(results: dict) -> str | None:
@@ -376,8 +378,8 @@ def timing(results: dict) -> str | None:
     total = sum(record["wall_seconds"] for record in results["experiments"].values())
     rows.append(["**all**", f"**{format_duration(total)}**", "", ""])
     versions = ", ".join(f"{k} {v}" for k, v in results["versions"].items())
-    return (markdown_table(["experiment", "wall time", "peak memory (RSS)", "finished"], rows,
-                           "lrrl")
+    header = ["experiment", "wall time", "peak RSS (largest process)", "finished"]
+    return (markdown_table(header, rows, "lrrl")
             + f"\n\nMode `{results['mode']}` on {results['machine']}, {results['cores']} cores; "
             f"{versions}; model `{results['model']}`:\n\n```bash\n{results['command']}\n```")
 

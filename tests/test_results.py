@@ -134,16 +134,16 @@ def test_an_experiment_whose_command_changed_runs_again(quick):
 
 def test_an_experiment_whose_input_was_made_again_runs_again(quick):
     model, data, out = quick["argv"][2], quick["argv"][4], quick["out"]
-    by_name = {e.name: e for e in results.experiments(results.SCALES["quick"])}
-    pooling = by_name["smoke-pooling"]
+    pooling = next(e for e in results.experiments(results.SCALES["quick"])
+                   if e.name == "smoke-pooling")
     assert results.requirements(pooling) == ["smoke-cls", "smoke"]
-    assert results.up_to_date(pooling, by_name, model, data, out) is not None
+    assert results.up_to_date(pooling, model, data, out) is not None
     record = out / "smoke" / results.EXPERIMENT_FILE
     times = record.stat()
     later = (out / "smoke-pooling" / results.EXPERIMENT_FILE).stat().st_mtime + 1
     os.utime(record, (later, later))  # as if the smoke run had been made again
     try:
-        assert results.up_to_date(pooling, by_name, model, data, out) is None
+        assert results.up_to_date(pooling, model, data, out) is None
     finally:
         os.utime(record, (times.st_atime, times.st_mtime))
 
@@ -151,6 +151,15 @@ def test_an_experiment_whose_input_was_made_again_runs_again(quick):
 def test_an_experiment_whose_input_is_missing_is_refused(capsys, tiny_model_dir, tmp_path):
     outcome = run_main(results.main, capsys, "quick", "--model", tiny_model_dir,
                        "--out", str(tmp_path), "--only", "smoke-pooling")
+    assert outcome.returncode == 2
+    assert "experiment smoke-pooling reads smoke-cls, which has not run" in outcome.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_missing_input_is_refused_before_any_experiment_runs(capsys, tiny_model_dir, tmp_path):
+    # smoke would run first (minutes in full mode), then smoke-pooling would find no smoke-cls.
+    outcome = run_main(results.main, capsys, "quick", "--model", tiny_model_dir,
+                       "--out", str(tmp_path), "--only", "smoke", "smoke-pooling")
     assert outcome.returncode == 2
     assert "experiment smoke-pooling reads smoke-cls, which has not run" in outcome.stderr
     assert list(tmp_path.iterdir()) == []
@@ -184,6 +193,11 @@ def test_quick_mode_never_replaces_the_full_modes_numbers(capsys, tiny_model_dir
     assert "holds full-mode numbers, which quick mode would replace" in outcome.stderr
     assert {path: (root / path).read_bytes() for path in before} == before
     assert not (tmp_path / "out").exists()  # refused before any work
+
+
+def test_every_compared_pair_has_its_row_label():
+    pairs = {pair for e in results.experiments(results.SCALES["full"]) for pair in e.compare}
+    assert pairs == set(results_tables.PAIR_LABELS)
 
 
 def test_the_published_tables_are_what_docs_results_json_gives():
