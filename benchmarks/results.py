@@ -35,6 +35,7 @@ from benchmarks import results_tables
 from benchmarks.common import DEFAULT_DATA, REPO, cpu_model, measure_process, model_label
 from machinery.checkpoints import find_checkpoint
 from machinery.cli import UsageError, run_command
+from machinery.files import read_json
 from machinery.run_folder import library_versions
 from machinery.stats import paired_comparison
 
@@ -336,7 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Regenerate every published number: run the experiments of "
                     "docs/results.md (skipping those finished in --out), collect their numbers "
                     "into OUT/results.json and, with --docs, write the tables of README.md and "
-                    "docs/results.md from it.")
+                    "docs/results.md from it.",
+        allow_abbrev=False)  # --only is left out of the recorded command by its full name
     parser.add_argument("mode", choices=(*SCALES, "render"),
                         help="full: the published sizes (hours on a CPU); quick: a few dozen "
                              "reviews each (minutes); render: only rewrite the tables of --docs "
@@ -390,54 +392,71 @@ def check_published_mode(root: Path, mode: str) -> None:
     published = root / results_tables.DOCS_JSON
     if not published.is_file():
         return
-    held = json.loads(published.read_text()).get("mode")
-    if held != mode:
-        raise UsageError(f"--docs {root}: its {results_tables.DOCS_JSON} holds {held}-mode "
-                         f"numbers, which {mode} mode would replace (publish into a copy of "
-                         "the documents, or remove that file first)")
+    held = read_json(published, "remove it, or publish into a copy of the documents")
+    held_mode = held.get("mode") if isinstance(held, dict) else None
+    if held_mode != mode:
+        what = f"{held_mode}-mode numbers" if held_mode else "numbers of no known mode"
+        raise UsageError(f"--docs {root}: its {results_tables.DOCS_JSON} holds {what}, which "
+                         f"{mode} mode would replace (publish into a copy of the documents, or "
+                         "remove that file first)")
 
 
-def unfinished(mode: str, results: dict) -> list[str]:
-    """The experiments of `mode` missing from `results`."""
-    return [e.name for e in experiments(SCALES[mode]) if e.name not in results["experiments"]]
+def check_complete(mode: str, model: str, data: str, out: Path, only: list[str] | None) -> None:
+    """Refuse, before any experiment runs, to publish a set that will not be complete: an
+    experiment left out of `only` that has not finished in `out` would drop its numbers from
+    docs/results.json."""
+    left_out = [e for e in experiments(SCALES[mode]) if only and e.name not in only]
+    missing = [e.name for e in left_out
+               if finished(out / e.name, command_line(e, model, data, out)) is None]
+    if missing:
+        raise UsageError(f"--docs publishes a complete set, and {', '.join(missing)} "
+                         f"({len(missing)} of {len(experiments(SCALES[mode]))}) would not have "
+                         f"finished in {out}: leave --only out, or --docs")
 
 
 def run(args: argparse.Namespace) -> None:
     """Run, collect and render, as the mode says."""
     check(args)
     if args.mode == "render":
-        results = json.loads((args.docs / results_tables.DOCS_JSON).read_text())
+        results = read_json(args.docs / results_tables.DOCS_JSON,
+                            "run the full mode with --docs to write it again")
         results_tables.publish(args.docs, results)
         return
     out = (args.out or REPO / "runs" / f"results-{args.mode}").resolve()
-    out.mkdir(parents=True, exist_ok=True)
     # Absolute paths: the experiments' commands, by which a finished one is known again, stay
     # the same from wherever the command is started.
     data = str(Path(args.data).resolve())
     model = str(Path(args.model).resolve()) if Path(args.model).is_dir() else args.model
+    if args.docs is not None:
+        check_complete(args.mode, model, data, out, args.only)
+    out.mkdir(parents=True, exist_ok=True)
     run_all(args.mode, model, data, out, args.only)
     results = collect(args.mode, model, data, out, args.command_line)
     (out / RESULTS_FILE).write_text(json.dumps(results, indent=1) + "\n")
     print(f"Wrote {out / RESULTS_FILE}", file=sys.stderr)
     if args.docs is not None:
-        # Published numbers come from one complete set: a partial one (after --only into a new
-        # folder) would drop the others' numbers from docs/results.json.
-        missing = unfinished(args.mode, results)
-        if missing:
-            raise UsageError(f"--docs: nothing written, {len(missing)} experiments have not "
-                             f"finished in {out} ({', '.join(missing)}): run again without "
-                             "--only to finish them")
         results_tables.publish(args.docs, results)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m benchmarks.results``."""
     parser = build_parser()
-    # The command as run, for results.json: paths inside the project relative to it.
-    given = sys.argv[1:] if argv is None else argv
+    # The command that gives these numbers, for results.json: paths inside the project
+    # relative to it, and without --only (the set is every experiment finished in --out).
+    given = without_only(sys.argv[1:] if argv is None else argv)
     parser.set_defaults(command_line=shlex.join(
         ["python", "-m", "benchmarks.results", *(portable(arg) for arg in given)]))
     return run_command(parser, run, argv)
+
+
+def without_only(argv: list[str]) -> list[str]:
+    """`argv` without ``--only`` and the names that follow it (or ``--only=NAME``)."""
+    kept, skipping = [], False
+    for arg in argv:
+        skipping = arg == "--only" or (skipping and not arg.startswith("-"))
+        if not skipping and not arg.startswith("--only="):
+            kept.append(arg)
+    return kept
 
 
 def portable(arg: str) -> str:

@@ -62,9 +62,11 @@ def wait_for_a_later_second(folder: Path) -> None:
     TensorBoard reads a folder's event files in name order, and a name starts with the second its
     writer opened, then the host and the process ID: a resumed run whose writer opened within the
     killed one's second could sort before it (by its PID), and its purge would not apply to it."""
-    opened = [int(path.name.split(".")[3]) for path in folder.glob("events.out.tfevents.*")]
+    opened = [int(second) for path in folder.glob("events.out.tfevents.*")
+              if (second := path.name.split(".")[3]).isdigit()]
     if opened:
-        time.sleep(max(0.0, max(opened) + 1 - time.time()))
+        # At most a second: a file from a clock ahead of this one's cannot be waited past.
+        time.sleep(min(1.0, max(0.0, max(opened) + 1 - time.time())))
 
 
 class TensorBoardLog:

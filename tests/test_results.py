@@ -165,22 +165,35 @@ def test_a_missing_input_is_refused_before_any_experiment_runs(capsys, tiny_mode
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_partial_set_is_not_published(capsys, quick, tmp_path):
+def test_a_partial_set_is_refused_before_any_work(capsys, tiny_model_dir, tmp_path):
+    root, out = copy_docs(tmp_path / "docs-copy"), tmp_path / "out"
+    before = {path: (root / path).read_bytes() for path in (README, RESULTS_DOC)}
+    outcome = run_main(results.main, capsys, "quick", "--model", tiny_model_dir,
+                       "--out", str(out), "--docs", str(root), "--only", "smoke")
+    assert outcome.returncode == 2
+    total = len(results.experiments(results.SCALES["quick"]))
+    assert "--docs publishes a complete set, and smoke-cls, " in outcome.stderr
+    assert f"({total - 1} of {total}) would not have finished" in outcome.stderr
+    assert {path: (root / path).read_bytes() for path in before} == before
+    assert not (root / DOCS_JSON).exists() and not out.exists()
+
+
+def test_only_over_a_complete_set_publishes_it_with_the_command_that_gives_it(capsys, quick,
+                                                                             tmp_path):
     out, root = quick["out"], copy_docs(tmp_path)
-    texts = {path: (root / path).read_text() for path in (README, RESULTS_DOC)}
     collected = (out / results.RESULTS_FILE).read_bytes()
-    (out / "paired").rename(out / "paired.away")  # as if --only had left it out of a new folder
     try:
         outcome = run_main(results.main, capsys, *quick["argv"][:7], "--docs", str(root),
-                           "--only", "smoke")
+                           "--only", "smoke", "paired")
     finally:
-        (out / "paired.away").rename(out / "paired")
-        (out / results.RESULTS_FILE).write_bytes(collected)
-    assert outcome.returncode == 2
-    assert "nothing written, 1 experiments have not finished" in outcome.stderr
-    assert "(paired)" in outcome.stderr
-    assert {path: (root / path).read_text() for path in (README, RESULTS_DOC)} == texts
-    assert not (root / DOCS_JSON).exists()
+        (out / results.RESULTS_FILE).write_bytes(collected)  # the other tests read it
+    assert outcome.returncode == 0, outcome.stderr[-3000:]
+    assert outcome.stderr.count("skipped") == 2
+    published = json.loads((root / DOCS_JSON).read_text())
+    assert list(published["experiments"]) == [
+        e.name for e in results.experiments(results.SCALES["quick"])]
+    assert "--only" not in published["command"] and " --docs " in published["command"]
+    assert results.without_only(["quick", "--only=smoke", "--out", "x"]) == ["quick", "--out", "x"]
 
 
 def test_quick_mode_never_replaces_the_full_modes_numbers(capsys, tiny_model_dir, tmp_path):
@@ -193,6 +206,15 @@ def test_quick_mode_never_replaces_the_full_modes_numbers(capsys, tiny_model_dir
     assert "holds full-mode numbers, which quick mode would replace" in outcome.stderr
     assert {path: (root / path).read_bytes() for path in before} == before
     assert not (tmp_path / "out").exists()  # refused before any work
+
+
+def test_a_damaged_published_file_is_one_sentence(capsys, tiny_model_dir, tmp_path):
+    root = copy_docs(tmp_path / "docs-copy")
+    (root / DOCS_JSON).write_text('{"mode": "fu')  # cut short
+    outcome = run_main(results.main, capsys, "quick", "--model", tiny_model_dir,
+                       "--out", str(tmp_path / "out"), "--docs", str(root))
+    assert outcome.returncode == 2 and "Traceback" not in outcome.stderr
+    assert f"{root / DOCS_JSON} is damaged" in outcome.stderr
 
 
 def test_every_compared_pair_has_its_row_label():
