@@ -176,6 +176,12 @@ def finished(folder: Path, command: list[str]) -> dict | None:
     return record if record is not None and record.get("argv") == command else None
 
 
+def finished_as_now(experiment: Experiment, model: str, data: str, out: Path) -> dict | None:
+    """The record of `experiment` if it finished in `out` with its present command (the same
+    model, data and sizes)."""
+    return finished(out / experiment.name, command_line(experiment, model, data, out))
+
+
 def clear_folder(folder: Path) -> None:
     """Remove what an earlier attempt of this command left in `folder` (cut short, or run
     with another command); refuse a folder this command did not make (a run of your own)."""
@@ -215,11 +221,11 @@ def run_experiment(experiment: Experiment, model: str, data: str, out: Path) -> 
 def up_to_date(experiment: Experiment, model: str, data: str, out: Path) -> dict | None:
     """The record of `experiment` if it finished with its present command after everything
     it reads (None: it must run)."""
-    done = finished(out / experiment.name, command_line(experiment, model, data, out))
+    done = finished_as_now(experiment, model, data, out)
     for needed in requirements(experiment):
-        record = out / needed / EXPERIMENT_FILE
-        if done and (not record.is_file() or record.stat().st_mtime
-                     > (out / experiment.name / EXPERIMENT_FILE).stat().st_mtime):
+        record = out / needed / EXPERIMENT_FILE  # there: check_inputs refused a missing one
+        if done and record.stat().st_mtime > (out / experiment.name / EXPERIMENT_FILE).stat(
+                ).st_mtime:
             done = None  # its input was made again since
     return done
 
@@ -232,8 +238,8 @@ def check_inputs(todo: list[Experiment], by_name: dict[str, Experiment], model: 
     runs_before: set[str] = set()
     for experiment in todo:
         for needed in requirements(experiment):
-            if needed not in runs_before and finished(
-                    out / needed, command_line(by_name[needed], model, data, out)) is None:
+            if needed not in runs_before and finished_as_now(
+                    by_name[needed], model, data, out) is None:
                 raise UsageError(f"experiment {experiment.name} reads {needed}, which has not "
                                  f"run in {out} as it is now: run it first (give both to "
                                  "--only, or leave --only out)")
@@ -314,7 +320,7 @@ def collect(mode: str, model: str, data: str, out: Path, command: str) -> dict:
                "evaluations": {}}
     for experiment in experiments(SCALES[mode]):
         folder = out / experiment.name
-        record = finished(folder, command_line(experiment, model, data, out))
+        record = finished_as_now(experiment, model, data, out)
         if record is None:
             continue
         results["experiments"][experiment.name] = {
@@ -405,13 +411,15 @@ def check_complete(mode: str, model: str, data: str, out: Path, only: list[str] 
     """Refuse, before any experiment runs, to publish a set that will not be complete: an
     experiment left out of `only` that has not finished in `out` would drop its numbers from
     docs/results.json."""
-    left_out = [e for e in experiments(SCALES[mode]) if only and e.name not in only]
-    missing = [e.name for e in left_out
-               if finished(out / e.name, command_line(e, model, data, out)) is None]
+    if not only:
+        return  # every experiment runs
+    every = experiments(SCALES[mode])
+    missing = [e.name for e in every
+               if e.name not in only and finished_as_now(e, model, data, out) is None]
     if missing:
         raise UsageError(f"--docs publishes a complete set, and {', '.join(missing)} "
-                         f"({len(missing)} of {len(experiments(SCALES[mode]))}) would not have "
-                         f"finished in {out}: leave --only out, or --docs")
+                         f"({len(missing)} of {len(every)}) would not have finished in {out}: "
+                         "leave --only out, or --docs")
 
 
 def run(args: argparse.Namespace) -> None:
